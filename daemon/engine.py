@@ -1,0 +1,339 @@
+"""The embedding engine: one loaded llama.cpp model, many texts per decode.
+
+The engine talks to llama.cpp through llama-cpp-python's low-level C bindings
+rather than the high-level ``Llama`` class, for three reasons measured on the
+MiniLM model:
+
+* ``Llama.embed`` truncates by dropping the tail, including the closing [SEP];
+  sentence-transformers keeps it, so vectors of long texts drifted.
+* We fill the ``llama_batch`` from numpy arrays we own (one slice assignment per
+  text) instead of one ctypes call per token, which matters at ~25 tokens/SMS.
+* The scheduler (a later layer) forms batches across requests itself and only
+  needs "encode these token lists"; the engine exposes exactly that.
+
+Thread safety: an Engine is used by one thread at a time (the daemon's worker).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong, UnsupportedBuild
+
+from . import llama_runtime as rt
+
+log = logging.getLogger(__name__)
+
+POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+
+
+def physical_cores() -> int:
+    """Physical cores, the thread count llama.cpp's matmuls scale with (SMT does not help)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil is a dependency, but be defensive
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one model is run. Defaults were tuned on MiniLM q8_0 on 2 cores."""
+
+    max_tokens: int = 256
+    """Longest accepted sequence incl. [CLS]/[SEP] (the model's training length)."""
+    batch_tokens: int = 2048
+    """Token budget of one decode (llama.cpp n_batch == n_ubatch for encoders)."""
+    max_seqs: int = 64
+    """Most texts packed into one decode."""
+    threads: int | None = None
+    flash_attn: bool = True
+    pooling: str | None = None
+    """Override of the GGUF's pooling type ("mean", "cls", "last")."""
+
+
+class Engine:
+    """One GGUF embedding model loaded in llama.cpp.
+
+    ``embed`` is the whole-job API (tokenize, length-sort, pack, encode, pool,
+    normalize). ``tokenize`` + ``encode`` are the pieces the scheduler uses to
+    merge texts from many requests into one decode.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: EngineConfig | None = None, *, quantized: bool | None = None) -> None:
+        self.path = Path(path)
+        self.config = config or EngineConfig()
+        self._lock = threading.Lock()
+        self._model = None
+        self._ctx = None
+        rt.ensure_backend()
+        if quantized is None:
+            quantized = True
+        rt.check_build_supports_quantized(quantized)
+        threads = self.config.threads or physical_cores()
+        self.threads = threads
+
+        mparams = rt.llama.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        with rt.capture_log() as captured:
+            model = rt.llama.llama_model_load_from_file(os.fsencode(self.path), mparams)
+        if not model:
+            detail = captured.last_error() or "llama.cpp could not load it"
+            raise ModelCorrupt(f"cannot load model file {self.path}: {detail}")
+        self._model = model
+        try:
+            self._init_context(threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_context(self, threads: int) -> None:
+        cfg = self.config
+        llama = rt.llama
+        self._use_encode = bool(llama.llama_model_has_encoder(self._model) and not llama.llama_model_has_decoder(self._model))
+        self.vocab = llama.llama_model_get_vocab(self._model)
+        self.dims = int(llama.llama_model_n_embd(self._model))
+        self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
+        self.max_tokens = min(cfg.max_tokens, self.n_ctx_train)
+        self.batch_tokens = max(cfg.batch_tokens, self.max_tokens)
+        self.max_seqs = max(1, cfg.max_seqs)
+
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = self.batch_tokens
+        cparams.n_batch = self.batch_tokens
+        cparams.n_ubatch = self.batch_tokens
+        cparams.n_seq_max = self.max_seqs
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.embeddings = True
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if cfg.pooling is not None:
+            if cfg.pooling not in POOLING or cfg.pooling == "none":
+                raise InvalidInput(f"unknown pooling {cfg.pooling!r}; use one of mean, cls, last")
+            cparams.pooling_type = POOLING[cfg.pooling]
+        with rt.capture_log() as captured:
+            ctx = llama.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            raise ModelCorrupt(f"cannot create a llama.cpp context for {self.path}: {captured.last_error() or 'unknown error'}")
+        self._ctx = ctx
+        self.pooling = {v: k for k, v in POOLING.items()}.get(int(llama.llama_pooling_type(ctx)), "unknown")
+        if self.pooling in ("none", "unknown"):
+            arch = self.metadata("general.architecture") or "?"
+            raise ModelCorrupt(
+                f"{self.path.name} ({arch}) declares no pooling; it is not a sentence-embedding model"
+            )
+
+        self.sep_token = int(llama.llama_vocab_sep(self.vocab))
+        self.adds_eos = bool(llama.llama_vocab_get_add_eos(self.vocab) or llama.llama_vocab_get_add_sep(self.vocab))
+        self._batch = _BatchBuffers(self.batch_tokens)
+
+    # -- metadata --------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = rt.llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def model_size(self) -> int:
+        """Bytes of weights resident in memory."""
+        return int(rt.llama.llama_model_size(self._model))
+
+    # -- tokenization ----------------------------------------------------------------
+
+    def tokenize(self, text: str, *, truncate: bool = False) -> list[int]:
+        """Tokens of one text with [CLS]/[SEP]; errors or truncation past max_tokens.
+
+        Truncation keeps the closing [SEP]: the model was trained on sequences that
+        end with it, and mean pooling includes it.
+        """
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, not {type(text).__name__}")
+        if not text.strip():
+            raise EmptyText("text is empty")
+        raw = text.encode("utf-8", "surrogatepass")
+        cap = len(raw) + 8
+        buf = (rt.llama.llama_token * cap)()
+        n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, False)
+        if n < 0:  # pragma: no cover - cap bounds every WPM/BPE tokenization of these bytes
+            cap = -n
+            buf = (rt.llama.llama_token * cap)()
+            n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, False)
+        tokens = list(buf[:n])
+        if len(tokens) <= 2 and self.adds_eos:
+            # Only [CLS][SEP]: the text held nothing the vocabulary knows (e.g. control chars).
+            raise EmptyText("text has no tokens")
+        if len(tokens) > self.max_tokens:
+            if not truncate:
+                raise TextTooLong(
+                    f"text has {len(tokens)} tokens, the model takes at most {self.max_tokens}; "
+                    "shorten it or ask for truncation"
+                )
+            tail = [tokens[-1]] if self.adds_eos else []
+            tokens = tokens[: self.max_tokens - len(tail)] + tail
+        return tokens
+
+    # -- encoding --------------------------------------------------------------------
+
+    def encode(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled (not normalized) vectors of token lists that fit one decode.
+
+        The caller guarantees: at most ``max_seqs`` lists, total ≤ ``batch_tokens``.
+        """
+        n = len(token_lists)
+        if n == 0:
+            return np.zeros((0, self.dims), dtype=np.float32)
+        total = sum(len(t) for t in token_lists)
+        if n > self.max_seqs or total > self.batch_tokens:
+            raise ValueError(f"batch of {n} texts / {total} tokens exceeds {self.max_seqs} / {self.batch_tokens}")
+        llama = rt.llama
+        with self._lock:
+            self._batch.fill(token_lists)
+            mem = llama.llama_get_memory(self._ctx)
+            if mem:
+                llama.llama_memory_clear(mem, True)
+            run = llama.llama_encode if self._use_encode else llama.llama_decode
+            rc = run(self._ctx, self._batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
+            out = np.empty((n, self.dims), dtype=np.float32)
+            for i in range(n):
+                ptr = llama.llama_get_embeddings_seq(self._ctx, i)
+                if not ptr:
+                    raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
+                out[i] = np.ctypeslib.as_array(ptr, shape=(self.dims,))
+        return out
+
+    def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Group indices into decodes: longest first, similar lengths together.
+
+        Sorting by length keeps the per-decode attention work (which flash attention
+        makes proportional to the packed tokens) free of one long outlier per batch.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        cur_tokens = 0
+        for i in order:
+            if cur and (len(cur) >= self.max_seqs or cur_tokens + lengths[i] > self.batch_tokens):
+                batches.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(i)
+            cur_tokens += lengths[i]
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = True,
+        dims: int | None = None,
+        truncate: bool = False,
+    ) -> np.ndarray:
+        """Embed texts into a float32 array of shape (len(texts), dims).
+
+        All texts are validated (tokenized) before any decode runs, so one bad text
+        fails the call without wasted work.
+        """
+        if isinstance(texts, str):
+            raise InvalidInput("texts must be a list of strings, not a single string")
+        out_dims = self.check_dims(dims)
+        tokens = []
+        for i, t in enumerate(texts):
+            try:
+                tokens.append(self.tokenize(t, truncate=truncate))
+            except InvalidInput as e:
+                raise type(e)(f"texts[{i}]: {e.message}") from None
+        pooled = np.empty((len(tokens), self.dims), dtype=np.float32)
+        for batch in self.plan_batches([len(t) for t in tokens]):
+            pooled[batch] = self.encode([tokens[i] for i in batch])
+        return postprocess(pooled, normalize=normalize, dims=out_dims)
+
+    def check_dims(self, dims: int | None) -> int:
+        if dims is None:
+            return self.dims
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= self.dims:
+            raise InvalidInput(f"dims must be an integer between 1 and {self.dims}, got {dims!r}")
+        return dims
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the weights; the engine is unusable afterwards."""
+        with self._lock:
+            if self._ctx:
+                rt.llama.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                rt.llama.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def postprocess(pooled: np.ndarray, *, normalize: bool, dims: int) -> np.ndarray:
+    """Matryoshka truncation then L2 normalization (the GGUF does not normalize)."""
+    out = pooled[:, :dims] if dims < pooled.shape[1] else pooled
+    if normalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class _BatchBuffers:
+    """A llama_batch whose arrays are numpy buffers we own.
+
+    ``seq_id`` is an array of pointers, each pointing into one contiguous int32
+    array, so assigning sequence ids is a numpy slice assignment too.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        llama = rt.llama
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.ones(capacity, dtype=np.int8)
+        self.seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uintp)).astype(np.uintp)
+        self.batch = llama.llama_batch()
+        self.batch.token = self.token.ctypes.data_as(ctypes.POINTER(llama.llama_token))
+        self.batch.embd = None
+        self.batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama.llama_pos))
+        self.batch.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.batch.seq_id = ctypes.cast(self.seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(llama.llama_seq_id)))
+        self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def fill(self, token_lists: Sequence[Sequence[int]]) -> None:
+        at = 0
+        for seq, toks in enumerate(token_lists):
+            n = len(toks)
+            self.token[at : at + n] = toks
+            self.pos[at : at + n] = np.arange(n, dtype=np.int32)
+            self.seq[at : at + n] = seq
+            at += n
+        self.batch.n_tokens = at

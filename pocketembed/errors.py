@@ -1,0 +1,63 @@
+"""Errors with stable codes.
+
+Every failure a user can cause maps to one code here. The CLI prints
+``error[code]: message`` and exits non-zero; the daemon (a later layer) sends the
+same code over the wire, so a client in any language can branch on it.
+"""
+
+from __future__ import annotations
+
+
+class PocketEmbedError(Exception):
+    """Base class: a user-facing failure with a stable machine-readable code."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class InvalidInput(PocketEmbedError):
+    """The caller sent something the engine cannot embed (empty text, bad dims, ...)."""
+
+    code = "invalid_input"
+
+
+class EmptyText(InvalidInput):
+    code = "empty_text"
+
+
+class TextTooLong(InvalidInput):
+    code = "text_too_long"
+
+
+class UnknownModel(PocketEmbedError):
+    code = "unknown_model"
+
+
+class ModelNotPrepared(PocketEmbedError):
+    """The model is in the catalog but its file has not been prepared yet."""
+
+    code = "model_not_prepared"
+
+
+class ModelCorrupt(PocketEmbedError):
+    """The file exists but is not what the manifest says (sha256, truncated, not GGUF)."""
+
+    code = "model_corrupt"
+
+
+class UnsupportedBuild(PocketEmbedError):
+    """The installed llama.cpp build is known to crash with this model."""
+
+    code = "unsupported_build"
+
+
+class PrepareError(PocketEmbedError):
+    code = "prepare_failed"
