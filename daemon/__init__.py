@@ -1,0 +1,1 @@
+"""pocketembed.daemon: the long-lived process and what it runs (engine, models)."""

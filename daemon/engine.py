@@ -1,17 +1,21 @@
 """The embedding engine: one loaded llama.cpp model, many texts per decode.
 
 The engine talks to llama.cpp through llama-cpp-python's low-level C bindings
-rather than the high-level ``Llama`` class, for three reasons measured on the
-MiniLM model:
+rather than the high-level ``Llama`` class, for reasons measured on MiniLM:
 
 * ``Llama.embed`` truncates by dropping the tail, including the closing [SEP];
   sentence-transformers keeps it, so vectors of long texts drifted.
 * We fill the ``llama_batch`` from numpy arrays we own (one slice assignment per
-  text) instead of one ctypes call per token, which matters at ~25 tokens/SMS.
+  text) instead of one ctypes call per token.
 * The scheduler (a later layer) forms batches across requests itself and only
   needs "encode these token lists"; the engine exposes exactly that.
 
-Thread safety: an Engine is used by one thread at a time (the daemon's worker).
+Parallelism: a small model on few cores spends a real share of each decode in
+ggml's per-op thread barriers (6.5% in libgomp under perf, plus imbalance).
+So the engine keeps one model and several llama contexts sharing its weights:
+a single decode runs on context 0 with every thread (lowest latency), while a
+bulk job spreads its decodes over the contexts with one thread each (12% more
+texts/s on 2 cores; scripts/bench_engine.py measures it).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong, UnsupportedBuild
+from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong
 
 from . import llama_runtime as rt
 
@@ -52,12 +57,17 @@ class EngineConfig:
 
     max_tokens: int = 256
     """Longest accepted sequence incl. [CLS]/[SEP] (the model's training length)."""
-    batch_tokens: int = 2048
+    batch_tokens: int = 512
     """Token budget of one decode (llama.cpp n_batch == n_ubatch for encoders)."""
-    max_seqs: int = 64
+    max_seqs: int = 32
     """Most texts packed into one decode."""
     threads: int | None = None
+    """Threads in all (default: physical cores)."""
+    contexts: int | None = None
+    """llama contexts sharing the weights, for parallel decodes (default: min(2, threads))."""
     flash_attn: bool = True
+    repack: bool | None = None
+    """llama.cpp's load-time weight repacking (its "extra buffer types"); None = llama.cpp's default."""
     pooling: str | None = None
     """Override of the GGUF's pooling type ("mean", "cls", "last")."""
 
@@ -66,25 +76,24 @@ class Engine:
     """One GGUF embedding model loaded in llama.cpp.
 
     ``embed`` is the whole-job API (tokenize, length-sort, pack, encode, pool,
-    normalize). ``tokenize`` + ``encode`` are the pieces the scheduler uses to
-    merge texts from many requests into one decode.
+    normalize). ``tokenize`` + ``encode`` / ``encode_many`` are the pieces the
+    scheduler uses to merge texts from many requests into decodes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], config: EngineConfig | None = None, *, quantized: bool | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], config: EngineConfig | None = None, *, quantized: bool = True) -> None:
         self.path = Path(path)
         self.config = config or EngineConfig()
-        self._lock = threading.Lock()
         self._model = None
-        self._ctx = None
+        self._contexts: list[_Context] = []
+        self._pool: ThreadPoolExecutor | None = None
         rt.ensure_backend()
-        if quantized is None:
-            quantized = True
         rt.check_build_supports_quantized(quantized)
-        threads = self.config.threads or physical_cores()
-        self.threads = threads
+        self.threads = max(1, self.config.threads or physical_cores())
 
         mparams = rt.llama.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        if self.config.repack is not None:
+            mparams.use_extra_bufts = bool(self.config.repack)
         with rt.capture_log() as captured:
             model = rt.llama.llama_model_load_from_file(os.fsencode(self.path), mparams)
         if not model:
@@ -92,12 +101,12 @@ class Engine:
             raise ModelCorrupt(f"cannot load model file {self.path}: {detail}")
         self._model = model
         try:
-            self._init_context(threads)
+            self._init_contexts()
         except BaseException:
             self.close()
             raise
 
-    def _init_context(self, threads: int) -> None:
+    def _init_contexts(self) -> None:
         cfg = self.config
         llama = rt.llama
         self._use_encode = bool(llama.llama_model_has_encoder(self._model) and not llama.llama_model_has_decoder(self._model))
@@ -107,14 +116,15 @@ class Engine:
         self.max_tokens = min(cfg.max_tokens, self.n_ctx_train)
         self.batch_tokens = max(cfg.batch_tokens, self.max_tokens)
         self.max_seqs = max(1, cfg.max_seqs)
+        n_contexts = max(1, min(cfg.contexts or 2, self.threads))
 
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = self.batch_tokens
         cparams.n_batch = self.batch_tokens
         cparams.n_ubatch = self.batch_tokens
         cparams.n_seq_max = self.max_seqs
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
         cparams.embeddings = True
         cparams.kv_unified = True
         cparams.no_perf = True
@@ -123,21 +133,19 @@ class Engine:
             if cfg.pooling not in POOLING or cfg.pooling == "none":
                 raise InvalidInput(f"unknown pooling {cfg.pooling!r}; use one of mean, cls, last")
             cparams.pooling_type = POOLING[cfg.pooling]
-        with rt.capture_log() as captured:
-            ctx = llama.llama_init_from_model(self._model, cparams)
-        if not ctx:
-            raise ModelCorrupt(f"cannot create a llama.cpp context for {self.path}: {captured.last_error() or 'unknown error'}")
-        self._ctx = ctx
-        self.pooling = {v: k for k, v in POOLING.items()}.get(int(llama.llama_pooling_type(ctx)), "unknown")
+        for _ in range(n_contexts):
+            with rt.capture_log() as captured:
+                ctx = llama.llama_init_from_model(self._model, cparams)
+            if not ctx:
+                raise ModelCorrupt(f"cannot create a llama.cpp context for {self.path}: {captured.last_error() or 'unknown error'}")
+            self._contexts.append(_Context(ctx, self.batch_tokens))
+        self.pooling = {v: k for k, v in POOLING.items()}.get(int(llama.llama_pooling_type(self._contexts[0].ctx)), "unknown")
         if self.pooling in ("none", "unknown"):
             arch = self.metadata("general.architecture") or "?"
-            raise ModelCorrupt(
-                f"{self.path.name} ({arch}) declares no pooling; it is not a sentence-embedding model"
-            )
-
-        self.sep_token = int(llama.llama_vocab_sep(self.vocab))
+            raise ModelCorrupt(f"{self.path.name} ({arch}) declares no pooling; it is not a sentence-embedding model")
         self.adds_eos = bool(llama.llama_vocab_get_add_eos(self.vocab) or llama.llama_vocab_get_add_sep(self.vocab))
-        self._batch = _BatchBuffers(self.batch_tokens)
+        if n_contexts > 1:
+            self._pool = ThreadPoolExecutor(n_contexts, thread_name_prefix="pe-decode")
 
     # -- metadata --------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class Engine:
             raise InvalidInput(f"text must be a string, not {type(text).__name__}")
         if not text.strip():
             raise EmptyText("text is empty")
-        raw = text.encode("utf-8", "surrogatepass")
+        raw = text.encode("utf-8", "replace")
         cap = len(raw) + 8
         buf = (rt.llama.llama_token * cap)()
         n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, False)
@@ -190,37 +198,33 @@ class Engine:
     def encode(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled (not normalized) vectors of token lists that fit one decode.
 
-        The caller guarantees: at most ``max_seqs`` lists, total ≤ ``batch_tokens``.
+        Runs on context 0 with every thread: the latency path.
         """
-        n = len(token_lists)
-        if n == 0:
-            return np.zeros((0, self.dims), dtype=np.float32)
-        total = sum(len(t) for t in token_lists)
-        if n > self.max_seqs or total > self.batch_tokens:
-            raise ValueError(f"batch of {n} texts / {total} tokens exceeds {self.max_seqs} / {self.batch_tokens}")
-        llama = rt.llama
-        with self._lock:
-            self._batch.fill(token_lists)
-            mem = llama.llama_get_memory(self._ctx)
-            if mem:
-                llama.llama_memory_clear(mem, True)
-            run = llama.llama_encode if self._use_encode else llama.llama_decode
-            rc = run(self._ctx, self._batch.batch)
-            if rc != 0:
-                raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
-            out = np.empty((n, self.dims), dtype=np.float32)
-            for i in range(n):
-                ptr = llama.llama_get_embeddings_seq(self._ctx, i)
-                if not ptr:
-                    raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
-                out[i] = np.ctypeslib.as_array(ptr, shape=(self.dims,))
-        return out
+        return self._contexts[0].run(self, token_lists, self.threads)
+
+    def encode_many(self, batches: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+        """Pooled vectors of several decodes, spread over the contexts in parallel."""
+        if self._pool is None or len(batches) < 2:
+            return [self.encode(b) for b in batches]
+        n = len(self._contexts)
+        per = max(1, self.threads // n)
+        shares = [list(range(i, len(batches), n)) for i in range(n)]
+
+        def work(ci: int) -> list[tuple[int, np.ndarray]]:
+            return [(j, self._contexts[ci].run(self, batches[j], per)) for j in shares[ci]]
+
+        out: list[np.ndarray | None] = [None] * len(batches)
+        for done in self._pool.map(work, range(n)):
+            for j, arr in done:
+                out[j] = arr
+        return out  # type: ignore[return-value]
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Group indices into decodes: longest first, similar lengths together.
 
-        Sorting by length keeps the per-decode attention work (which flash attention
-        makes proportional to the packed tokens) free of one long outlier per batch.
+        Sorting by length keeps one long outlier from sharing every decode, and
+        makes the decodes of one job similar in cost, which keeps parallel
+        contexts evenly loaded.
         """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches: list[list[int]] = []
@@ -259,8 +263,9 @@ class Engine:
             except InvalidInput as e:
                 raise type(e)(f"texts[{i}]: {e.message}") from None
         pooled = np.empty((len(tokens), self.dims), dtype=np.float32)
-        for batch in self.plan_batches([len(t) for t in tokens]):
-            pooled[batch] = self.encode([tokens[i] for i in batch])
+        plan = self.plan_batches([len(t) for t in tokens])
+        for idx, vecs in zip(plan, self.encode_many([[tokens[i] for i in b] for b in plan])):
+            pooled[idx] = vecs
         return postprocess(pooled, normalize=normalize, dims=out_dims)
 
     def check_dims(self, dims: int | None) -> int:
@@ -273,14 +278,16 @@ class Engine:
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the context and the weights; the engine is unusable afterwards."""
-        with self._lock:
-            if self._ctx:
-                rt.llama.llama_free(self._ctx)
-                self._ctx = None
-            if self._model:
-                rt.llama.llama_model_free(self._model)
-                self._model = None
+        """Free the contexts and the weights; the engine is unusable afterwards."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for c in self._contexts:
+            c.free()
+        self._contexts = []
+        if self._model:
+            rt.llama.llama_model_free(self._model)
+            self._model = None
 
     def __enter__(self) -> Engine:
         return self
@@ -304,6 +311,52 @@ def postprocess(pooled: np.ndarray, *, normalize: bool, dims: int) -> np.ndarray
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+class _Context:
+    """One llama context with its own batch buffers; used by one thread at a time."""
+
+    def __init__(self, ctx: object, capacity: int) -> None:
+        self.ctx = ctx
+        self.lock = threading.Lock()
+        self.buffers = _BatchBuffers(capacity)
+        self.n_threads = 0
+
+    def run(self, engine: Engine, token_lists: Sequence[Sequence[int]], threads: int) -> np.ndarray:
+        n = len(token_lists)
+        if n == 0:
+            return np.zeros((0, engine.dims), dtype=np.float32)
+        total = sum(len(t) for t in token_lists)
+        if n > engine.max_seqs or total > engine.batch_tokens:
+            raise ValueError(f"batch of {n} texts / {total} tokens exceeds {engine.max_seqs} / {engine.batch_tokens}")
+        llama = rt.llama
+        with self.lock:
+            if not self.ctx:
+                raise RuntimeError("engine is closed")
+            if threads != self.n_threads:
+                llama.llama_set_n_threads(self.ctx, threads, threads)
+                self.n_threads = threads
+            self.buffers.fill(token_lists)
+            mem = llama.llama_get_memory(self.ctx)
+            if mem:
+                llama.llama_memory_clear(mem, True)
+            decode = llama.llama_encode if engine._use_encode else llama.llama_decode
+            rc = decode(self.ctx, self.buffers.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
+            out = np.empty((n, engine.dims), dtype=np.float32)
+            for i in range(n):
+                ptr = llama.llama_get_embeddings_seq(self.ctx, i)
+                if not ptr:
+                    raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
+                out[i] = np.ctypeslib.as_array(ptr, shape=(engine.dims,))
+        return out
+
+    def free(self) -> None:
+        with self.lock:
+            if self.ctx:
+                rt.llama.llama_free(self.ctx)
+                self.ctx = None
+
+
 class _BatchBuffers:
     """A llama_batch whose arrays are numpy buffers we own.
 
@@ -313,7 +366,6 @@ class _BatchBuffers:
 
     def __init__(self, capacity: int) -> None:
         llama = rt.llama
-        self.capacity = capacity
         self.token = np.zeros(capacity, dtype=np.int32)
         self.pos = np.zeros(capacity, dtype=np.int32)
         self.n_seq_id = np.ones(capacity, dtype=np.int32)

@@ -1,0 +1,5 @@
+"""pocketembed.ipc: the wire protocol and the clients.
+
+This package must stay importable without llama-cpp-python: an app that only
+talks to the daemon installs no inference stack. (tests/test_package.py checks it.)
+"""

