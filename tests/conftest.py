@@ -39,11 +39,12 @@ def engines(home):
         e.close()
 
 
-def run_cli(*args: str, home: Path | None = None, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, home: Path | None = None, stdin: str | bytes | None = None, env: dict | None = None,
+            text: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     if home is not None:
         full_env[paths.ENV_HOME] = str(home)
     return subprocess.run(
         [sys.executable, "-m", "pocketembed.cli", *args],
-        input=stdin, capture_output=True, text=True, env=full_env, timeout=300,
+        input=stdin, capture_output=True, text=text, env=full_env, timeout=300,
     )

@@ -47,16 +47,14 @@ def test_embed_json_from_arguments(home, engines):
     assert np.allclose(vecs, engines["q8_0"].embed(["hello there", "see you soon"]), atol=1e-6)
 
 
-def test_embed_npy_from_stdin_with_dims(home):
+def test_embed_npy_from_stdin_with_dims(home, engines):
     proc = run_cli("embed", "--format", "npy", "--dims", "32", "--model", "all-minilm-l6-v2:q4_0", home=home,
-                   stdin="first line\nsecond line\nthird\n")
-    assert proc.returncode == 0
-    # text mode decoded the bytes; re-run in binary to load the array
-    import subprocess, sys, os
-    raw = subprocess.run([sys.executable, "-m", "pocketembed.cli", "embed", "--format", "npy", "--dims", "32", "a", "b"],
-                         capture_output=True, env=dict(os.environ, POCKETEMBED_HOME=str(home))).stdout
-    arr = np.load(io.BytesIO(raw))
-    assert arr.shape == (2, 32) and np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5)
+                   stdin=b"first line\nsecond line\nthird\n", text=False)
+    assert proc.returncode == 0, proc.stderr
+    arr = np.load(io.BytesIO(proc.stdout))
+    assert arr.shape == (3, 32) and arr.dtype == np.float32
+    assert np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5)
+    assert np.allclose(arr, engines["q4_0"].embed(["first line", "second line", "third"], dims=32), atol=1e-6)
 
 
 def test_demo_prints_a_similarity_table(home):
