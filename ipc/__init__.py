@@ -3,3 +3,7 @@
 This package must stay importable without llama-cpp-python: an app that only
 talks to the daemon installs no inference stack. (tests/test_package.py checks it.)
 """
+
+from .client import AsyncClient, Busy, Client, DaemonError, DaemonTimeout, InvalidRequest, ModelError
+
+__all__ = ["AsyncClient", "Busy", "Client", "DaemonError", "DaemonTimeout", "InvalidRequest", "ModelError"]

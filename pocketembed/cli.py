@@ -90,7 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
     emb.add_argument("--no-normalize", dest="normalize", action="store_false", help="return raw pooled vectors")
     emb.add_argument("--threads", type=int, help="llama.cpp threads (default: physical cores)")
+    emb.add_argument("--daemon", action="store_true", help="ask the running daemon instead of loading the model here")
+    emb.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint (default $POCKETEMBED_SOCKET)")
     emb.set_defaults(func=cmd_embed)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (ZeroMQ + msgpack, protocol v1)",
+        description="Run the embedding daemon until SIGTERM/SIGINT. Settings come from the config file, "
+        "then POCKETEMBED_* environment variables, then these flags.",
+    )
+    serve.add_argument("--socket", help="Unix socket path (default $POCKETEMBED_SOCKET or a private runtime dir)")
+    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback only unless --allow-remote)")
+    serve.add_argument("--allow-remote", action="store_true", default=None, help="allow a non-loopback --tcp address")
+    serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default)")
+    serve.add_argument("--threads", type=int, help="llama.cpp threads per model (default: physical cores)")
+    serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="show the running daemon's stats", description="Ask the running daemon for its stats.")
+    status.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="embed sample messages and print a similarity table",
                           description="The quick check that everything works: embeds a few sample SMS and queries.")
@@ -187,17 +208,67 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pocketembed.daemon.models import open_engine
-
     texts = _read_texts(args)
-    spec, engine = open_engine(args.model, paths.home(args.home), threads=args.threads)
-    with engine:
-        vecs = engine.embed(texts, normalize=args.normalize, dims=args.dims, truncate=args.truncate)
+    if args.daemon:
+        from pocketembed.gguf_models.catalog import get
+        from pocketembed.ipc import Client, DaemonError
+
+        name = get(args.model).name
+        try:
+            with Client(args.socket) as client:
+                vecs = client.embed(texts, model=name, dims=args.dims, normalize=args.normalize, truncate=args.truncate)
+        except DaemonError as e:
+            raise PocketEmbedError(e.message, code=e.code) from None
+    else:
+        from pocketembed.daemon.models import open_engine
+
+        spec, engine = open_engine(args.model, paths.home(args.home), threads=args.threads)
+        name = spec.name
+        with engine:
+            vecs = engine.embed(texts, normalize=args.normalize, dims=args.dims, truncate=args.truncate)
     if args.format == "npy":
         np.save(sys.stdout.buffer, vecs)
     else:
-        json.dump({"model": spec.name, "dims": int(vecs.shape[1]), "embeddings": vecs.tolist()}, sys.stdout)
+        json.dump({"model": name, "dims": int(vecs.shape[1]), "embeddings": vecs.tolist()}, sys.stdout)
         sys.stdout.write("\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pocketembed import config
+    from pocketembed.daemon.server import ServeConfig, run
+    from pocketembed.gguf_models.catalog import DEFAULT_MODEL
+
+    root = paths.home(args.home)
+    settings = config.load(root, args.config, {"socket": args.socket, "tcp": args.tcp, "allow_remote": args.allow_remote,
+                                                "models": args.models, "threads": args.threads})
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    cfg = ServeConfig(
+        socket_path=paths.socket_path(settings.get("socket")),
+        home=root,
+        tcp=settings.get("tcp"),
+        allow_remote=bool(settings.get("allow_remote", False)),
+        preload=list(settings.get("models") or [DEFAULT_MODEL]),
+        threads=settings.get("threads"),
+    )
+    return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pocketembed.ipc import Client, DaemonError
+
+    try:
+        with Client(args.socket, timeout=5) as client:
+            stats = client.stats()
+    except DaemonError as e:
+        raise PocketEmbedError(f"no daemon answering on {paths.endpoint(args.socket)} ({e.message})", code="no_daemon") from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    lat = stats["latency_ms"]
+    print(f"daemon on {paths.endpoint(args.socket)}: up {stats['uptime_s']:.0f} s, {stats['requests']} requests, "
+          f"{stats['errors']} errors, RSS {stats['rss_bytes'] / 1e6:.0f} MB")
+    print(f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; loaded: {', '.join(stats['loaded_models']) or 'none'}")
     return 0
 
 

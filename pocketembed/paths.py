@@ -31,3 +31,31 @@ def models_dir(root: Path) -> Path:
 def cache_dir(root: Path) -> Path:
     """Downloaded source wheels, kept so a second ``prepare`` needs no network."""
     return root / "cache"
+
+
+ENV_SOCKET = "POCKETEMBED_SOCKET"
+
+
+def runtime_dir() -> Path:
+    """A private per-user directory for the IPC socket ($XDG_RUNTIME_DIR when set)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "pocketembed"
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"pocketembed-{os.getuid()}"
+
+
+def socket_path(override: str | os.PathLike[str] | None = None) -> Path:
+    """The daemon's socket: the override, else ``$POCKETEMBED_SOCKET``, else the runtime dir."""
+    if override:
+        return Path(override).expanduser().absolute()
+    env = os.environ.get(ENV_SOCKET)
+    if env:
+        return Path(env).expanduser().absolute()
+    return runtime_dir() / "pe.sock"
+
+
+def endpoint(override: str | None = None) -> str:
+    """A ZeroMQ endpoint: passed through if it has a scheme, else ipc:// of a socket path."""
+    if override and "://" in override:
+        return override
+    return f"ipc://{socket_path(override)}"

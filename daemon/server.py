@@ -1,0 +1,397 @@
+"""The daemon's server loop: one ROUTER socket, one I/O thread, workers behind it.
+
+The I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe): it
+decodes, validates and routes, answers cheap ops itself (ping, stats,
+models.list) and hands inference to the worker. Workers never touch the
+ROUTER; they hand finished replies back through an inproc PUSH/PULL pair that
+the I/O thread polls next to the ROUTER. So a ``ping`` is answered while a
+long embed runs, and every request gets exactly one reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import signal
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import zmq
+
+from pocketembed import __version__
+from pocketembed.errors import PocketEmbedError
+from pocketembed.gguf_models import manifest
+from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
+from pocketembed.ipc import protocol as P
+
+from .engine import Engine
+from .models import open_engine
+
+log = logging.getLogger("pocketembed.server")
+
+INLINE_OPS = {"ping", "stats", "models.list"}
+WORKER_OPS = {"embed", "models.load", "models.unload"}
+
+
+class DaemonRunning(PocketEmbedError):
+    code = "daemon_running"
+
+
+@dataclass
+class ServeConfig:
+    socket_path: Path
+    home: Path
+    tcp: str | None = None
+    allow_remote: bool = False
+    preload: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    threads: int | None = None
+
+
+@dataclass
+class _Job:
+    identity: list[bytes]
+    req: P.Request
+    received: float
+
+
+class _Stats:
+    """Counters and a latency window for the ``stats`` op."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests = 0
+        self.errors = 0
+        self.by_op: dict[str, int] = {}
+        self.latency_ms: deque[float] = deque(maxlen=2048)
+        self.lock = threading.Lock()
+
+    def record(self, op: str, ok: bool, started: float) -> None:
+        with self.lock:
+            self.requests += 1
+            self.errors += 0 if ok else 1
+            self.by_op[op] = self.by_op.get(op, 0) + 1
+            self.latency_ms.append((time.perf_counter() - started) * 1000)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lat = np.array(self.latency_ms) if self.latency_ms else np.zeros(1)
+            return {
+                "uptime_s": round(time.time() - self.started, 3),
+                "requests": self.requests,
+                "errors": self.errors,
+                "by_op": dict(self.by_op),
+                "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
+            }
+
+
+def check_socket_free(path: Path) -> None:
+    """Take over a stale socket file; refuse when a live daemon answers on it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise DaemonRunning(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            log.info("removing stale socket %s left by a crashed daemon", path)
+            path.unlink(missing_ok=True)
+            return
+        raise
+    finally:
+        probe.close()
+    raise DaemonRunning(f"another pocketembed daemon is serving on {path}; stop it first or use --socket")
+
+
+class Server:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.stats = _Stats()
+        self.engines: dict[str, tuple[Any, Engine]] = {}
+        self.ctx = zmq.Context()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._inflight = 0
+        self._reply_addr = f"inproc://replies-{id(self)}"
+        self._worker: threading.Thread | None = None
+        self._pull: zmq.Socket | None = None
+        self.router: zmq.Socket | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def bind(self) -> None:
+        path = self.config.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        check_socket_free(path)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES + 1024)
+        old = os.umask(0o177)
+        try:
+            self.router.bind(f"ipc://{path}")
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if self.config.tcp:
+            host, _, port = self.config.tcp.rpartition(":")
+            if host not in ("127.0.0.1", "localhost", "::1") and not self.config.allow_remote:
+                raise PocketEmbedError(f"refusing to listen on {host}: TCP is loopback-only unless --allow-remote", code="invalid_config")
+            self.router.bind(f"tcp://{host}:{port}")
+        self._pull = self.ctx.socket(zmq.PULL)
+        self._pull.bind(self._reply_addr)
+
+    def load_preloaded(self) -> None:
+        for name in self.config.preload:
+            self._load(name)
+
+    def serve_forever(self) -> None:
+        """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up."""
+        self._worker = threading.Thread(target=self._work, name="pe-worker", daemon=True)
+        self._worker.start()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        log.info("serving on ipc://%s%s (pid %d)", self.config.socket_path,
+                 f" and tcp://{self.config.tcp}" if self.config.tcp else "", os.getpid())
+        try:
+            while True:
+                if self._stop.is_set() and self._inflight == 0:
+                    break
+                events = dict(poller.poll(100))
+                if self._pull in events:
+                    self._drain_replies()
+                if self.router in events:
+                    self._read_requests()
+        finally:
+            self._shutdown()
+
+    def request_stop(self, *_: object) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: finishing %d in-flight request(s)", self._inflight)
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        self._jobs.put(None)
+        if self._worker:
+            self._worker.join(timeout=30)
+        self._drain_replies()
+        for _, engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+        if self.router is not None:
+            self.router.close(linger=1000)
+        if self._pull is not None:
+            self._pull.close(linger=0)
+        self.ctx.term()
+        self.config.socket_path.unlink(missing_ok=True)
+        log.info("stopped")
+
+    # -- I/O thread -------------------------------------------------------------------
+
+    def _read_requests(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._route(frames)
+
+    def _route(self, frames: list[bytes]) -> None:
+        started = time.perf_counter()
+        identity, payload = _split_envelope(frames)
+        if payload is None:
+            # Wrong frame count: answer on the identity we have, if any.
+            if identity:
+                self._send(identity, P.error_reply(None, P.BAD_FRAME, "expected one payload frame after the routing envelope"))
+                self.stats.record("?", False, started)
+            return
+        req_id = None
+        try:
+            req = P.parse_request(payload)
+            req_id = req.id
+            if self._stop.is_set():
+                raise P.ProtocolError(P.SHUTTING_DOWN, "the daemon is shutting down")
+            if req.op in INLINE_OPS:
+                result = self._inline(req)
+                self._send(identity, P.ok_reply(req.id, result))
+                self.stats.record(req.op, True, started)
+            elif req.op in WORKER_OPS:
+                self._validate(req)
+                self._inflight += 1
+                self._jobs.put(_Job(identity, req, started))
+            else:
+                raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(sorted(INLINE_OPS | WORKER_OPS))}")
+        except P.ProtocolError as e:
+            self._send(identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message))
+            self.stats.record("?", False, started)
+
+    def _drain_replies(self) -> None:
+        while True:
+            try:
+                frames = self._pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            *identity, reply = frames
+            self._send(identity, reply)
+            self._inflight -= 1
+
+    def _send(self, identity: list[bytes], reply: bytes) -> None:
+        try:
+            self.router.send_multipart([*identity, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone or its queue full: nothing else to do
+            log.debug("reply dropped: %s", e)
+
+    def _inline(self, req: P.Request) -> Any:
+        if req.op == "ping":
+            return {"pong": True, "version": __version__, "protocol": P.VERSION}
+        if req.op == "stats":
+            snap = self.stats.snapshot()
+            snap["loaded_models"] = sorted(self.engines)
+            snap["rss_bytes"] = psutil.Process().memory_info().rss
+            snap["queue_depth"] = self._jobs.qsize()
+            return snap
+        return self._models_list()
+
+    def _models_list(self) -> list[dict[str, Any]]:
+        data = manifest.load(self.config.home)
+        return [
+            {"name": s.name, "dims": s.dims, "quantization": s.quantization, "loaded": s.name in self.engines,
+             "prepared": s.name in data["models"] and manifest.model_path(self.config.home, s).exists(),
+             "default": s.name == DEFAULT_MODEL, "max_tokens": s.max_tokens}
+            for s in MODELS.values()
+        ]
+
+    def _validate(self, req: P.Request) -> None:
+        """Type and size checks that need no model, done before anything is queued."""
+        a = req.args
+        if req.op == "embed":
+            texts = a.get("texts")
+            if not isinstance(texts, list) or not texts:
+                raise P.ProtocolError(P.INVALID_ARGS, "texts must be a non-empty list of strings")
+            if len(texts) > P.MAX_TEXTS:
+                raise P.ProtocolError(P.TOO_LARGE, f"{len(texts)} texts, limit {P.MAX_TEXTS} per request")
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise P.ProtocolError(P.INVALID_ARGS, f"texts[{i}] must be a string, not {type(t).__name__}")
+                if len(t.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
+                    raise P.ProtocolError(P.TOO_LARGE, f"texts[{i}] is over {P.MAX_TEXT_BYTES} bytes")
+                if not t.strip():
+                    raise P.ProtocolError(P.EMPTY_TEXT, f"texts[{i}] is empty")
+            _opt(a, "model", str)
+            _opt(a, "dims", int)
+            _opt(a, "normalize", bool)
+            _opt(a, "truncate", bool)
+            if a.get("dtype", "float32") not in P.DTYPES:
+                raise P.ProtocolError(P.INVALID_ARGS, f"dtype must be one of {', '.join(P.DTYPES)}")
+        else:
+            if not isinstance(a.get("model"), str):
+                raise P.ProtocolError(P.INVALID_ARGS, "model must be a string")
+        if "model" in a and a["model"] is not None:
+            try:
+                get(a["model"])
+            except PocketEmbedError as e:
+                raise P.ProtocolError(e.code, e.message) from None
+
+    # -- worker -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        push = self.ctx.socket(zmq.PUSH)
+        push.connect(self._reply_addr)
+        try:
+            while (job := self._jobs.get()) is not None:
+                ok = True
+                try:
+                    reply = P.ok_reply(job.req.id, self._run(job.req))
+                except (PocketEmbedError, P.ProtocolError) as e:
+                    ok = False
+                    reply = P.error_reply(job.req.id, e.code, e.message)
+                except Exception as e:  # a bug: answer it, log it, keep serving
+                    ok = False
+                    log.exception("request %r failed", job.req.op)
+                    reply = P.error_reply(job.req.id, P.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+                self.stats.record(job.req.op, ok, job.received)
+                push.send_multipart([*job.identity, reply])
+        finally:
+            push.close(linger=1000)
+
+    def _run(self, req: P.Request) -> Any:
+        a = req.args
+        if req.op == "embed":
+            name = get(a.get("model")).name
+            engine = self._engine(name)
+            vecs = engine.embed(a["texts"], normalize=a.get("normalize", True), dims=a.get("dims"), truncate=a.get("truncate", False))
+            out = P.encode_vectors(vecs, a.get("dtype", "float32"))
+            out["model"] = name
+            return out
+        if req.op == "models.load":
+            name = get(a["model"]).name
+            self._load(name)
+            return {"model": name, "loaded": True}
+        name = get(a["model"]).name
+        entry = self.engines.pop(name, None)
+        if entry is None:
+            raise P.ProtocolError(P.MODEL_NOT_LOADED, f"model {name} is not loaded")
+        entry[1].close()
+        log.info("unloaded %s", name)
+        return {"model": name, "loaded": False}
+
+    def _engine(self, name: str) -> Engine:
+        if name not in self.engines:
+            self._load(name)
+        return self.engines[name][1]
+
+    def _load(self, name: str) -> None:
+        if name in self.engines:
+            return
+        t = time.perf_counter()
+        spec, engine = open_engine(name, self.config.home, threads=self.config.threads)
+        self.engines[name] = (spec, engine)
+        log.info("loaded %s in %.0f ms (%d threads)", name, (time.perf_counter() - t) * 1000, engine.threads)
+
+
+def _opt(args: dict[str, Any], key: str, typ: type) -> None:
+    v = args.get(key)
+    if v is None:
+        return
+    if typ is int and isinstance(v, bool) or not isinstance(v, typ):
+        raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be {typ.__name__}, not {type(v).__name__}")
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """[identity, payload] (DEALER) or [identity, b"", payload] (REQ)."""
+    if len(frames) == 2:
+        return frames[:1], frames[1]
+    if len(frames) == 3 and frames[1] == b"":
+        return frames[:2], frames[2]
+    return frames[:1], None
+
+
+def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:
+    """Bind, preload, serve until a signal; the exit status of ``pocketembed serve``."""
+    server = Server(config)
+    server.bind()
+    signal.signal(signal.SIGTERM, server.request_stop)
+    signal.signal(signal.SIGINT, server.request_stop)
+    try:
+        server.load_preloaded()
+    except BaseException:
+        server._shutdown()
+        raise
+    if on_ready:
+        on_ready()
+    server.serve_forever()
+    return 0

@@ -1,0 +1,210 @@
+"""Python clients of the daemon: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both use a DEALER socket, so several requests can be in flight on one
+connection; replies are matched to requests by id. Server errors are raised as
+``DaemonError`` subclasses carrying the server's stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from pocketembed import paths
+
+from . import protocol as P
+
+
+class DaemonError(Exception):
+    """An error reply from the daemon; ``code`` is the stable protocol code."""
+
+    code = "error"
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidRequest(DaemonError):
+    """Bad input: the request can be fixed by the caller."""
+
+
+class ModelError(DaemonError):
+    """The model named cannot be used (unknown, not prepared, corrupt, not loaded)."""
+
+
+class Busy(DaemonError):
+    """The daemon's queue is full; retry after ``details['retry_after_ms']``."""
+
+
+class DaemonTimeout(DaemonError):
+    """No reply in time (client side) or the request's deadline passed (server side)."""
+
+
+_BY_CODE: dict[str, type[DaemonError]] = {
+    P.BUSY: Busy, P.TIMEOUT: DaemonTimeout,
+    P.UNKNOWN_MODEL: ModelError, P.MODEL_NOT_PREPARED: ModelError, P.MODEL_CORRUPT: ModelError,
+    P.MODEL_NOT_LOADED: ModelError,
+    P.BAD_FRAME: InvalidRequest, P.BAD_VERSION: InvalidRequest, P.UNKNOWN_OP: InvalidRequest,
+    P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
+    P.TEXT_TOO_LONG: InvalidRequest,
+}
+
+
+def _raise_for(reply: dict[str, Any]) -> Any:
+    if reply.get("ok"):
+        return reply.get("result")
+    err = reply.get("error") or {}
+    code = err.get("code", P.INTERNAL)
+    details = {k: v for k, v in err.items() if k not in ("code", "message")}
+    raise _BY_CODE.get(code, DaemonError)(code, err.get("message", "unknown error"), details)
+
+
+def _embed_args(texts: Any, model: str | None, dims: int | None, dtype: str, normalize: bool, truncate: bool) -> dict:
+    if isinstance(texts, str):
+        texts = [texts]
+    args: dict[str, Any] = {"texts": list(texts), "dtype": dtype, "normalize": normalize, "truncate": truncate}
+    if model is not None:
+        args["model"] = model
+    if dims is not None:
+        args["dims"] = dims
+    return args
+
+
+class Client:
+    """Blocking client. ``Client().embed(["hello"])`` returns a float32 numpy array.
+
+    ``endpoint`` is a ZeroMQ endpoint (``ipc:///path/pe.sock``, ``tcp://127.0.0.1:5555``)
+    or a socket path; default ``$POCKETEMBED_SOCKET`` or the daemon's default socket.
+    Not thread-safe: use one Client per thread (or the AsyncClient).
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+        self.endpoint = paths.endpoint(endpoint)
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Send one request and wait for its reply (the protocol's raw form)."""
+        req_id = next(self._ids)
+        self._sock.send(P.request(req_id, op, args))
+        deadline = timeout if timeout is not None else self.timeout
+        remaining_ms = int(deadline * 1000)
+        while True:
+            if not self._sock.poll(remaining_ms, zmq.POLLIN):
+                # The socket may hold a late reply now; a fresh socket keeps the stream in step.
+                self._reconnect()
+                raise DaemonTimeout(P.TIMEOUT, f"no reply to {op!r} from {self.endpoint} within {deadline:g}s")
+            reply = P.unpack(self._sock.recv())
+            if reply.get("id") == req_id:
+                return _raise_for(reply)
+            # A stale reply to an earlier, timed-out request: skip it.
+
+    def _reconnect(self) -> None:
+        self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.call("ping", timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.call("models.list")
+
+    def load(self, name: str) -> dict[str, Any]:
+        return self.call("models.load", {"model": name}, timeout=max(self.timeout, 120))
+
+    def unload(self, name: str) -> dict[str, Any]:
+        return self.call("models.unload", {"model": name})
+
+    def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
+              normalize: bool = True, truncate: bool = False) -> np.ndarray:
+        res = self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate))
+        return P.decode_vectors(res)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client: many requests in flight on one connection, each with a timeout."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0) -> None:
+        self.endpoint = paths.endpoint(endpoint)
+        self.timeout = timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def _read(self) -> None:
+        while True:
+            reply = P.unpack(await self._sock.recv())
+            fut = self._pending.pop(reply.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        req_id = next(self._ids)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        await self._sock.send(P.request(req_id, op, args))
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            reply = await asyncio.wait_for(fut, deadline)
+        except asyncio.TimeoutError:
+            raise DaemonTimeout(P.TIMEOUT, f"no reply to {op!r} from {self.endpoint} within {deadline:g}s") from None
+        finally:
+            self._pending.pop(req_id, None)
+        return _raise_for(reply)
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call("stats")
+
+    async def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
+                    normalize: bool = True, truncate: bool = False) -> np.ndarray:
+        return P.decode_vectors(await self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate)))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,233 @@
+"""The daemon as a separate process, through its real ZeroMQ socket."""
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import run_cli
+from daemon_proc import DaemonProcess
+from pocketembed.ipc import AsyncClient, Client, InvalidRequest, ModelError
+from pocketembed.ipc import protocol as P
+from pocketembed.ipc import sqlite as pe_sqlite
+
+SMS = ["Ok lar... Joking wif u oni...", "Free entry in 2 a wkly comp to win FA Cup final tkts",
+       "U dun say so early hor... U c already then say...", "Nah I don't think he goes to usf"]
+
+
+@pytest.fixture(scope="module")
+def daemon(home, tmp_path_factory):
+    d = DaemonProcess(home, tmp_path_factory.mktemp("run") / "sock" / "pe.sock").wait_ready()
+    yield d
+    assert d.stop() == 0
+
+
+def test_socket_is_private(daemon):
+    assert stat.S_IMODE(daemon.socket_path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(daemon.socket_path.stat().st_mode) == 0o600
+
+
+def test_embed_equals_in_process_engine(daemon, engines):
+    with daemon.client() as c:
+        got = c.embed(SMS)
+    want = engines["q8_0"].embed(SMS)
+    assert got.dtype == np.float32 and got.shape == (4, 384)
+    assert np.array_equal(got, want)  # same kernels, same batch: bit-identical
+
+
+def test_output_dtypes_and_dims(daemon, engines):
+    with daemon.client() as c:
+        f = c.embed(SMS, dims=128)
+        i8 = c.embed(SMS, dims=128, dtype="int8")
+        b = c.embed(SMS, dims=128, dtype="binary")
+        raw = c.embed(SMS, normalize=False)
+    assert np.allclose(f, engines["q8_0"].embed(SMS, dims=128), atol=1e-6)
+    assert i8.dtype == np.int8 and np.array_equal(i8, np.clip(np.rint(f * 127), -127, 127).astype(np.int8))
+    assert b.shape == (4, 16) and np.array_equal(b, np.packbits(f > 0, axis=1))
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1, atol=1e-2)
+
+
+def test_ping_is_answered_during_a_long_embed(daemon):
+    texts = [f"message number {i} about dinner plans and the weekend" for i in range(600)]
+    done = {}
+
+    def long_embed():
+        with daemon.client(timeout=120) as c:
+            t = time.perf_counter()
+            c.embed(texts)
+            done["embed_s"] = time.perf_counter() - t
+
+    th = threading.Thread(target=long_embed)
+    th.start()
+    time.sleep(0.3)
+    with daemon.client() as c:
+        t = time.perf_counter()
+        c.ping()
+        ping_s = time.perf_counter() - t
+    th.join()
+    assert ping_s < 0.2 and ping_s < done["embed_s"] / 5, (ping_s, done)
+
+
+def test_error_replies_keep_the_daemon_serving(daemon):
+    with daemon.client() as c:
+        for bad, code in [
+            (dict(texts=[""]), P.EMPTY_TEXT),
+            (dict(texts=["word " * 400]), P.TEXT_TOO_LONG),
+            (dict(texts=["x" * (P.MAX_TEXT_BYTES + 1)]), P.TOO_LARGE),
+            (dict(texts=["a"] * (P.MAX_TEXTS + 1)), P.TOO_LARGE),
+            (dict(texts="not a list"), P.INVALID_ARGS),
+            (dict(texts=[1, 2]), P.INVALID_ARGS),
+            (dict(texts=["ok"], dims="ten"), P.INVALID_ARGS),
+            (dict(texts=["ok"], dims=9999), P.INVALID_ARGS),
+            (dict(texts=["ok"], dtype="float16"), P.INVALID_ARGS),
+            (dict(texts=["ok"], model="nope"), P.UNKNOWN_MODEL),
+        ]:
+            with pytest.raises((InvalidRequest, ModelError)) as ei:
+                c.call("embed", bad)
+            assert ei.value.code == code, (bad, ei.value)
+        with pytest.raises(InvalidRequest) as ei:
+            c.call("no.such.op")
+        assert ei.value.code == P.UNKNOWN_OP
+        assert c.embed(["still fine"]).shape == (1, 384)
+        assert c.embed(["word " * 400], truncate=True).shape == (1, 384)
+
+
+def test_raw_malformed_frames(daemon):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(daemon.endpoint)
+    try:
+        for frames in ([b"\xc1garbage"], [b""], [P.pack([1, 2, 3])], [P.pack({"v": 2, "id": 7, "op": "ping"})],
+                       [b"a", b"b", b"c"], [P.pack({"v": 1, "id": 8, "op": 5})]):
+            s.send_multipart(frames)
+            assert s.poll(5000), frames
+            reply = P.unpack(s.recv_multipart()[-1])
+            assert reply["ok"] is False and reply["error"]["code"] in (P.BAD_FRAME, P.BAD_VERSION, P.INVALID_ARGS)
+        # REQ-style envelope (empty delimiter) gets a REQ-style reply
+        s.send_multipart([b"", P.request(9, "ping")])
+        assert s.poll(5000)
+        frames = s.recv_multipart()
+        assert frames[0] == b"" and P.unpack(frames[1])["result"]["pong"]
+    finally:
+        s.close()
+
+
+def test_async_client_many_in_flight(daemon, engines):
+    async def main():
+        async with AsyncClient(daemon.endpoint) as c:
+            results = await asyncio.gather(*(c.embed([t]) for t in SMS * 5), c.ping())
+            with pytest.raises(InvalidRequest):
+                await c.embed([""])
+            return results
+
+    results = asyncio.run(main())
+    want = engines["q8_0"].embed(SMS)
+    for i, r in enumerate(results[:-1]):
+        assert np.dot(r[0], want[i % 4]) > 0.999
+    assert results[-1]["pong"]
+
+
+def test_client_timeout_is_typed(tmp_path):
+    from pocketembed.ipc import DaemonTimeout
+
+    with Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.2) as c:
+        with pytest.raises(DaemonTimeout):
+            c.ping()
+
+
+def test_sqlite_adapter_returns_the_same_bytes(daemon):
+    conn = sqlite3.connect(":memory:")
+    with daemon.client() as c:
+        funcs = pe_sqlite.register(conn, client=c)
+        conn.execute("CREATE TABLE sms (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.executemany("INSERT INTO sms (body) VALUES (?)", [(t,) for t in SMS])
+        blobs = [r[0] for r in conn.execute("SELECT pe_embed(body) FROM sms ORDER BY id")]
+        for text, blob in zip(SMS, blobs):
+            assert blob == c.embed([text])[0].astype("<f4").tobytes()
+        q4 = conn.execute("SELECT pe_embed(?, 'all-minilm-l6-v2:q4_0')", ["hi"]).fetchone()[0]
+        assert len(q4) == 384 * 4
+        best = conn.execute(
+            "SELECT id FROM sms ORDER BY pe_cosine(pe_embed(body), pe_embed(?)) DESC LIMIT 1", ["win a cup final ticket"]
+        ).fetchone()[0]
+        assert best == 2
+        assert conn.execute("SELECT pe_embed(NULL)").fetchone()[0] is None
+        with pytest.raises(sqlite3.OperationalError):
+            conn.execute("SELECT pe_embed('')").fetchone()
+        assert funcs.last_error.code == "empty_text"
+
+
+def test_stats_and_status(daemon):
+    with daemon.client() as c:
+        c.embed(["count me"])
+        s = c.stats()
+    assert s["requests"] >= 1 and "all-minilm-l6-v2:q8_0" in s["loaded_models"]
+    assert s["rss_bytes"] > 10_000_000 and set(s["latency_ms"]) == {"p50", "p90", "p99"}
+    proc = run_cli("status", "--socket", str(daemon.socket_path))
+    assert proc.returncode == 0 and "requests" in proc.stdout
+
+
+def test_cli_embed_through_daemon(daemon, engines):
+    import json
+
+    proc = run_cli("embed", "--daemon", "--socket", str(daemon.socket_path), *SMS[:2])
+    assert proc.returncode == 0, proc.stderr
+    got = np.array(json.loads(proc.stdout)["embeddings"], dtype=np.float32)
+    assert np.allclose(got, engines["q8_0"].embed(SMS[:2]), atol=1e-6)
+
+
+def test_second_daemon_refuses_and_stale_socket_is_taken_over(home, daemon, tmp_path):
+    second = DaemonProcess(home, daemon.socket_path)
+    assert second.proc.wait(60) == 1
+    assert "another pocketembed daemon is serving" in second.proc.stderr.read()
+    # a socket file left by a crashed process (bound, never unlinked) is taken over
+    stale = tmp_path / "s" / "pe.sock"
+    stale.parent.mkdir(mode=0o700)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    assert stale.exists()
+    d = DaemonProcess(home, stale).wait_ready()
+    with d.client() as c:
+        assert c.ping()["pong"]
+    assert d.stop() == 0 and not stale.exists()
+
+
+def test_sigterm_answers_everything_sent_before_it(home, tmp_path):
+    d = DaemonProcess(home, tmp_path / "t" / "pe.sock").wait_ready()
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.endpoint)
+    n = 40
+    for i in range(n):
+        s.send(P.request(i, "embed", {"texts": [f"message {i} " * 20]}))
+    time.sleep(0.05)
+    d.proc.send_signal(signal.SIGTERM)
+    replies = {}
+    while len(replies) < n and s.poll(20000):
+        r = P.unpack(s.recv())
+        replies[r["id"]] = r
+    s.close()
+    assert sorted(replies) == list(range(n))
+    assert all(r["ok"] for r in replies.values())  # all were received before the signal
+    assert d.proc.wait(30) == 0
+    assert not d.socket_path.exists()
+
+
+def test_tcp_is_loopback_only(home, tmp_path):
+    bad = DaemonProcess(home, tmp_path / "x" / "pe.sock", "--tcp", "0.0.0.0:45831")
+    assert bad.proc.wait(60) == 1
+    assert "loopback-only" in bad.proc.stderr.read()
+    d = DaemonProcess(home, tmp_path / "y" / "pe.sock", "--tcp", "127.0.0.1:45832").wait_ready()
+    with Client("tcp://127.0.0.1:45832") as c:
+        assert c.ping()["pong"]
+    assert d.stop() == 0
