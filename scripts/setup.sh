@@ -5,7 +5,12 @@
 #
 #   bash scripts/setup.sh            # honours PYTHON, VENV, CMAKE_ARGS, PIP_FIND_LINKS
 #
-# llama-cpp-python is built from source unless pip finds a wheel (PIP_FIND_LINKS).
+# llama-cpp-python is built from source with OpenBLAS: on x86, ggml's own q8_0
+# kernel runs ~1.5x slower than OpenBLAS's fp32 GEMM on dequantized weights
+# (scripts/bench_engine.py), so the BLAS backend takes the batched matmuls. The
+# built wheel is cached (~/.cache/pocketembed/wheels, keyed by the build flags),
+# so a second setup does not rebuild. Without OpenBLAS (and no root to install
+# it) we fall back to a wheel on PIP_FIND_LINKS, then to a plain source build.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke
@@ -49,6 +54,37 @@ print("smoke test passed: q8_0 and q4_0 embed")
 EOF
 }
 
+have_openblas() {
+    [ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] ||
+        pkg-config --exists openblas 2>/dev/null || ls /usr/include/*/cblas.h >/dev/null 2>&1
+}
+
+ensure_openblas() {
+    have_openblas && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing OpenBLAS headers (apt-get install libopenblas-dev pkg-config)"
+        (apt-get install -y -qq libopenblas-dev pkg-config >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas-dev pkg-config >/dev/null 2>&1; }) || true
+    fi
+    have_openblas
+}
+
+install_llama_blas() {
+    local args="$CMAKE_ARGS -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"
+    local key
+    key=$(printf '%s %s' "$LLAMA_VERSION" "$args" | sha256sum | cut -c1-12)
+    local cache="${XDG_CACHE_HOME:-$HOME/.cache}/pocketembed/wheels/$key"
+    if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        say "building llama-cpp-python $LLAMA_VERSION with OpenBLAS from source (7-12 min on 2 cores)"
+        mkdir -p "$cache"
+        CMAKE_ARGS="$args" PIP_FIND_LINKS="" "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-python \
+            --wheel-dir "$cache" "llama-cpp-python==$LLAMA_VERSION" || return 1
+    else
+        say "reusing the llama-cpp-python wheel built earlier ($cache)"
+    fi
+    "$VENV/bin/pip" install -q --force-reinstall --no-deps "$cache"/llama_cpp_python-*.whl
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     "$PYTHON" -m venv "$VENV"
@@ -58,8 +94,13 @@ fi
 export CMAKE_ARGS=${CMAKE_ARGS:-$(cmake_args_for_this_cpu)}
 say "installing torch $TORCH_VERSION first (so no other torch build is pulled in)"
 "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
-say "installing pocketembed with extras (llama-cpp-python: wheel if one is on PIP_FIND_LINKS, else a source build, ~7-12 min)"
-"$VENV/bin/pip" install -q "llama-cpp-python==$LLAMA_VERSION"
+if [ "${POCKETEMBED_NO_BLAS:-0}" != 1 ] && ensure_openblas && install_llama_blas; then
+    say "llama-cpp-python with OpenBLAS installed"
+else
+    say "no OpenBLAS build; installing llama-cpp-python from PIP_FIND_LINKS or source"
+    "$VENV/bin/pip" install -q "llama-cpp-python==$LLAMA_VERSION"
+fi
+say "installing pocketembed with its extras"
 "$VENV/bin/pip" install -q -e ".[prepare,reference,test]"
 
 say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
@@ -67,8 +108,8 @@ say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
 
 if ! smoke_test; then
     say "smoke test failed with this llama-cpp-python; rebuilding it from source with CMAKE_ARGS=$CMAKE_ARGS"
-    PIP_FIND_LINKS="" "$VENV/bin/pip" install -q --force-reinstall --no-deps --no-cache-dir \
-        --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION"
+    CMAKE_ARGS="$CMAKE_ARGS" PIP_FIND_LINKS="" "$VENV/bin/pip" install -q --force-reinstall --no-deps \
+        --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION"
     smoke_test
 fi
 say "done: run '$VENV/bin/pocketembed --help'"
