@@ -77,7 +77,7 @@ install_llama_blas() {
     if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         say "building llama-cpp-python $LLAMA_VERSION with OpenBLAS from source (7-12 min on 2 cores)"
         mkdir -p "$cache"
-        CMAKE_ARGS="$args" PIP_FIND_LINKS="" "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-python \
+        CMAKE_ARGS="$args" "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-python \
             --wheel-dir "$cache" "llama-cpp-python==$LLAMA_VERSION" || return 1
     else
         say "reusing the llama-cpp-python wheel built earlier ($cache)"
@@ -92,8 +92,11 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 
 export CMAKE_ARGS=${CMAKE_ARGS:-$(cmake_args_for_this_cpu)}
-say "installing torch $TORCH_VERSION first (so no other torch build is pulled in)"
-"$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+say "installing torch $TORCH_VERSION (CPU build) first, so no other torch build is pulled in"
+if ! "$VENV/bin/pip" install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+    say "no torch $TORCH_VERSION+cpu file found; trying torch==$TORCH_VERSION"
+    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+fi
 if [ "${POCKETEMBED_NO_BLAS:-0}" != 1 ] && ensure_openblas && install_llama_blas; then
     say "llama-cpp-python with OpenBLAS installed"
 else
@@ -108,7 +111,7 @@ say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
 
 if ! smoke_test; then
     say "smoke test failed with this llama-cpp-python; rebuilding it from source with CMAKE_ARGS=$CMAKE_ARGS"
-    CMAKE_ARGS="$CMAKE_ARGS" PIP_FIND_LINKS="" "$VENV/bin/pip" install -q --force-reinstall --no-deps \
+    CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" install -q --force-reinstall --no-deps \
         --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION"
     smoke_test
 fi
