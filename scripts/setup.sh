@@ -85,6 +85,18 @@ install_llama_blas() {
     "$VENV/bin/pip" install -q --force-reinstall --no-deps "$cache"/llama_cpp_python-*.whl
 }
 
+install_java_libs() {
+    # The Android-side Java client is tested against the daemon with Debian's JeroMQ and msgpack-java.
+    [ -f /usr/share/java/jeromq.jar ] && [ -f /usr/share/java/msgpack-core.jar ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing libjeromq-java and libmsgpack-java (for the Java client's test)"
+        apt-get install -y -qq libjeromq-java libmsgpack-java >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjeromq-java libmsgpack-java >/dev/null 2>&1; } ||
+            say "could not install the Java libraries; the Java client test will fail"
+    fi
+}
+
+install_java_libs
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     "$PYTHON" -m venv "$VENV"
