@@ -67,9 +67,11 @@ def main() -> None:
             ping, daemon, local = [], [], []
             for _ in range(args.samples):  # transport alone, daemon idle
                 a = time.perf_counter(); client.ping(); ping.append((time.perf_counter() - a) * 1000)
-            for t in picks:  # the same text both ways, alternating
-                a = time.perf_counter(); client.embed([t], truncate=True); daemon.append((time.perf_counter() - a) * 1000)
-                a = time.perf_counter(); engine.embed([t], truncate=True); local.append((time.perf_counter() - a) * 1000)
+            for i, t in enumerate(picks):  # the same text both ways; which goes first alternates
+                for way in ((0, 1) if i % 2 else (1, 0)):
+                    a = time.perf_counter()
+                    (client if way == 0 else engine).embed([t], truncate=True)
+                    (daemon if way == 0 else local).append((time.perf_counter() - a) * 1000)
             client.close()
             engine.close()
         finally:
