@@ -23,7 +23,6 @@ with 1 (scripts/bench_engine.py).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -37,7 +36,6 @@ from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLon
 
 from . import llama_runtime as rt
 
-log = logging.getLogger(__name__)
 
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 

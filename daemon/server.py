@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,20 @@ class Server:
         self._worker: threading.Thread | None = None
         self._pull: zmq.Socket | None = None
         self.router: zmq.Socket | None = None
+        self._bound_path: Path | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
     def bind(self) -> None:
+        """Bind the Unix socket (and TCP, if asked); on failure nothing is left behind."""
+        tcp_host, tcp_port = _check_tcp(self.config.tcp, self.config.allow_remote) if self.config.tcp else (None, None)
+        try:
+            self._bind(tcp_host, tcp_port)
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _bind(self, tcp_host: str | None, tcp_port: str | None) -> None:
         path = self.config.socket_path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
@@ -145,12 +155,10 @@ class Server:
             self.router.bind(f"ipc://{path}")
         finally:
             os.umask(old)
+        self._bound_path = path
         os.chmod(path, 0o600)
-        if self.config.tcp:
-            host, _, port = self.config.tcp.rpartition(":")
-            if host not in ("127.0.0.1", "localhost", "::1") and not self.config.allow_remote:
-                raise PocketEmbedError(f"refusing to listen on {host}: TCP is loopback-only unless --allow-remote", code="invalid_config")
-            self.router.bind(f"tcp://{host}:{port}")
+        if tcp_host is not None:
+            self.router.bind(f"tcp://{tcp_host}:{tcp_port}")
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.bind(self._reply_addr)
 
@@ -192,22 +200,22 @@ class Server:
         for _, engine in self.engines.values():
             engine.close()
         self.engines.clear()
+        self._close_sockets()
+        log.info("stopped")
+
+    def _close_sockets(self) -> None:
         if self.router is not None:
             self.router.close(linger=1000)
         if self._pull is not None:
             self._pull.close(linger=0)
         self.ctx.term()
-        self.config.socket_path.unlink(missing_ok=True)
-        log.info("stopped")
+        if self._bound_path is not None:  # only a socket file this daemon created
+            self._bound_path.unlink(missing_ok=True)
 
     # -- I/O thread -------------------------------------------------------------------
 
     def _read_requests(self) -> None:
-        while True:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in _pending(self.router):
             self._route(frames)
 
     def _route(self, frames: list[bytes]) -> None:
@@ -240,12 +248,7 @@ class Server:
             self.stats.record("?", False, started)
 
     def _drain_replies(self) -> None:
-        while True:
-            try:
-                frames = self._pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            *identity, reply = frames
+        for *identity, reply in _pending(self._pull):
             self._send(identity, reply)
             self._inflight -= 1
 
@@ -369,6 +372,24 @@ def _opt(args: dict[str, Any], key: str, typ: type) -> None:
         return
     if typ is int and isinstance(v, bool) or not isinstance(v, typ):
         raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be {typ.__name__}, not {type(v).__name__}")
+
+
+def _pending(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """Every message already queued on ``sock``, without blocking."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def _check_tcp(tcp: str, allow_remote: bool) -> tuple[str, str]:
+    host, sep, port = tcp.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise PocketEmbedError(f"--tcp must be HOST:PORT, got {tcp!r}", code="invalid_config")
+    if host not in ("127.0.0.1", "localhost", "::1") and not allow_remote:
+        raise PocketEmbedError(f"refusing to listen on {host}: TCP is loopback-only unless --allow-remote", code="invalid_config")
+    return host, port
 
 
 def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -211,14 +212,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
     if args.daemon:
         from pocketembed.gguf_models.catalog import get
-        from pocketembed.ipc import Client, DaemonError
-
         name = get(args.model).name
-        try:
-            with Client(args.socket) as client:
-                vecs = client.embed(texts, model=name, dims=args.dims, normalize=args.normalize, truncate=args.truncate)
-        except DaemonError as e:
-            raise PocketEmbedError(e.message, code=e.code) from None
+        vecs = _ask_daemon(args.socket, lambda c: c.embed(texts, model=name, dims=args.dims,
+                                                          normalize=args.normalize, truncate=args.truncate))
     else:
         from pocketembed.daemon.models import open_engine
 
@@ -254,14 +250,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from pocketembed.ipc import Client, DaemonError
+def _ask_daemon(socket: str | None, call):
+    """Run ``call(client)`` against the daemon; daemon errors become CLI errors.
 
+    A missing ipc socket file fails at once instead of after the client timeout.
+    """
+    from pocketembed.ipc import Client, DaemonError, DaemonTimeout
+
+    endpoint = paths.endpoint(socket)
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        raise PocketEmbedError(f"no daemon on {endpoint}: start one with `pocketembed serve`", code="no_daemon")
     try:
-        with Client(args.socket, timeout=5) as client:
-            stats = client.stats()
+        with Client(endpoint) as client:
+            return call(client)
+    except DaemonTimeout as e:
+        raise PocketEmbedError(f"no reply from a daemon on {endpoint} ({e.message})", code="no_daemon") from None
     except DaemonError as e:
-        raise PocketEmbedError(f"no daemon answering on {paths.endpoint(args.socket)} ({e.message})", code="no_daemon") from None
+        raise PocketEmbedError(e.message, code=e.code) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stats = _ask_daemon(args.socket, lambda c: c.stats())
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0

@@ -1,7 +1,6 @@
 """The daemon as a separate process, through its real ZeroMQ socket."""
 
 import asyncio
-import os
 import signal
 import socket
 import sqlite3
@@ -227,7 +226,18 @@ def test_tcp_is_loopback_only(home, tmp_path):
     bad = DaemonProcess(home, tmp_path / "x" / "pe.sock", "--tcp", "0.0.0.0:45831")
     assert bad.proc.wait(60) == 1
     assert "loopback-only" in bad.proc.stderr.read()
+    assert not bad.socket_path.exists()  # nothing left behind by the refused start
+    malformed = DaemonProcess(home, tmp_path / "z" / "pe.sock", "--tcp", "45833")
+    assert malformed.proc.wait(60) == 1 and "HOST:PORT" in malformed.proc.stderr.read()
     d = DaemonProcess(home, tmp_path / "y" / "pe.sock", "--tcp", "127.0.0.1:45832").wait_ready()
     with Client("tcp://127.0.0.1:45832") as c:
         assert c.ping()["pong"]
     assert d.stop() == 0
+
+
+def test_cli_without_a_daemon_fails_fast(tmp_path):
+    for args in (["status"], ["embed", "--daemon", "hi"]):
+        t = time.perf_counter()
+        proc = run_cli(*args, "--socket", str(tmp_path / "none.sock"))
+        assert proc.returncode == 1 and "error[no_daemon]" in proc.stderr and "Traceback" not in proc.stderr
+        assert time.perf_counter() - t < 5  # no client timeout waited out

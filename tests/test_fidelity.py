@@ -7,7 +7,6 @@ same source weights). Thresholds are the issue's goals.
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import FIXTURES
 

@@ -1,7 +1,5 @@
 """`models prepare`: offline, verified, idempotent, honouring POCKETEMBED_HOME."""
 
-import json
-import os
 
 from conftest import run_cli
 from pocketembed import paths
