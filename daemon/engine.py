@@ -202,6 +202,19 @@ class Engine:
         """
         return self._contexts[0].run(self, token_lists, self.threads)
 
+    @property
+    def n_contexts(self) -> int:
+        return len(self._contexts)
+
+    def encode_on(self, context: int, token_lists: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """Pooled vectors of one decode on a given context (the scheduler's workers).
+
+        Each worker owns one context index, so concurrent decodes never share a
+        context; an engine with fewer contexts than workers serializes on its locks.
+        """
+        ci = context % len(self._contexts)
+        return self._contexts[ci].run(self, token_lists, max(1, threads or self.threads))
+
     def encode_many(self, batches: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
         """Pooled vectors of several decodes, spread over the contexts in parallel."""
         if self._pool is None or len(batches) < 2:

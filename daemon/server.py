@@ -2,10 +2,12 @@
 
 The I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe): it
 decodes, validates and routes, answers cheap ops itself (ping, stats,
-models.list) and hands inference to the worker. Workers never touch the
-ROUTER; they hand finished replies back through an inproc PUSH/PULL pair that
-the I/O thread polls next to the ROUTER. So a ``ping`` is answered while a
-long embed runs, and every request gets exactly one reply.
+models.list), submits ``embed`` to the scheduler (whose decode workers batch
+it with other clients' texts) and hands model loads/unloads to a control
+thread. No worker touches the ROUTER; each hands finished replies back through
+its own inproc PUSH socket to a PULL socket the I/O thread polls next to the
+ROUTER. So a ``ping`` is answered while a long embed runs, and every request
+gets exactly one reply.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
-from .engine import Engine
-from .models import open_engine
+from .models import ModelRegistry
+from .scheduler import INTERACTIVE, LANES, Busy, EmbedTask, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
 
 INLINE_OPS = {"ping", "stats", "models.list"}
-WORKER_OPS = {"embed", "models.load", "models.unload"}
+CONTROL_OPS = {"models.load", "models.unload"}
+KNOWN_OPS = INLINE_OPS | CONTROL_OPS | {"embed"}
 
 
 class DaemonRunning(PocketEmbedError):
@@ -56,6 +59,7 @@ class ServeConfig:
     allow_remote: bool = False
     preload: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     threads: int | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 @dataclass
@@ -119,13 +123,17 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.stats = _Stats()
-        self.engines: dict[str, tuple[Any, Engine]] = {}
+        self.models = ModelRegistry(config.home, threads=config.threads)
+        self.scheduler = Scheduler(self.models, config.scheduler)
         self.ctx = zmq.Context()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._control: queue.Queue[_Job | None] = queue.Queue()
         self._stop = threading.Event()
         self._inflight = 0
         self._reply_addr = f"inproc://replies-{id(self)}"
-        self._worker: threading.Thread | None = None
+        self._tls = threading.local()
+        self._push_socks: list[zmq.Socket] = []
+        self._push_lock = threading.Lock()
+        self._controller: threading.Thread | None = None
         self._pull: zmq.Socket | None = None
         self.router: zmq.Socket | None = None
         self._bound_path: Path | None = None
@@ -164,12 +172,13 @@ class Server:
 
     def load_preloaded(self) -> None:
         for name in self.config.preload:
-            self._load(name)
+            self.models.load(name)
 
     def serve_forever(self) -> None:
         """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up."""
-        self._worker = threading.Thread(target=self._work, name="pe-worker", daemon=True)
-        self._worker.start()
+        self.scheduler.start()
+        self._controller = threading.Thread(target=self._control_loop, name="pe-control", daemon=True)
+        self._controller.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
@@ -193,17 +202,20 @@ class Server:
         self._stop.set()
 
     def _shutdown(self) -> None:
-        self._jobs.put(None)
-        if self._worker:
-            self._worker.join(timeout=30)
+        self.scheduler.stop()
+        self._control.put(None)
+        if self._controller:
+            self._controller.join(timeout=30)
         self._drain_replies()
-        for _, engine in self.engines.values():
-            engine.close()
-        self.engines.clear()
+        self.models.close()
         self._close_sockets()
         log.info("stopped")
 
     def _close_sockets(self) -> None:
+        with self._push_lock:
+            for sock in self._push_socks:
+                sock.close(linger=1000)
+            self._push_socks.clear()
         if self.router is not None:
             self.router.close(linger=1000)
         if self._pull is not None:
@@ -237,15 +249,37 @@ class Server:
                 result = self._inline(req)
                 self._send(identity, P.ok_reply(req.id, result))
                 self.stats.record(req.op, True, started)
-            elif req.op in WORKER_OPS:
+            elif req.op == "embed":
+                self._validate(req)
+                self._submit_embed(identity, req, started)
+            elif req.op in CONTROL_OPS:
                 self._validate(req)
                 self._inflight += 1
-                self._jobs.put(_Job(identity, req, started))
+                self._control.put(_Job(identity, req, started))
             else:
-                raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(sorted(INLINE_OPS | WORKER_OPS))}")
+                raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(sorted(KNOWN_OPS))}")
         except P.ProtocolError as e:
-            self._send(identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message))
+            extra = {k: v for k, v in e.extra.items() if k != "id"}
+            self._send(identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message, **extra))
             self.stats.record("?", False, started)
+
+    def _submit_embed(self, identity: list[bytes], req: P.Request, started: float) -> None:
+        a = req.args
+        spec = get(a.get("model"))
+        timeout_ms = a.get("timeout_ms")
+        task = EmbedTask(
+            texts=a["texts"], model=spec.name, on_done=self._embed_done, lane=a.get("priority") or INTERACTIVE,
+            normalize=a.get("normalize", True), dims=a.get("dims"), truncate=a.get("truncate", False),
+            deadline=time.monotonic() + timeout_ms / 1000 if timeout_ms is not None else None,
+            context=(identity, req, started),
+        )
+        try:
+            self.scheduler.submit(task, max_tokens=spec.max_tokens)
+        except Busy as e:
+            raise P.ProtocolError(P.BUSY, e.message, retry_after_ms=e.retry_after_ms) from None
+        except PocketEmbedError as e:
+            raise P.ProtocolError(e.code, e.message) from None
+        self._inflight += 1
 
     def _drain_replies(self) -> None:
         for *identity, reply in _pending(self._pull):
@@ -258,21 +292,35 @@ class Server:
         except zmq.ZMQError as e:  # peer gone or its queue full: nothing else to do
             log.debug("reply dropped: %s", e)
 
+    def _push(self, identity: list[bytes], reply: bytes) -> None:
+        """From any worker thread: hand a finished reply to the I/O thread."""
+        sock = getattr(self._tls, "push", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(self._reply_addr)
+            self._tls.push = sock
+            with self._push_lock:
+                self._push_socks.append(sock)
+        sock.send_multipart([*identity, reply])
+
     def _inline(self, req: P.Request) -> Any:
         if req.op == "ping":
             return {"pong": True, "version": __version__, "protocol": P.VERSION}
         if req.op == "stats":
             snap = self.stats.snapshot()
-            snap["loaded_models"] = sorted(self.engines)
+            sched = self.scheduler.stats()
+            snap["loaded_models"] = self.models.loaded()
             snap["rss_bytes"] = psutil.Process().memory_info().rss
-            snap["queue_depth"] = self._jobs.qsize()
+            snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
+            snap["scheduler"] = sched
             return snap
         return self._models_list()
 
     def _models_list(self) -> list[dict[str, Any]]:
         data = manifest.load(self.config.home)
+        loaded = set(self.models.loaded())
         return [
-            {"name": s.name, "dims": s.dims, "quantization": s.quantization, "loaded": s.name in self.engines,
+            {"name": s.name, "dims": s.dims, "quantization": s.quantization, "loaded": s.name in loaded,
              "prepared": s.name in data["models"] and manifest.model_path(self.config.home, s).exists(),
              "default": s.name == DEFAULT_MODEL, "max_tokens": s.max_tokens}
             for s in MODELS.values()
@@ -298,8 +346,14 @@ class Server:
             _opt(a, "dims", int)
             _opt(a, "normalize", bool)
             _opt(a, "truncate", bool)
+            _opt(a, "priority", str)
             if a.get("dtype", "float32") not in P.DTYPES:
                 raise P.ProtocolError(P.INVALID_ARGS, f"dtype must be one of {', '.join(P.DTYPES)}")
+            if a.get("priority") not in (None, *LANES):
+                raise P.ProtocolError(P.INVALID_ARGS, f"priority must be one of {', '.join(LANES)}")
+            t = a.get("timeout_ms")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86_400_000):
+                raise P.ProtocolError(P.INVALID_ARGS, "timeout_ms must be a positive number of milliseconds")
         else:
             if not isinstance(a.get("model"), str):
                 raise P.ProtocolError(P.INVALID_ARGS, "model must be a string")
@@ -309,61 +363,43 @@ class Server:
             except PocketEmbedError as e:
                 raise P.ProtocolError(e.code, e.message) from None
 
-    # -- worker -----------------------------------------------------------------------
+    # -- worker threads ---------------------------------------------------------------
 
-    def _work(self) -> None:
-        push = self.ctx.socket(zmq.PUSH)
-        push.connect(self._reply_addr)
-        try:
-            while (job := self._jobs.get()) is not None:
-                ok = True
-                try:
-                    reply = P.ok_reply(job.req.id, self._run(job.req))
-                except (PocketEmbedError, P.ProtocolError) as e:
-                    ok = False
-                    reply = P.error_reply(job.req.id, e.code, e.message)
-                except Exception as e:  # a bug: answer it, log it, keep serving
-                    ok = False
-                    log.exception("request %r failed", job.req.op)
-                    reply = P.error_reply(job.req.id, P.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-                self.stats.record(job.req.op, ok, job.received)
-                push.send_multipart([*job.identity, reply])
-        finally:
-            push.close(linger=1000)
+    def _embed_done(self, task: EmbedTask, vecs: np.ndarray | None, error: PocketEmbedError | None) -> None:
+        """Called by a decode worker when a request is finished or failed."""
+        identity, req, started = task.context
+        if error is None:
+            out = P.encode_vectors(vecs, req.args.get("dtype", "float32"))
+            out["model"] = task.model
+            reply = P.ok_reply(req.id, out)
+        else:
+            reply = P.error_reply(req.id, error.code, error.message)
+        self.stats.record(req.op, error is None, started)
+        self._push(identity, reply)
 
-    def _run(self, req: P.Request) -> Any:
-        a = req.args
-        if req.op == "embed":
-            name = get(a.get("model")).name
-            engine = self._engine(name)
-            vecs = engine.embed(a["texts"], normalize=a.get("normalize", True), dims=a.get("dims"), truncate=a.get("truncate", False))
-            out = P.encode_vectors(vecs, a.get("dtype", "float32"))
-            out["model"] = name
-            return out
+    def _control_loop(self) -> None:
+        """models.load / models.unload, one at a time, off the I/O thread."""
+        while (job := self._control.get()) is not None:
+            ok = True
+            try:
+                reply = P.ok_reply(job.req.id, self._run_control(job.req))
+            except (PocketEmbedError, P.ProtocolError) as e:
+                ok = False
+                reply = P.error_reply(job.req.id, e.code, e.message)
+            except Exception as e:  # a bug: answer it, log it, keep serving
+                ok = False
+                log.exception("request %r failed", job.req.op)
+                reply = P.error_reply(job.req.id, P.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self.stats.record(job.req.op, ok, job.received)
+            self._push(job.identity, reply)
+
+    def _run_control(self, req: P.Request) -> Any:
+        name = get(req.args["model"]).name
         if req.op == "models.load":
-            name = get(a["model"]).name
-            self._load(name)
+            self.models.load(name)
             return {"model": name, "loaded": True}
-        name = get(a["model"]).name
-        entry = self.engines.pop(name, None)
-        if entry is None:
-            raise P.ProtocolError(P.MODEL_NOT_LOADED, f"model {name} is not loaded")
-        entry[1].close()
-        log.info("unloaded %s", name)
+        self.models.unload(name)
         return {"model": name, "loaded": False}
-
-    def _engine(self, name: str) -> Engine:
-        if name not in self.engines:
-            self._load(name)
-        return self.engines[name][1]
-
-    def _load(self, name: str) -> None:
-        if name in self.engines:
-            return
-        t = time.perf_counter()
-        spec, engine = open_engine(name, self.config.home, threads=self.config.threads)
-        self.engines[name] = (spec, engine)
-        log.info("loaded %s in %.0f ms (%d threads)", name, (time.perf_counter() - t) * 1000, engine.threads)
 
 
 def _opt(args: dict[str, Any], key: str, typ: type) -> None:

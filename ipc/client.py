@@ -67,14 +67,19 @@ def _raise_for(reply: dict[str, Any]) -> Any:
     raise _BY_CODE.get(code, DaemonError)(code, err.get("message", "unknown error"), details)
 
 
-def _embed_args(texts: Any, model: str | None, dims: int | None, dtype: str, normalize: bool, truncate: bool) -> dict:
+def _embed_args(texts: Any, model: str | None, dims: int | None, dtype: str, normalize: bool, truncate: bool,
+                priority: str | None, timeout: float) -> dict:
     if isinstance(texts, str):
         texts = [texts]
-    args: dict[str, Any] = {"texts": list(texts), "dtype": dtype, "normalize": normalize, "truncate": truncate}
+    # The daemon drops the request unrun once the caller has stopped waiting for it.
+    args: dict[str, Any] = {"texts": list(texts), "dtype": dtype, "normalize": normalize, "truncate": truncate,
+                            "timeout_ms": max(1, int(timeout * 1000))}
     if model is not None:
         args["model"] = model
     if dims is not None:
         args["dims"] = dims
+    if priority is not None:
+        args["priority"] = priority
     return args
 
 
@@ -133,8 +138,16 @@ class Client:
         return self.call("models.unload", {"model": name})
 
     def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
-              normalize: bool = True, truncate: bool = False) -> np.ndarray:
-        res = self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate))
+              normalize: bool = True, truncate: bool = False, *, priority: str | None = None,
+              timeout: float | None = None) -> np.ndarray:
+        """Vectors of ``texts``: float32 (n, dims), int8 (n, dims) or packed binary (n, dims/8).
+
+        ``priority="background"`` queues bulk work behind interactive requests.
+        ``timeout`` (default the client's) is also sent as the request's deadline.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        res = self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout),
+                        timeout=timeout)
         return P.decode_vectors(res)
 
     def close(self) -> None:
@@ -191,8 +204,11 @@ class AsyncClient:
         return await self.call("stats")
 
     async def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
-                    normalize: bool = True, truncate: bool = False) -> np.ndarray:
-        return P.decode_vectors(await self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate)))
+                    normalize: bool = True, truncate: bool = False, *, priority: str | None = None,
+                    timeout: float | None = None) -> np.ndarray:
+        timeout = self.timeout if timeout is None else timeout
+        args = _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout)
+        return P.decode_vectors(await self.call("embed", args, timeout=timeout))
 
     async def close(self) -> None:
         if self._reader is not None:
