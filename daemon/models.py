@@ -59,9 +59,11 @@ class ModelRegistry:
     A model that is prepared but not loaded is loaded on first use.
     """
 
-    def __init__(self, home: Path, *, threads: int | None = None, on_demand: bool = True) -> None:
+    def __init__(self, home: Path, *, threads: int | None = None, contexts: int | None = None,
+                 on_demand: bool = True) -> None:
         self.home = home
         self.threads = threads
+        self.contexts = contexts
         self.on_demand = on_demand
         self._models: dict[str, _Loaded] = {}
         self._cv = threading.Condition()
@@ -96,7 +98,7 @@ class ModelRegistry:
                 if name in self._models:
                     return False
             t = time.perf_counter()
-            spec, engine = open_engine(name, self.home, threads=self.threads)
+            spec, engine = open_engine(name, self.home, threads=self.threads, contexts=self.contexts)
             with self._cv:
                 self._models[name] = _Loaded(spec, engine, load_ms=(time.perf_counter() - t) * 1000)
                 self._cv.notify_all()

@@ -94,6 +94,8 @@ class SchedulerConfig:
     # 256 tokens is ~125 ms on one thread of this class of CPU (vs 254 ms for 512) at
     # 98% of the throughput: an interactive request behind it waits at most that long.
     background: LaneConfig = LaneConfig(batch_tokens=256, max_texts=8192, max_tokens=1_048_576)
+    solo_tokens: int = 64
+    """A decode this small on an otherwise idle daemon gets every thread."""
     interactive_grace_s: float = 1.0
     """After interactive traffic, keep one worker free of background work this long."""
 
@@ -232,6 +234,10 @@ class Scheduler:
                         return
                     self._cv.wait(self._wait_timeout())
                     job = self._next_job()
+                # Wake one more worker only when there is more than this one takes:
+                # every needless wake-up costs a GIL hand-off on the latency path.
+                if self._has_runnable():
+                    self._cv.notify()
             kind, lane, payload = job
             if kind == "expire":
                 self._finish(payload, None, Expired("the request's deadline passed before it was run"))
@@ -270,6 +276,15 @@ class Scheduler:
                     self._background_running += 1
                 return "decode", lane, batch
         return None
+
+    def _has_runnable(self) -> bool:
+        now = time.monotonic()
+        for lane in self._lanes.values():
+            if lane.name == BACKGROUND and not self._background_allowed(now):
+                continue
+            if any(t.state == "new" or (t.state == "ready" and t.taken < len(t.texts)) for t in lane.tasks):
+                return True
+        return False
 
     def _background_allowed(self, now: float) -> bool:
         workers = max(1, self.config.workers)
@@ -343,8 +358,6 @@ class Scheduler:
                     t.state = "ready"
         finally:
             self.engines.release(name)
-            with self._cv:
-                self._cv.notify_all()
 
     @staticmethod
     def _tok(engine: Engine, i: int, text: str, truncate: bool) -> list[int]:
@@ -368,7 +381,12 @@ class Scheduler:
             try:
                 with self._cv:
                     others = self._busy_workers - 1
-                threads = engine.threads if others == 0 else max(1, engine.threads // max(1, self.config.workers))
+                # Every thread for a short decode on an idle daemon (latency); one share
+                # otherwise, so that concurrent decodes never oversubscribe the cores.
+                # Measured (scripts/bench_scheduler.py): always-all-threads cost 10% of
+                # throughput with 8 clients; always-one-share cost 2.5 ms of idle p50.
+                solo = others == 0 and n_tokens <= self.config.solo_tokens
+                threads = engine.threads if solo else max(1, engine.threads // max(1, self.config.workers))
                 sorted_vecs = engine.encode_on(index, [token_lists[i] for i in order], threads)
                 vecs = np.empty_like(sorted_vecs)
                 vecs[order] = sorted_vecs
@@ -402,7 +420,6 @@ class Scheduler:
                 task.finished += b - a
                 if error is not None or task.finished == len(task.texts):
                     done.append(task)
-            self._cv.notify_all()
         for task in done:
             if error is not None:
                 self._fail(lane, task, error)
@@ -494,6 +511,7 @@ class Scheduler:
                 "decoded_tokens": self._decoded_tokens,
                 "batch_texts": {"mean": round(float(sizes.mean()), 2), "max": int(sizes.max()),
                                 **_percentiles(sizes)} if sizes is not None else None,
+                "decode_ms": _percentiles(np.array([(r[1] - r[0]) * 1000 for r in self._recent])),
                 "tokens_per_s": round(sum(r[3] for r in recent) / span, 1) if span > 0 else 0.0,
                 "texts_per_s": round(sum(r[2] for r in recent) / span, 1) if span > 0 else 0.0,
             }

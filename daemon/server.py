@@ -38,7 +38,7 @@ from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
 from .models import ModelRegistry
-from .scheduler import INTERACTIVE, LANES, Busy, EmbedTask, Scheduler, SchedulerConfig
+from .scheduler import INTERACTIVE, LANES, Busy, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
 
@@ -123,7 +123,7 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.stats = _Stats()
-        self.models = ModelRegistry(config.home, threads=config.threads)
+        self.models = ModelRegistry(config.home, threads=config.threads, contexts=config.scheduler.workers)
         self.scheduler = Scheduler(self.models, config.scheduler)
         self.ctx = zmq.Context()
         self._control: queue.Queue[_Job | None] = queue.Queue()
@@ -435,6 +435,28 @@ def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
     if len(frames) == 3 and frames[1] == b"":
         return frames[:2], frames[2]
     return frames[:1], None
+
+
+def scheduler_config(settings: dict[str, Any]) -> SchedulerConfig:
+    """The scheduler's settings from the daemon config (missing keys keep the defaults)."""
+    base = SchedulerConfig()
+    for key in ("workers", "queue_texts", "queue_tokens", "background_queue_texts", "background_queue_tokens",
+                "background_batch_tokens"):
+        v = settings.get(key)
+        if v is not None and v < 1:
+            raise PocketEmbedError(f"{key} must be at least 1, got {v}", code="invalid_config")
+    i, b = base.interactive, base.background
+    return SchedulerConfig(
+        workers=settings.get("workers") or base.workers,
+        max_seqs=base.max_seqs,
+        interactive=LaneConfig(i.batch_tokens, settings.get("queue_texts") or i.max_texts,
+                               settings.get("queue_tokens") or i.max_tokens),
+        background=LaneConfig(settings.get("background_batch_tokens") or b.batch_tokens,
+                              settings.get("background_queue_texts") or b.max_texts,
+                              settings.get("background_queue_tokens") or b.max_tokens),
+        solo_tokens=base.solo_tokens,
+        interactive_grace_s=base.interactive_grace_s,
+    )
 
 
 def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:

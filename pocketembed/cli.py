@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote", action="store_true", default=None, help="allow a non-loopback --tcp address")
     serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default)")
     serve.add_argument("--threads", type=int, help="llama.cpp threads per model (default: physical cores)")
+    serve.add_argument("--workers", type=int, help="decode workers, each on its own llama context (default 2)")
     serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
     serve.set_defaults(func=cmd_serve)
 
@@ -232,12 +233,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pocketembed import config
-    from pocketembed.daemon.server import ServeConfig, run
+    from pocketembed.daemon.server import ServeConfig, run, scheduler_config
     from pocketembed.gguf_models.catalog import DEFAULT_MODEL
 
     root = paths.home(args.home)
     settings = config.load(root, args.config, {"socket": args.socket, "tcp": args.tcp, "allow_remote": args.allow_remote,
-                                                "models": args.models, "threads": args.threads})
+                                                "models": args.models, "threads": args.threads,
+                                                "workers": args.workers})
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cfg = ServeConfig(
         socket_path=paths.socket_path(settings.get("socket")),
@@ -246,6 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_remote=bool(settings.get("allow_remote", False)),
         preload=list(settings.get("models") or [DEFAULT_MODEL]),
         threads=settings.get("threads"),
+        scheduler=scheduler_config(settings),
     )
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 

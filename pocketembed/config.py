@@ -9,6 +9,12 @@ present. Keys (all optional)::
     allow_remote = false          # POCKETEMBED_ALLOW_REMOTE=1
     models = ["all-minilm-l6-v2:q8_0"]   # loaded at start; POCKETEMBED_MODELS=a,b
     threads = 2                   # POCKETEMBED_THREADS
+    workers = 2                   # decode workers (llama contexts); POCKETEMBED_WORKERS
+    queue_texts = 2048            # interactive lane bound, texts; POCKETEMBED_QUEUE_TEXTS
+    queue_tokens = 262144         # interactive lane bound, tokens; POCKETEMBED_QUEUE_TOKENS
+    background_queue_texts = 8192        # POCKETEMBED_BACKGROUND_QUEUE_TEXTS
+    background_queue_tokens = 1048576    # POCKETEMBED_BACKGROUND_QUEUE_TOKENS
+    background_batch_tokens = 256        # decode size of bulk work; POCKETEMBED_BACKGROUND_BATCH_TOKENS
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from typing import Any
 
 from pocketembed.errors import PocketEmbedError
 
-KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "threads": int}
-ENV = {"socket": "POCKETEMBED_SOCKET", "tcp": "POCKETEMBED_TCP", "allow_remote": "POCKETEMBED_ALLOW_REMOTE",
-       "models": "POCKETEMBED_MODELS", "threads": "POCKETEMBED_THREADS"}
+KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "threads": int, "workers": int,
+        "queue_texts": int, "queue_tokens": int, "background_queue_texts": int, "background_queue_tokens": int,
+        "background_batch_tokens": int}
+ENV = {key: f"POCKETEMBED_{key.upper()}" for key in KEYS}
 
 
 class ConfigError(PocketEmbedError):

@@ -12,10 +12,10 @@ from pocketembed.ipc import Client, DaemonError
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, socket_path: Path, *extra: str) -> None:
+    def __init__(self, home: Path, socket_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.socket_path = socket_path
         self.endpoint = f"ipc://{socket_path}"
-        env = dict(os.environ, POCKETEMBED_HOME=str(home))
+        env = dict(os.environ, POCKETEMBED_HOME=str(home), **(env or {}))
         env.pop("POCKETEMBED_SOCKET", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
