@@ -23,12 +23,14 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=10)
 texts = st.one_of(st.text(max_size=40), st.just(""), st.just("   "), st.text(min_size=1, max_size=3).map(lambda s: s * 6000),
-                  st.integers(), st.none(), st.binary(max_size=10))
+                  st.integers(-2**63, 2**64 - 1), st.none(), st.binary(max_size=10))
 embed_args = st.fixed_dictionaries({}, optional={
     "texts": st.one_of(st.lists(texts, max_size=5), values),
     "model": st.one_of(st.sampled_from(["all-minilm-l6-v2:q8_0", "nope", "", "all-minilm-l6-v2"]), values),
     "dims": st.one_of(st.integers(-5, 1000), values), "dtype": st.one_of(st.sampled_from(["float32", "int8", "binary", "f16"]), values),
     "normalize": values, "truncate": values,
+    "priority": st.one_of(st.sampled_from(["interactive", "background", "urgent"]), values),
+    "timeout_ms": st.one_of(st.integers(-5, 100), st.floats(allow_nan=True), values),
 })
 envelopes = st.fixed_dictionaries({}, optional={
     "v": st.one_of(st.just(1), values), "id": st.one_of(st.integers(0, 10**6), st.text(max_size=8), values),
