@@ -1,19 +1,24 @@
-"""Opening catalog models as engines: name → verified file → Engine.
+"""Models as engines: name → verified file → Engine, and the daemon's registry of them.
 
-This is the one place that turns a model name into loaded weights, so the
-sha256 check cannot be skipped by any caller (CLI, daemon, scripts).
+``open_engine`` is the one place that turns a model name into loaded weights,
+so the sha256 check cannot be skipped by any caller (CLI, daemon, scripts).
+``ModelRegistry`` is what the daemon holds: which models are loaded, for how
+long, and within what memory.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from pocketembed import paths
-from pocketembed.errors import PocketEmbedError
+from pocketembed.errors import InvalidInput, PocketEmbedError
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
@@ -41,33 +46,122 @@ class ModelNotLoaded(PocketEmbedError):
     code = "model_not_loaded"
 
 
+class ModelUnloading(PocketEmbedError):
+    code = "model_unloading"
+
+
+class OverBudget(PocketEmbedError):
+    code = "memory_budget"
+
+
+CONTEXT_OVERHEAD = 8 << 20
+"""Estimated bytes of one llama context (compute and batch buffers at 512 tokens)."""
+
+FOREVER = -1.0
+
+
+def parse_keep_alive(value: object) -> float:
+    """Seconds from an Ollama-style keep_alive: 300, "5m", "1h30m", "90s", 0, -1 (forever)."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {value!r}")
+    if isinstance(value, (int, float)):
+        if value != value:  # NaN
+            raise InvalidInput("keep_alive must be a number of seconds or a duration string")
+        return FOREVER if value < 0 else float(value)
+    if not isinstance(value, str):
+        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {type(value).__name__}")
+    text = value.strip().lower()
+    if text.startswith("-"):
+        return FOREVER
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or m is None:
+        raise InvalidInput(f"keep_alive {value!r} is not a duration; use e.g. 300, '90s', '5m', '1h', 0 or -1")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + sec
+
+
+@dataclass
+class ModelSettings:
+    """Per-model settings from the config file (None = the catalog's / engine's default)."""
+
+    threads: int | None = None
+    batch_tokens: int | None = None
+    max_tokens: int | None = None
+    pooling: str | None = None
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+    keep_alive: float | None = None
+
+
 @dataclass
 class _Loaded:
     spec: ModelSpec
     engine: Engine
+    bytes: int
+    keep_alive: float
+    load_ms: float
     users: int = 0
     closing: bool = False
-    loaded_at: float = field(default_factory=time.monotonic)
-    load_ms: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class ModelRegistry:
-    """The daemon's loaded models, shared by the decode workers.
+    """The daemon's loaded models: on-demand loading, keep-alive, a memory budget.
 
-    Workers ``acquire`` an engine for each decode and ``release`` it after, so an
-    engine is never freed under a running decode: ``unload`` waits for its users.
-    A model that is prepared but not loaded is loaded on first use.
+    Two counts keep a model alive. ``hold`` / ``unhold`` bracket a request from
+    the moment it is queued until its reply is made, so a model with queued work
+    is never evicted or expired, and an explicit ``unload`` drains that work
+    first. ``acquire`` / ``release`` bracket each use of the engine (tokenizing,
+    one decode), so an engine is never freed under a running decode.
+
+    Memory is accounted as weights (file size) plus an estimate per llama
+    context. Loading past the budget evicts least recently used models that
+    have no held requests; if that is not enough the load fails and nothing
+    already loaded is touched.
     """
 
     def __init__(self, home: Path, *, threads: int | None = None, contexts: int | None = None,
-                 on_demand: bool = True) -> None:
+                 on_demand: bool = True, keep_alive: float = 300.0, budget_bytes: int | None = None,
+                 settings: dict[str, ModelSettings] | None = None) -> None:
         self.home = home
         self.threads = threads
         self.contexts = contexts
         self.on_demand = on_demand
+        self.keep_alive = keep_alive
+        self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget()
+        self.settings = settings or {}
         self._models: dict[str, _Loaded] = {}
+        self._holds: dict[str, int] = {}
+        self._unloading: set[str] = set()
         self._cv = threading.Condition()
         self._load_lock = threading.Lock()
+        self._stop = False
+        self._reaper: threading.Thread | None = None
+
+    # -- requests ----------------------------------------------------------------------
+
+    def hold(self, name: str) -> None:
+        """A request for ``name`` was queued. Refused while the model is being unloaded on purpose."""
+        with self._cv:
+            if name in self._unloading:
+                raise ModelUnloading(f"model {name} is being unloaded; load it again with `pocketembed models load {name}`")
+            if not self.on_demand and name not in self._models:
+                raise ModelNotLoaded(f"model {name} is not loaded and on-demand loading is off; "
+                                     f"load it with `pocketembed models load {name}`")
+            self._holds[name] = self._holds.get(name, 0) + 1
+
+    def unhold(self, name: str, keep_alive: float | None = None) -> None:
+        """The request's reply is made; ``keep_alive`` (seconds) from the request, if it set one."""
+        with self._cv:
+            self._holds[name] -= 1
+            if not self._holds[name]:
+                del self._holds[name]
+            entry = self._models.get(name)
+            if entry is not None:
+                entry.last_used = time.monotonic()
+                if keep_alive is not None:
+                    entry.keep_alive = keep_alive
+            self._cv.notify_all()
 
     def acquire(self, name: str) -> Engine:
         name = get(name).name
@@ -77,6 +171,7 @@ class ModelRegistry:
             entry = self._models.get(name)
             if entry is not None:
                 entry.users += 1
+                entry.last_used = time.monotonic()
                 return entry.engine
             if not self.on_demand:
                 raise ModelNotLoaded(f"model {name} is not loaded; load it with `pocketembed models load {name}`")
@@ -88,30 +183,113 @@ class ModelRegistry:
             entry = self._models.get(get(name).name)
             if entry is not None:
                 entry.users -= 1
+                entry.last_used = time.monotonic()
                 self._cv.notify_all()
 
-    def load(self, name: str) -> bool:
-        """Load a model unless it is loaded; True when this call loaded it."""
+    def prefix(self, name: str, input_type: str | None) -> str:
+        """The text the model wants before a query or a document ("" for none)."""
+        if input_type is None:
+            return ""
+        spec, cfg = get(name), self.settings.get(name, ModelSettings())
+        if input_type == "query":
+            return cfg.query_prefix if cfg.query_prefix is not None else spec.query_prefix
+        return cfg.document_prefix if cfg.document_prefix is not None else spec.document_prefix
+
+    def max_tokens(self, name: str) -> int:
+        cfg = self.settings.get(name)
+        return (cfg.max_tokens if cfg and cfg.max_tokens else None) or get(name).max_tokens
+
+    # -- loading -----------------------------------------------------------------------
+
+    def estimate_bytes(self, spec: ModelSpec) -> int:
+        path = manifest.model_path(self.home, spec)
+        size = path.stat().st_size if path.exists() else 0
+        return size + max(1, self.contexts or 2) * CONTEXT_OVERHEAD
+
+    def load(self, name: str, keep_alive: float | None = None) -> bool:
+        """Load a model unless it is loaded (True when this call loaded it).
+
+        Verifies the file first; evicts idle models to make room within the budget.
+        """
         name = get(name).name
         with self._load_lock:
             with self._cv:
-                if name in self._models:
+                if name in self._models and not self._models[name].closing:
+                    if keep_alive is not None:
+                        self._models[name].keep_alive = keep_alive
                     return False
+            spec = get(name)
+            need = self.estimate_bytes(spec)
+            cfg = self.settings.get(name, ModelSettings())
             t = time.perf_counter()
-            spec, engine = open_engine(name, self.home, threads=self.threads, contexts=self.contexts)
+            path = manifest.verify(self.home, spec)  # a corrupt file fails here, before anything is evicted
+            self._make_room(name, need)
+            engine = Engine(path, engine_config(spec, threads=cfg.threads or self.threads, contexts=self.contexts,
+                                                batch_tokens=cfg.batch_tokens, max_tokens=cfg.max_tokens,
+                                                pooling=cfg.pooling), quantized=spec.quantized)
+            load_ms = (time.perf_counter() - t) * 1000
+            ka = keep_alive if keep_alive is not None else cfg.keep_alive if cfg.keep_alive is not None else self.keep_alive
             with self._cv:
-                self._models[name] = _Loaded(spec, engine, load_ms=(time.perf_counter() - t) * 1000)
+                self._models[name] = _Loaded(spec, engine, need, ka, load_ms)
                 self._cv.notify_all()
-        log.info("loaded %s in %.0f ms (%d threads)", name, (time.perf_counter() - t) * 1000, engine.threads)
+        log.info("loaded %s in %.0f ms (%d threads, ~%.0f MB, keep_alive %s)", name, load_ms, engine.threads,
+                 need / 1e6, "forever" if ka < 0 else f"{ka:g}s")
         return True
 
+    def _make_room(self, name: str, need: int) -> None:
+        """Evict idle models, least recently used first, until ``need`` fits the budget."""
+        with self._cv:
+            used = sum(e.bytes for e in self._models.values())
+            if used + need <= self.budget_bytes:
+                return
+            idle = sorted((e for n, e in self._models.items() if self._evictable(n, e)), key=lambda e: e.last_used)
+            victims, freed = [], 0
+            for e in idle:
+                if used - freed + need <= self.budget_bytes:
+                    break
+                victims.append(e.spec.name)
+                freed += e.bytes
+            if used - freed + need > self.budget_bytes:
+                busy = [n for n, e in self._models.items() if not self._evictable(n, e)]
+                raise OverBudget(
+                    f"loading {name} needs ~{need / 1e6:.0f} MB; the memory budget is {self.budget_bytes / 1e6:.0f} MB "
+                    f"with {used / 1e6:.0f} MB in use" + (f" by models with work queued ({', '.join(busy)})" if busy else "")
+                    + "; unload a model or raise memory_budget_mb")
+        for victim in victims:
+            log.info("evicting %s (least recently used) to make room for %s", victim, name)
+            self._close(victim, evicting=True)
+
+    def _evictable(self, name: str, entry: _Loaded) -> bool:
+        return not entry.closing and not entry.users and not self._holds.get(name)
+
     def unload(self, name: str) -> None:
-        """Free a model once no decode uses it; ModelNotLoaded if it is not loaded."""
+        """Unload on purpose: new requests for it are refused, queued ones finish first."""
         name = get(name).name
         with self._cv:
             entry = self._models.get(name)
-            if entry is None or entry.closing:
+            if entry is None or entry.closing or name in self._unloading:
                 raise ModelNotLoaded(f"model {name} is not loaded")
+            self._unloading.add(name)
+            try:
+                while self._holds.get(name):
+                    self._cv.wait()
+            except BaseException:
+                self._unloading.discard(name)
+                raise
+        try:
+            self._close(name)
+        finally:
+            with self._cv:
+                self._unloading.discard(name)
+                self._cv.notify_all()
+
+    def _close(self, name: str, evicting: bool = False) -> None:
+        with self._cv:
+            entry = self._models.get(name)
+            if entry is None or entry.closing:
+                return
+            if evicting and not self._evictable(name, entry):
+                return
             entry.closing = True
             while entry.users:
                 self._cv.wait()
@@ -121,13 +299,59 @@ class ModelRegistry:
             self._cv.notify_all()
         log.info("unloaded %s", name)
 
+    # -- keep-alive --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = threading.Thread(target=self._reap, name="pe-keepalive", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        """Unload models idle for longer than their keep_alive."""
+        while True:
+            with self._cv:
+                if self._stop:
+                    return
+                now = time.monotonic()
+                due = [n for n, e in self._models.items()
+                       if self._evictable(n, e) and e.keep_alive >= 0 and now - e.last_used >= e.keep_alive]
+                if not due:
+                    waits = [e.keep_alive - (now - e.last_used) for n, e in self._models.items()
+                             if self._evictable(n, e) and e.keep_alive >= 0]
+                    self._cv.wait(min(waits + [1.0]) if waits else 1.0)
+                    continue
+            for name in due:
+                log.info("unloading %s: idle past its keep_alive", name)
+                self._close(name, evicting=True)
+
+    # -- views -------------------------------------------------------------------------
+
     def loaded(self) -> list[str]:
         with self._cv:
             return sorted(n for n, e in self._models.items() if not e.closing)
 
-    def max_tokens(self, name: str) -> int:
-        return get(name).max_tokens
+    def describe(self) -> dict[str, dict[str, object]]:
+        with self._cv:
+            now = time.monotonic()
+            return {n: {"bytes": e.bytes, "load_ms": round(e.load_ms, 1), "queued": self._holds.get(n, 0),
+                        "keep_alive_s": e.keep_alive,
+                        "expires_in_s": None if e.keep_alive < 0 else round(max(0.0, e.keep_alive - (now - e.last_used)), 1),
+                        "idle_s": round(now - e.last_used, 1)}
+                    for n, e in self._models.items() if not e.closing}
+
+    def memory(self) -> dict[str, int]:
+        with self._cv:
+            return {"budget_bytes": self.budget_bytes, "used_bytes": sum(e.bytes for e in self._models.values())}
 
     def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._reaper is not None:
+            self._reaper.join(5)
         for name in self.loaded():
-            self.unload(name)
+            self._close(name)
+
+
+def default_budget(fraction: float = 0.25) -> int:
+    """A quarter of the memory available now: room for the app that uses us."""
+    return int(psutil.virtual_memory().available * fraction)

@@ -68,7 +68,15 @@ class ShuttingDown(PocketEmbedError):
 
 
 class EngineSource(Protocol):
-    """Where workers get engines: the model registry. ``release`` after each use."""
+    """Where workers get engines: the model registry.
+
+    ``hold`` when a request is queued and ``unhold`` once it is answered keep its
+    model from being evicted meanwhile; ``acquire``/``release`` bracket each use.
+    """
+
+    def hold(self, name: str) -> None: ...
+
+    def unhold(self, name: str, keep_alive: float | None = None) -> None: ...
 
     def acquire(self, name: str) -> Engine: ...
 
@@ -113,6 +121,8 @@ class EmbedTask:
     truncate: bool = False
     deadline: float | None = None
     """time.monotonic() after which the request is not worth computing."""
+    keep_alive: float | None = None
+    """The request's keep_alive for its model, in seconds (None: the model's own)."""
     context: Any = None
     """Opaque to the scheduler (the server keeps the reply address here)."""
     received: float = field(default_factory=time.monotonic)
@@ -211,6 +221,7 @@ class Scheduler:
                 lane.rejected_busy += 1
                 raise Busy(f"the {lane.name} queue is full ({lane.texts} texts / ~{lane.tokens} tokens waiting)",
                            self._retry_after_ms(lane))
+            self.engines.hold(task.model)  # may refuse: the model is being unloaded on purpose
             lane.texts += len(task.texts)
             lane.tokens += est
             lane.tasks.append(task)
@@ -450,7 +461,10 @@ class Scheduler:
         vecs = postprocess(task.pooled, normalize=task.normalize, dims=task.out_dims)
         task.pooled = None
         task.tokens = None
-        task.on_done(task, vecs, None)
+        try:
+            task.on_done(task, vecs, None)
+        finally:
+            self.engines.unhold(task.model, task.keep_alive)
 
     def _fail(self, lane: _LaneState, task: EmbedTask, error: PocketEmbedError) -> None:
         with self._cv:
@@ -463,14 +477,20 @@ class Scheduler:
                 lane.failed += 1
         task.pooled = None
         task.tokens = None
-        task.on_done(task, None, error)
+        try:
+            task.on_done(task, None, error)
+        finally:
+            self.engines.unhold(task.model)
 
     def _finish(self, task: EmbedTask, vecs: np.ndarray | None, error: PocketEmbedError | None) -> None:
         """For tasks already dropped from their lane (expired)."""
         lane = self._lanes[task.lane]
         with self._cv:
             lane.expired += 1
-        task.on_done(task, vecs, error)
+        try:
+            task.on_done(task, vecs, error)
+        finally:
+            self.engines.unhold(task.model)
 
     # -- stats -------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
-from .models import ModelRegistry
+from .models import ModelRegistry, ModelSettings, parse_keep_alive
 from .scheduler import INTERACTIVE, LANES, Busy, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
@@ -60,6 +60,13 @@ class ServeConfig:
     preload: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     threads: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    on_demand: bool = True
+    """Load a prepared model on its first request (else: model_not_loaded)."""
+    keep_alive: float = 300.0
+    """Seconds an idle model stays loaded (negative: forever)."""
+    memory_budget_bytes: int | None = None
+    """None: a quarter of the memory available at start."""
+    model_settings: dict[str, ModelSettings] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,7 +130,9 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.stats = _Stats()
-        self.models = ModelRegistry(config.home, threads=config.threads, contexts=config.scheduler.workers)
+        self.models = ModelRegistry(config.home, threads=config.threads, contexts=config.scheduler.workers,
+                                    on_demand=config.on_demand, keep_alive=config.keep_alive,
+                                    budget_bytes=config.memory_budget_bytes, settings=config.model_settings)
         self.scheduler = Scheduler(self.models, config.scheduler)
         self.ctx = zmq.Context()
         self._control: queue.Queue[_Job | None] = queue.Queue()
@@ -171,12 +180,17 @@ class Server:
         self._pull.bind(self._reply_addr)
 
     def load_preloaded(self) -> None:
+        """Load the start-up models; one that cannot load is logged, not fatal."""
         for name in self.config.preload:
-            self.models.load(name)
+            try:
+                self.models.load(name)
+            except PocketEmbedError as e:
+                log.error("cannot load %s at start: error[%s] %s", name, e.code, e.message)
 
     def serve_forever(self) -> None:
         """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up."""
         self.scheduler.start()
+        self.models.start()
         self._controller = threading.Thread(target=self._control_loop, name="pe-control", daemon=True)
         self._controller.start()
         poller = zmq.Poller()
@@ -267,14 +281,18 @@ class Server:
         a = req.args
         spec = get(a.get("model"))
         timeout_ms = a.get("timeout_ms")
+        texts = a["texts"]
+        prefix = self.models.prefix(spec.name, a.get("input_type"))
+        if prefix:
+            texts = [prefix + t for t in texts]
         task = EmbedTask(
-            texts=a["texts"], model=spec.name, on_done=self._embed_done, lane=a.get("priority") or INTERACTIVE,
+            texts=texts, model=spec.name, keep_alive=_keep_alive(a), on_done=self._embed_done, lane=a.get("priority") or INTERACTIVE,
             normalize=a.get("normalize", True), dims=a.get("dims"), truncate=a.get("truncate", False),
             deadline=time.monotonic() + timeout_ms / 1000 if timeout_ms is not None else None,
             context=(identity, req, started),
         )
         try:
-            self.scheduler.submit(task, max_tokens=spec.max_tokens)
+            self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
         except Busy as e:
             raise P.ProtocolError(P.BUSY, e.message, retry_after_ms=e.retry_after_ms) from None
         except PocketEmbedError as e:
@@ -310,6 +328,8 @@ class Server:
             snap = self.stats.snapshot()
             sched = self.scheduler.stats()
             snap["loaded_models"] = self.models.loaded()
+            snap["models"] = self.models.describe()
+            snap["memory"] = self.models.memory()
             snap["rss_bytes"] = psutil.Process().memory_info().rss
             snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
             snap["scheduler"] = sched
@@ -318,11 +338,13 @@ class Server:
 
     def _models_list(self) -> list[dict[str, Any]]:
         data = manifest.load(self.config.home)
-        loaded = set(self.models.loaded())
+        loaded = self.models.describe()
         return [
             {"name": s.name, "dims": s.dims, "quantization": s.quantization, "loaded": s.name in loaded,
              "prepared": s.name in data["models"] and manifest.model_path(self.config.home, s).exists(),
-             "default": s.name == DEFAULT_MODEL, "max_tokens": s.max_tokens}
+             "default": s.name == DEFAULT_MODEL, "max_tokens": self.models.max_tokens(s.name),
+             **({"memory_bytes": loaded[s.name]["bytes"], "keep_alive_s": loaded[s.name]["keep_alive_s"],
+                 "expires_in_s": loaded[s.name]["expires_in_s"]} if s.name in loaded else {})}
             for s in MODELS.values()
         ]
 
@@ -351,12 +373,15 @@ class Server:
                 raise P.ProtocolError(P.INVALID_ARGS, f"dtype must be one of {', '.join(P.DTYPES)}")
             if a.get("priority") not in (None, *LANES):
                 raise P.ProtocolError(P.INVALID_ARGS, f"priority must be one of {', '.join(LANES)}")
+            if a.get("input_type") not in (None, "query", "document"):
+                raise P.ProtocolError(P.INVALID_ARGS, "input_type must be 'query' or 'document'")
             t = a.get("timeout_ms")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86_400_000):
                 raise P.ProtocolError(P.INVALID_ARGS, "timeout_ms must be a positive number of milliseconds")
         else:
             if not isinstance(a.get("model"), str):
                 raise P.ProtocolError(P.INVALID_ARGS, "model must be a string")
+        _keep_alive(a)
         if "model" in a and a["model"] is not None:
             try:
                 get(a["model"])
@@ -396,10 +421,19 @@ class Server:
     def _run_control(self, req: P.Request) -> Any:
         name = get(req.args["model"]).name
         if req.op == "models.load":
-            self.models.load(name)
-            return {"model": name, "loaded": True}
+            newly = self.models.load(name, keep_alive=_keep_alive(req.args))
+            return {"model": name, "loaded": True, "newly_loaded": newly, **self.models.describe().get(name, {})}
         self.models.unload(name)
         return {"model": name, "loaded": False}
+
+
+def _keep_alive(args: dict[str, Any]) -> float | None:
+    if args.get("keep_alive") is None:
+        return None
+    try:
+        return parse_keep_alive(args["keep_alive"])
+    except PocketEmbedError as e:
+        raise P.ProtocolError(P.INVALID_ARGS, e.message) from None
 
 
 def _opt(args: dict[str, Any], key: str, typ: type) -> None:
@@ -457,6 +491,17 @@ def scheduler_config(settings: dict[str, Any]) -> SchedulerConfig:
         solo_tokens=base.solo_tokens,
         interactive_grace_s=base.interactive_grace_s,
     )
+
+
+def model_settings(tables: dict[str, dict[str, Any]]) -> dict[str, ModelSettings]:
+    """Per-model settings from the config's ``[model."NAME"]`` tables, keyed by catalog name."""
+    out = {}
+    for name, table in tables.items():
+        values = dict(table)
+        if "keep_alive" in values:
+            values["keep_alive"] = parse_keep_alive(values["keep_alive"])
+        out[get(name).name] = ModelSettings(**values)
+    return out
 
 
 def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:

@@ -51,7 +51,7 @@ class DaemonTimeout(DaemonError):
 _BY_CODE: dict[str, type[DaemonError]] = {
     P.BUSY: Busy, P.TIMEOUT: DaemonTimeout,
     P.UNKNOWN_MODEL: ModelError, P.MODEL_NOT_PREPARED: ModelError, P.MODEL_CORRUPT: ModelError,
-    P.MODEL_NOT_LOADED: ModelError,
+    P.MODEL_NOT_LOADED: ModelError, P.MODEL_UNLOADING: ModelError, P.MEMORY_BUDGET: ModelError,
     P.BAD_FRAME: InvalidRequest, P.BAD_VERSION: InvalidRequest, P.UNKNOWN_OP: InvalidRequest,
     P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
     P.TEXT_TOO_LONG: InvalidRequest,
@@ -68,7 +68,7 @@ def _raise_for(reply: dict[str, Any]) -> Any:
 
 
 def _embed_args(texts: Any, model: str | None, dims: int | None, dtype: str, normalize: bool, truncate: bool,
-                priority: str | None, timeout: float) -> dict:
+                priority: str | None, timeout: float, keep_alive: Any = None, input_type: str | None = None) -> dict:
     if isinstance(texts, str):
         texts = [texts]
     # The daemon drops the request unrun once the caller has stopped waiting for it.
@@ -80,6 +80,10 @@ def _embed_args(texts: Any, model: str | None, dims: int | None, dtype: str, nor
         args["dims"] = dims
     if priority is not None:
         args["priority"] = priority
+    if keep_alive is not None:
+        args["keep_alive"] = keep_alive
+    if input_type is not None:
+        args["input_type"] = input_type
     return args
 
 
@@ -131,23 +135,29 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self.call("models.list")
 
-    def load(self, name: str) -> dict[str, Any]:
-        return self.call("models.load", {"model": name}, timeout=max(self.timeout, 120))
+    def load(self, name: str, keep_alive: Any = None) -> dict[str, Any]:
+        """Load a model; ``keep_alive`` as Ollama's: seconds or "5m", 0 = unload when idle, negative = forever."""
+        args: dict[str, Any] = {"model": name}
+        if keep_alive is not None:
+            args["keep_alive"] = keep_alive
+        return self.call("models.load", args, timeout=max(self.timeout, 120))
 
     def unload(self, name: str) -> dict[str, Any]:
-        return self.call("models.unload", {"model": name})
+        return self.call("models.unload", {"model": name}, timeout=max(self.timeout, 120))
 
     def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
               normalize: bool = True, truncate: bool = False, *, priority: str | None = None,
-              timeout: float | None = None) -> np.ndarray:
+              timeout: float | None = None, keep_alive: Any = None, input_type: str | None = None) -> np.ndarray:
         """Vectors of ``texts``: float32 (n, dims), int8 (n, dims) or packed binary (n, dims/8).
 
         ``priority="background"`` queues bulk work behind interactive requests.
         ``timeout`` (default the client's) is also sent as the request's deadline.
+        ``keep_alive`` sets how long the model stays loaded after this request;
+        ``input_type`` ("query" / "document") adds the model's prefix for it.
         """
         timeout = self.timeout if timeout is None else timeout
-        res = self.call("embed", _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout),
-                        timeout=timeout)
+        args = _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout, keep_alive, input_type)
+        res = self.call("embed", args, timeout=timeout)
         return P.decode_vectors(res)
 
     def close(self) -> None:
@@ -205,9 +215,9 @@ class AsyncClient:
 
     async def embed(self, texts: Any, model: str | None = None, dims: int | None = None, dtype: str = "float32",
                     normalize: bool = True, truncate: bool = False, *, priority: str | None = None,
-                    timeout: float | None = None) -> np.ndarray:
+                    timeout: float | None = None, keep_alive: Any = None, input_type: str | None = None) -> np.ndarray:
         timeout = self.timeout if timeout is None else timeout
-        args = _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout)
+        args = _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout, keep_alive, input_type)
         return P.decode_vectors(await self.call("embed", args, timeout=timeout))
 
     async def close(self) -> None:

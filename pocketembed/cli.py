@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines (incl. llama.cpp's) to stderr")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
-    models = sub.add_parser("models", help="list and prepare models", description="List and prepare GGUF models.")
+    models = sub.add_parser("models", help="list, prepare, load and unload models",
+                            description="List and prepare GGUF models; load and unload them in the running daemon.")
     msub = models.add_subparsers(title="models commands", metavar="ACTION")
     ls = msub.add_parser("list", help="show the catalog and the prepared files",
                          description="Show every catalog model; dims, pooling and context are read from the GGUF file itself.")
@@ -77,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("names", nargs="*", metavar="NAME", help="models to prepare (default: all in the catalog)")
     prep.add_argument("--force", action="store_true", help="redo the work even when the files are current")
     prep.set_defaults(func=cmd_models_prepare)
+    load = msub.add_parser("load", help="load a model in the running daemon",
+                           description="Load a model in the running daemon (evicting idle models if the memory budget needs it).")
+    load.add_argument("name", metavar="NAME")
+    load.add_argument("--keep-alive", help="how long it stays loaded when idle: seconds or 30s/5m/1h, 0, -1 = forever")
+    load.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    load.set_defaults(func=cmd_models_load)
+    unload = msub.add_parser("unload", help="unload a model from the running daemon",
+                             description="Unload a model from the running daemon; requests already queued for it finish first.")
+    unload.add_argument("name", metavar="NAME")
+    unload.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    unload.set_defaults(func=cmd_models_unload)
     models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
 
     emb = sub.add_parser(
@@ -107,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default)")
     serve.add_argument("--threads", type=int, help="llama.cpp threads per model (default: physical cores)")
     serve.add_argument("--workers", type=int, help="decode workers, each on its own llama context (default 2)")
+    serve.add_argument("--keep-alive", help="idle time before a model unloads: seconds or 30s/5m/1h, 0, -1 = never (default 5m)")
+    serve.add_argument("--memory-budget-mb", type=int, help="memory for loaded models (default: 1/4 of the memory available at start)")
+    serve.add_argument("--no-on-demand", dest="on_demand", action="store_false", default=None,
+                       help="do not load models on their first request; they must be loaded with `models load`")
     serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
     serve.set_defaults(func=cmd_serve)
 
@@ -233,13 +249,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pocketembed import config
-    from pocketembed.daemon.server import ServeConfig, run, scheduler_config
+    from pocketembed.daemon.models import parse_keep_alive
+    from pocketembed.daemon.server import ServeConfig, model_settings, run, scheduler_config
     from pocketembed.gguf_models.catalog import DEFAULT_MODEL
 
     root = paths.home(args.home)
     settings = config.load(root, args.config, {"socket": args.socket, "tcp": args.tcp, "allow_remote": args.allow_remote,
                                                 "models": args.models, "threads": args.threads,
-                                                "workers": args.workers})
+                                                "workers": args.workers, "keep_alive": args.keep_alive,
+                                                "memory_budget_mb": args.memory_budget_mb, "on_demand": args.on_demand})
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cfg = ServeConfig(
         socket_path=paths.socket_path(settings.get("socket")),
@@ -249,6 +267,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         preload=list(settings.get("models") or [DEFAULT_MODEL]),
         threads=settings.get("threads"),
         scheduler=scheduler_config(settings),
+        on_demand=bool(settings.get("on_demand", True)),
+        keep_alive=parse_keep_alive(settings.get("keep_alive", 300)),
+        memory_budget_bytes=settings["memory_budget_mb"] << 20 if settings.get("memory_budget_mb") else None,
+        model_settings=model_settings(settings.get("model", {})),
     )
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
@@ -270,6 +292,20 @@ def _ask_daemon(socket: str | None, call):
         raise PocketEmbedError(f"no reply from a daemon on {endpoint} ({e.message})", code="no_daemon") from None
     except DaemonError as e:
         raise PocketEmbedError(e.message, code=e.code) from None
+
+
+def cmd_models_load(args: argparse.Namespace) -> int:
+    res = _ask_daemon(args.socket, lambda c: c.load(args.name, keep_alive=args.keep_alive))
+    ka = res.get("keep_alive_s")
+    state = "loaded" if res.get("newly_loaded") else "already loaded"
+    print(f"{res['model']}: {state}" + (f", keep_alive {'forever' if ka < 0 else f'{ka:g}s'}" if ka is not None else ""))
+    return 0
+
+
+def cmd_models_unload(args: argparse.Namespace) -> int:
+    res = _ask_daemon(args.socket, lambda c: c.unload(args.name))
+    print(f"{res['model']}: unloaded")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

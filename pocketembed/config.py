@@ -15,6 +15,18 @@ present. Keys (all optional)::
     background_queue_texts = 8192        # POCKETEMBED_BACKGROUND_QUEUE_TEXTS
     background_queue_tokens = 1048576    # POCKETEMBED_BACKGROUND_QUEUE_TOKENS
     background_batch_tokens = 256        # decode size of bulk work; POCKETEMBED_BACKGROUND_BATCH_TOKENS
+    on_demand = true              # load a prepared model on its first request; POCKETEMBED_ON_DEMAND
+    keep_alive = "5m"             # idle time before a model unloads (0: at once, -1: never); POCKETEMBED_KEEP_ALIVE
+    memory_budget_mb = 512        # default: a quarter of the memory available at start; POCKETEMBED_MEMORY_BUDGET_MB
+
+    [model."all-minilm-l6-v2:q4_0"]      # per-model settings, all optional
+    threads = 2
+    batch_tokens = 512            # tokens per decode (the context size)
+    max_tokens = 256              # longest text, incl. [CLS]/[SEP]
+    pooling = "mean"              # override of the GGUF's pooling: mean, cls, last
+    query_prefix = ""             # put before texts sent with input_type="query"
+    document_prefix = ""          # ... and input_type="document"
+    keep_alive = "10m"
 """
 
 from __future__ import annotations
@@ -28,8 +40,11 @@ from pocketembed.errors import PocketEmbedError
 
 KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "threads": int, "workers": int,
         "queue_texts": int, "queue_tokens": int, "background_queue_texts": int, "background_queue_tokens": int,
-        "background_batch_tokens": int}
-ENV = {key: f"POCKETEMBED_{key.upper()}" for key in KEYS}
+        "background_batch_tokens": int, "on_demand": bool, "keep_alive": (str, int, float),
+        "memory_budget_mb": int, "model": dict}
+ENV = {key: f"POCKETEMBED_{key.upper()}" for key in KEYS if key != "model"}
+MODEL_KEYS = {"threads": int, "batch_tokens": int, "max_tokens": int, "pooling": str, "query_prefix": str,
+              "document_prefix": str, "keep_alive": (str, int, float)}
 
 
 class ConfigError(PocketEmbedError):
@@ -47,9 +62,15 @@ def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = Non
         for key, value in data.items():
             if key not in KEYS:
                 raise ConfigError(f"{file}: unknown setting {key!r}; known: {', '.join(KEYS)}")
-            if not isinstance(value, KEYS[key]) or (KEYS[key] is int and isinstance(value, bool)):
-                raise ConfigError(f"{file}: {key} must be a {KEYS[key].__name__}")
+            _check(f"{file}: {key}", value, KEYS[key])
             settings[key] = value
+        for name, table in settings.get("model", {}).items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{file}: model.{name} must be a table of settings")
+            for key, value in table.items():
+                if key not in MODEL_KEYS:
+                    raise ConfigError(f"{file}: model.{name}: unknown setting {key!r}; known: {', '.join(MODEL_KEYS)}")
+                _check(f"{file}: model.{name}.{key}", value, MODEL_KEYS[key])
     for key, var in ENV.items():
         raw = os.environ.get(var)
         if not raw:
@@ -67,3 +88,9 @@ def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = Non
             settings[key] = raw
     settings.update({k: v for k, v in (flags or {}).items() if v is not None})
     return settings
+
+
+def _check(where: str, value: Any, typ: type | tuple[type, ...]) -> None:
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ConfigError(f"{where} must be {' or '.join(t.__name__ for t in types)}")

@@ -22,7 +22,7 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
 def test_bad_config_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("POCKETEMBED_CONFIG", raising=False)
     (tmp_path / "config.toml").write_text("threads = 'many'\n")
-    with pytest.raises(config.ConfigError, match="threads must be a int"):
+    with pytest.raises(config.ConfigError, match="threads must be int"):
         config.load(tmp_path)
     (tmp_path / "config.toml").write_text("colour = 'blue'\n")
     with pytest.raises(config.ConfigError, match="unknown setting"):
@@ -39,3 +39,16 @@ def test_socket_path_and_endpoint(monkeypatch, tmp_path):
     monkeypatch.delenv(paths.ENV_SOCKET)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert paths.socket_path() == tmp_path / "pocketembed" / "pe.sock"
+
+
+def test_per_model_settings_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("POCKETEMBED_CONFIG", raising=False)
+    (tmp_path / "config.toml").write_text('keep_alive = "10m"\n[model."all-minilm-l6-v2:q4_0"]\nthreads = 1\nquery_prefix = "q: "\n')
+    s = config.load(tmp_path)
+    assert s["keep_alive"] == "10m" and s["model"]["all-minilm-l6-v2:q4_0"] == {"threads": 1, "query_prefix": "q: "}
+    (tmp_path / "config.toml").write_text('[model."all-minilm-l6-v2:q4_0"]\ncolour = 1\n')
+    with pytest.raises(config.ConfigError, match="unknown setting 'colour'"):
+        config.load(tmp_path)
+    (tmp_path / "config.toml").write_text('[model."all-minilm-l6-v2:q4_0"]\nthreads = "two"\n')
+    with pytest.raises(config.ConfigError, match="threads must be int"):
+        config.load(tmp_path)

@@ -1,0 +1,174 @@
+"""Model management through the real daemon: two models, unload, eviction, keep_alive, corrupt files."""
+
+import asyncio
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from daemon_proc import DaemonProcess
+from pocketembed.daemon.models import parse_keep_alive
+from pocketembed.errors import InvalidInput
+from pocketembed.ipc import AsyncClient, ModelError
+
+Q8, Q4 = "all-minilm-l6-v2:q8_0", "all-minilm-l6-v2:q4_0"
+SMS = ["Ok lar... Joking wif u oni...", "Free entry in 2 a wkly comp to win FA Cup final tkts",
+       "U dun say so early hor... U c already then say...", "Nah I don't think he goes to usf"]
+
+
+def loaded(client) -> set[str]:
+    return {m["name"] for m in client.models() if m["loaded"]}
+
+
+def test_keep_alive_parsing():
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400 and parse_keep_alive("90s") == 90
+    assert parse_keep_alive(0) == 0 and parse_keep_alive(-1) < 0 and parse_keep_alive("-1") < 0 and parse_keep_alive("45") == 45
+    for bad in ("soon", "5 minutes", True, None, [1]):
+        with pytest.raises(InvalidInput):
+            parse_keep_alive(bad)
+
+
+@pytest.fixture(scope="module")
+def daemon(home, tmp_path_factory):
+    d = DaemonProcess(home, tmp_path_factory.mktemp("models") / "pe.sock", "--model", Q8, "--model", Q4).wait_ready()
+    yield d
+    assert d.stop() == 0
+
+
+def test_two_models_at_once(daemon, engines):
+    with daemon.client() as c:
+        assert loaded(c) >= {Q8, Q4}
+        a = c.embed(SMS, model=Q8)
+        b = c.embed(SMS, model=Q4)
+        assert np.array_equal(a, engines["q8_0"].embed(SMS)) and np.array_equal(b, engines["q4_0"].embed(SMS))
+        stats = c.stats()
+    assert {Q8, Q4} <= set(stats["models"]) and stats["memory"]["used_bytes"] > 40e6
+
+
+def test_unload_while_requests_are_queued(daemon, engines):
+    texts = [f"message number {i} about dinner plans and the weather" for i in range(200)]
+
+    async def main():
+        async with AsyncClient(daemon.endpoint, timeout=300) as c:
+            queued = [asyncio.create_task(c.embed(texts[i:i + 20], model=Q4)) for i in range(0, 200, 20)]
+            await asyncio.sleep(0.1)
+            unload = asyncio.create_task(c.call("models.unload", {"model": Q4}, timeout=300))
+            await asyncio.sleep(0.05)
+            late = await asyncio.gather(c.embed(["too late"], model=Q4), return_exceptions=True)
+            results = await asyncio.gather(*queued, return_exceptions=True)
+            return await unload, late[0], results
+
+    unloaded, late, results = asyncio.run(main())
+    assert unloaded == {"model": Q4, "loaded": False}
+    # every request queued before the unload was answered with its vectors
+    assert all(isinstance(r, np.ndarray) and r.shape == (20, 384) for r in results), results
+    assert np.allclose(np.vstack(results), engines["q4_0"].embed(texts), atol=2e-3)
+    # a request that arrived while it drained got a clear error (or, if the unload
+    # had already finished, was served by an on-demand reload)
+    assert isinstance(late, np.ndarray) or (isinstance(late, ModelError) and late.code == "model_unloading")
+    with daemon.client() as c:
+        c.embed(["back again"], model=Q4)  # on-demand reload after the unload
+        assert Q4 in loaded(c)
+
+
+def test_models_load_and_unload_from_the_cli(daemon, home):
+    sock = str(daemon.socket_path)
+    r = run_cli("models", "unload", Q4, "--socket", sock, home=home)
+    assert r.returncode == 0 and "unloaded" in r.stdout
+    r = run_cli("models", "unload", Q4, "--socket", sock, home=home)
+    assert r.returncode == 1 and "error[model_not_loaded]" in r.stderr
+    r = run_cli("models", "load", Q4, "--keep-alive", "-1", "--socket", sock, home=home)
+    assert r.returncode == 0 and "loaded" in r.stdout and "forever" in r.stdout
+
+
+def test_keep_alive_zero_unloads_after_the_request(daemon):
+    with daemon.client() as c:
+        c.embed(["short lived"], model=Q4, keep_alive=0)
+        deadline = time.monotonic() + 10
+        while Q4 in loaded(c) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Q4 not in loaded(c)
+        c.load(Q4, keep_alive="1s")
+        assert Q4 in loaded(c)
+        time.sleep(2.5)
+        assert Q4 not in loaded(c)
+        assert Q8 in loaded(c)  # the other model kept its own keep_alive
+
+
+def test_bad_keep_alive_is_invalid_input(daemon):
+    with daemon.client() as c:
+        with pytest.raises(Exception) as e:
+            c.embed(["x"], keep_alive="whenever")
+    assert e.value.code == "invalid_input"
+
+
+def test_eviction_under_a_small_budget(home, tmp_path):
+    # q8_0 needs ~41 MB and q4_0 ~34 MB by the registry's estimate: a 60 MB budget holds one.
+    d = DaemonProcess(home, tmp_path / "pe.sock", "--model", Q8, "--memory-budget-mb", "60").wait_ready()
+    try:
+        with d.client() as c:
+            assert loaded(c) == {Q8}
+            c.embed(SMS, model=Q4)  # loads q4_0 on demand, evicting the idle q8_0
+            assert loaded(c) == {Q4}
+            c.embed(SMS, model=Q8)
+            assert loaded(c) == {Q8}
+    finally:
+        assert d.stop() == 0
+    d = DaemonProcess(home, tmp_path / "pe2.sock", "--model", Q8, "--memory-budget-mb", "30").wait_ready()
+    try:
+        with d.client() as c:
+            assert loaded(c) == set()  # q8_0 does not fit at all; the daemon still runs
+            for name in (Q8, Q4):
+                with pytest.raises(ModelError) as e:
+                    c.load(name)
+                assert e.value.code == "memory_budget" and "memory budget is 31 MB" in e.value.message
+            assert c.ping()["pong"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_corrupt_model_is_refused_and_the_daemon_keeps_serving(home, tmp_path, engines):
+    # A private data directory holding a good q8_0 and a damaged q4_0.
+    root = tmp_path / "home"
+    shutil.copytree(home / "models", root / "models")
+    q4 = next((root / "models").glob("*q4_0*.gguf"))
+    with open(q4, "r+b") as f:
+        f.seek(os.path.getsize(q4) // 2)
+        f.write(b"\0" * 4096)
+    d = DaemonProcess(root, tmp_path / "pe.sock", "--model", Q8).wait_ready()
+    try:
+        with d.client() as c:
+            for attempt in (lambda: c.load(Q4), lambda: c.embed(SMS, model=Q4)):
+                with pytest.raises(ModelError) as e:
+                    attempt()
+                assert e.value.code == "model_corrupt" and "sha256" in e.value.message
+            assert np.array_equal(c.embed(SMS, model=Q8), engines["q8_0"].embed(SMS))
+            q4.unlink()
+            with pytest.raises(ModelError) as e:
+                c.load(Q4)
+            assert e.value.code == "model_not_prepared"
+            assert loaded(c) == {Q8}
+    finally:
+        assert d.stop() == 0
+
+
+def test_on_demand_off_and_per_model_settings(home, tmp_path, engines):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[model."{Q4}"]\nquery_prefix = "search_query: "\nthreads = 1\nkeep_alive = -1\n')
+    d = DaemonProcess(home, tmp_path / "pe.sock", "--model", Q8, "--no-on-demand", "--config", str(cfg)).wait_ready()
+    try:
+        with d.client() as c:
+            with pytest.raises(ModelError) as e:
+                c.embed(SMS, model=Q4)
+            assert e.value.code == "model_not_loaded" and "pocketembed models load" in e.value.message
+            c.load(Q4)
+            info = {m["name"]: m for m in c.models()}[Q4]
+            assert info["keep_alive_s"] < 0 and info["expires_in_s"] is None
+            got = c.embed(SMS, model=Q4, input_type="query")
+            assert np.array_equal(got, engines["q4_0"].embed(["search_query: " + t for t in SMS]))
+            assert np.array_equal(c.embed(SMS, model=Q4, input_type="document"), engines["q4_0"].embed(SMS))
+    finally:
+        assert d.stop() == 0
