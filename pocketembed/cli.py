@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", help="Unix socket path (default $POCKETEMBED_SOCKET or a private runtime dir)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback only unless --allow-remote)")
     serve.add_argument("--allow-remote", action="store_true", default=None, help="allow a non-loopback --tcp address")
-    serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default)")
+    serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default; 'none' for none)")
     serve.add_argument("--threads", type=int, help="llama.cpp threads per model (default: physical cores)")
     serve.add_argument("--workers", type=int, help="decode workers, each on its own llama context (default 2)")
     serve.add_argument("--keep-alive", help="idle time before a model unloads: seconds or 30s/5m/1h, 0, -1 = never (default 5m)")
@@ -264,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         home=root,
         tcp=settings.get("tcp"),
         allow_remote=bool(settings.get("allow_remote", False)),
-        preload=list(settings.get("models") or [DEFAULT_MODEL]),
+        preload=[m for m in settings.get("models") or [DEFAULT_MODEL] if m != "none"],
         threads=settings.get("threads"),
         scheduler=scheduler_config(settings),
         on_demand=bool(settings.get("on_demand", True)),
