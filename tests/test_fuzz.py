@@ -15,7 +15,8 @@ from daemon_proc import DaemonProcess
 from pocketembed.ipc import protocol as P
 
 STABLE = {P.BAD_FRAME, P.BAD_VERSION, P.UNKNOWN_OP, P.INVALID_ARGS, P.TOO_LARGE, P.EMPTY_TEXT,
-          P.TEXT_TOO_LONG, P.UNKNOWN_MODEL, P.MODEL_NOT_PREPARED, P.MODEL_NOT_LOADED}
+          P.TEXT_TOO_LONG, P.UNKNOWN_MODEL, P.MODEL_NOT_PREPARED, P.MODEL_NOT_LOADED, P.MODEL_UNLOADING,
+          P.MEMORY_BUDGET, P.TIMEOUT}
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
@@ -31,6 +32,8 @@ embed_args = st.fixed_dictionaries({}, optional={
     "normalize": values, "truncate": values,
     "priority": st.one_of(st.sampled_from(["interactive", "background", "urgent"]), values),
     "timeout_ms": st.one_of(st.integers(-5, 100), st.floats(allow_nan=True), values),
+    "keep_alive": st.one_of(st.sampled_from(["5m", "-1", "soon", "1h30m", ""]), st.integers(-5, 600), values),
+    "input_type": st.one_of(st.sampled_from(["query", "document", "other"]), values),
 })
 envelopes = st.fixed_dictionaries({}, optional={
     "v": st.one_of(st.just(1), values), "id": st.one_of(st.integers(0, 10**6), st.text(max_size=8), values),
