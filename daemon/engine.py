@@ -7,7 +7,7 @@ rather than the high-level ``Llama`` class, for reasons measured on MiniLM:
   sentence-transformers keeps it, so vectors of long texts drifted.
 * We fill the ``llama_batch`` from numpy arrays we own (one slice assignment per
   text) instead of one ctypes call per token.
-* The scheduler (a later layer) forms batches across requests itself and only
+* The scheduler (daemon/scheduler.py) forms batches across requests itself and only
   needs "encode these token lists"; the engine exposes exactly that.
 
 Parallelism: a small model on few cores spends a real share of each decode in

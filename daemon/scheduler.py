@@ -188,10 +188,6 @@ class Scheduler:
             t.join(timeout)
         self._threads.clear()
 
-    def pending(self) -> int:
-        with self._cv:
-            return sum(len(s.tasks) for s in self._lanes.values())
-
     # -- the I/O thread's side ---------------------------------------------------------
 
     def submit(self, task: EmbedTask, max_tokens: int = 512) -> None:
@@ -251,7 +247,7 @@ class Scheduler:
                     self._cv.notify()
             kind, lane, payload = job
             if kind == "expire":
-                self._finish(payload, None, Expired("the request's deadline passed before it was run"))
+                self._reply_expired(lane, payload)
             elif kind == "tokenize":
                 self._tokenize(lane, payload)
             else:
@@ -482,13 +478,12 @@ class Scheduler:
         finally:
             self.engines.unhold(task.model)
 
-    def _finish(self, task: EmbedTask, vecs: np.ndarray | None, error: PocketEmbedError | None) -> None:
-        """For tasks already dropped from their lane (expired)."""
-        lane = self._lanes[task.lane]
+    def _reply_expired(self, lane: _LaneState, task: EmbedTask) -> None:
+        """Answer a task ``_next_job`` already dropped because its deadline passed."""
         with self._cv:
             lane.expired += 1
         try:
-            task.on_done(task, vecs, error)
+            task.on_done(task, None, Expired("the request's deadline passed before it was run"))
         finally:
             self.engines.unhold(task.model)
 
