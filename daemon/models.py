@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from pocketembed import paths
-from pocketembed.errors import InvalidInput, PocketEmbedError
+from pocketembed.errors import InvalidInput, ModelNotLoaded, ModelUnloading, OverBudget
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
@@ -41,18 +41,6 @@ def open_engine(name: str | None, root: Path | None = None, **overrides: object)
     root = root or paths.home()
     path = manifest.verify(root, spec)
     return spec, Engine(path, engine_config(spec, **overrides), quantized=spec.quantized)
-
-
-class ModelNotLoaded(PocketEmbedError):
-    code = "model_not_loaded"
-
-
-class ModelUnloading(PocketEmbedError):
-    code = "model_unloading"
-
-
-class OverBudget(PocketEmbedError):
-    code = "memory_budget"
 
 
 CONTEXT_OVERHEAD = 8 << 20

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pocketembed.errors import InvalidInput, PocketEmbedError
+from pocketembed.errors import Busy, Expired, InvalidInput, PocketEmbedError, ShuttingDown, TooLarge
 
 from .engine import Engine, postprocess
 
@@ -43,28 +43,6 @@ log = logging.getLogger("pocketembed.scheduler")
 INTERACTIVE = "interactive"
 BACKGROUND = "background"
 LANES = (INTERACTIVE, BACKGROUND)
-
-
-class Busy(PocketEmbedError):
-    """The lane is full; ``retry_after_ms`` estimates when it will have room."""
-
-    code = "busy"
-
-    def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
-
-
-class TooLarge(PocketEmbedError):
-    code = "too_large"
-
-
-class Expired(PocketEmbedError):
-    code = "timeout"
-
-
-class ShuttingDown(PocketEmbedError):
-    code = "shutting_down"
 
 
 class EngineSource(Protocol):

@@ -32,13 +32,13 @@ import psutil
 import zmq
 
 from pocketembed import __version__
-from pocketembed.errors import PocketEmbedError
+from pocketembed.errors import Busy, PocketEmbedError
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
-from .scheduler import INTERACTIVE, LANES, Busy, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
+from .scheduler import INTERACTIVE, LANES, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
 

@@ -61,3 +61,46 @@ class UnsupportedBuild(PocketEmbedError):
 
 class PrepareError(PocketEmbedError):
     code = "prepare_failed"
+
+
+# -- the daemon's own failures -----------------------------------------------------
+
+
+class Busy(PocketEmbedError):
+    """A scheduler lane is full; ``retry_after_ms`` estimates when it will have room."""
+
+    code = "busy"
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class TooLarge(PocketEmbedError):
+    code = "too_large"
+
+
+class Expired(PocketEmbedError):
+    """The request's deadline passed before it ran; it was not computed."""
+
+    code = "timeout"
+
+
+class ShuttingDown(PocketEmbedError):
+    code = "shutting_down"
+
+
+class ModelNotLoaded(PocketEmbedError):
+    code = "model_not_loaded"
+
+
+class ModelUnloading(PocketEmbedError):
+    """The model is being unloaded on purpose."""
+
+    code = "model_unloading"
+
+
+class OverBudget(PocketEmbedError):
+    """Loading the model would exceed the memory budget even after evictions."""
+
+    code = "memory_budget"

@@ -28,8 +28,9 @@ from pocketembed.daemon.models import open_engine  # noqa: E402
 from pocketembed.ipc import Client, DaemonError  # noqa: E402
 
 
-def start_daemon(sock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(sock)],
+def start_daemon(sock: Path, *extra: str) -> subprocess.Popen:
+    """`pocketembed serve` on ``sock`` (plus ``extra`` flags), once it answers a ping."""
+    proc = subprocess.Popen([sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(sock), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -14,33 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ipc import start_daemon  # noqa: E402
 from sms import load_sms  # noqa: E402
 
 from pocketembed.daemon.models import open_engine  # noqa: E402
-from pocketembed.ipc import Client, DaemonError  # noqa: E402
-
-
-def start_daemon(sock: Path) -> subprocess.Popen:
-    # keep_alive -1: only this script's unloads free the model.
-    proc = subprocess.Popen([sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(sock), "--model", "none",
-                             "--keep-alive", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with Client(f"ipc://{sock}", timeout=1) as c:
-                c.ping()
-            return proc
-        except DaemonError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"daemon did not start: {proc.stderr.read()}")
+from pocketembed.ipc import Client  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +37,8 @@ def main() -> None:
     rss, load_ms, wall_ms = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "pe.sock"
-        proc = start_daemon(sock)
+        # keep_alive -1: only this script's unloads free the model.
+        proc = start_daemon(sock, "--model", "none", "--keep-alive", "-1")
         try:
             with Client(f"ipc://{sock}", timeout=120) as c:
                 for i in range(args.cycles):

@@ -1,7 +1,6 @@
 """The scheduler seen through the real socket: merging, lanes, backpressure, deadlines."""
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -29,26 +28,32 @@ def daemon(home, tmp_path_factory):
     assert d.stop() == 0
 
 
-def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-def test_single_text_requests_from_many_clients_share_decodes(daemon, engines, texts):
-    picks = texts[:96]
+def fan_out(endpoint: str, n_clients: int, batches: list[list[str]]) -> tuple[dict, list, dict]:
+    """Send every batch at once, spread over ``n_clients`` connections; stats before and after."""
 
     async def main():
-        clients = [AsyncClient(daemon.endpoint, timeout=120) for _ in range(4)]
+        clients = [AsyncClient(endpoint, timeout=300) for _ in range(n_clients)]
         try:
             before = await clients[0].stats()
-            # 4 clients x 24 single-text requests, all in flight at once.
-            results = await asyncio.gather(*(clients[i % 4].embed([t], truncate=True) for i, t in enumerate(picks)))
+            results = await asyncio.gather(*(clients[i % n_clients].embed(b, truncate=True) for i, b in enumerate(batches)),
+                                           return_exceptions=True)
             after = await clients[0].stats()
         finally:
             for c in clients:
                 await c.close()
         return before, results, after
 
-    before, results, after = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_single_text_requests_from_many_clients_share_decodes(daemon, engines, texts):
+    picks = texts[:96]
+    # 4 clients x 24 single-text requests, all in flight at once.
+    before, results, after = fan_out(daemon.endpoint, 4, [[t] for t in picks])
     got = np.vstack(results)
     want = engines["q8_0"].embed(picks, truncate=True)
     assert got.shape == (96, 384)
@@ -114,20 +119,7 @@ def small_daemon(home, tmp_path_factory):
 
 def test_overload_gets_busy_and_accepted_requests_are_whole(small_daemon, engines, texts):
     batches = [texts[i * 4:(i + 1) * 4] for i in range(60)]  # 240 texts against a 40-text queue
-
-    async def main():
-        clients = [AsyncClient(small_daemon.endpoint, timeout=300) for _ in range(3)]
-        try:
-            before = await clients[0].stats()
-            results = await asyncio.gather(*(clients[i % 3].embed(b, truncate=True) for i, b in enumerate(batches)),
-                                           return_exceptions=True)
-            after = await clients[0].stats()
-        finally:
-            for c in clients:
-                await c.close()
-        return before, results, after
-
-    before, results, after = asyncio.run(main())
+    before, results, after = fan_out(small_daemon.endpoint, 3, batches)
     busy = [r for r in results if isinstance(r, Busy)]
     ok = [(i, r) for i, r in enumerate(results) if isinstance(r, np.ndarray)]
     assert len(busy) + len(ok) == len(batches), [r for r in results if not isinstance(r, (Busy, np.ndarray))]
