@@ -203,6 +203,10 @@ class Scheduler:
                 self._last_interactive = time.monotonic()
             self._cv.notify()
 
+    def last_interactive(self) -> float:
+        """time.monotonic() of the last interactive request (the power policy pauses jobs after it)."""
+        return self._last_interactive
+
     def _retry_after_ms(self, lane: _LaneState) -> int:
         rate = self._tokens_per_s() or 2000.0
         return int(min(30_000, max(50, 1000 * lane.tokens / rate)))

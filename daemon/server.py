@@ -37,14 +37,19 @@ from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
+from . import store
+from .jobs import JobQueue, JobRunner, JobSpec, SourceTable
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
+from .power import PowerMonitor, PowerPolicy, sources
 from .scheduler import INTERACTIVE, LANES, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
 
-INLINE_OPS = {"ping", "stats", "models.list"}
+INLINE_OPS = {"ping", "models.list"}
 CONTROL_OPS = {"models.load", "models.unload"}
-KNOWN_OPS = INLINE_OPS | CONTROL_OPS | {"embed"}
+AUX_OPS = {"stats", "jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"}
+"""Ops that touch SQLite or read sensors: off the I/O thread, on their own thread."""
+KNOWN_OPS = INLINE_OPS | CONTROL_OPS | AUX_OPS | {"embed"}
 
 
 class DaemonRunning(PocketEmbedError):
@@ -67,6 +72,10 @@ class ServeConfig:
     memory_budget_bytes: int | None = None
     """None: a quarter of the memory available at start."""
     model_settings: dict[str, ModelSettings] = field(default_factory=dict)
+    power_source: str = "auto"
+    """auto (termux → sysfs → psutil), one of those, or file:PATH (injected readings)."""
+    power_policy: PowerPolicy = field(default_factory=PowerPolicy)
+    job_chunk_rows: int = 128
 
 
 @dataclass
@@ -134,8 +143,17 @@ class Server:
                                     on_demand=config.on_demand, keep_alive=config.keep_alive,
                                     budget_bytes=config.memory_budget_bytes, settings=config.model_settings)
         self.scheduler = Scheduler(self.models, config.scheduler)
+        self.power = PowerMonitor(config.power_policy, sources(config.power_source),
+                                  last_interactive=self.scheduler.last_interactive)
+        db = store.db_path(config.home)
+        self._db = store.connect(db)
+        self.store = store.Store(self._db)
+        self.jobs = JobQueue(self._db)
+        self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
+                                dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows)
         self.ctx = zmq.Context()
         self._control: queue.Queue[_Job | None] = queue.Queue()
+        self._aux: queue.Queue[_Job | None] = queue.Queue()
         self._stop = threading.Event()
         self._inflight = 0
         self._reply_addr = f"inproc://replies-{id(self)}"
@@ -143,6 +161,7 @@ class Server:
         self._push_socks: list[zmq.Socket] = []
         self._push_lock = threading.Lock()
         self._controller: threading.Thread | None = None
+        self._aux_thread: threading.Thread | None = None
         self._pull: zmq.Socket | None = None
         self.router: zmq.Socket | None = None
         self._bound_path: Path | None = None
@@ -191,8 +210,11 @@ class Server:
         """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up."""
         self.scheduler.start()
         self.models.start()
-        self._controller = threading.Thread(target=self._control_loop, name="pe-control", daemon=True)
+        self._controller = threading.Thread(target=self._offload_loop, args=(self._control,), name="pe-control", daemon=True)
         self._controller.start()
+        self._aux_thread = threading.Thread(target=self._offload_loop, args=(self._aux,), name="pe-aux", daemon=True)
+        self._aux_thread.start()
+        self.runner.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
@@ -216,12 +238,15 @@ class Server:
         self._stop.set()
 
     def _shutdown(self) -> None:
+        self.runner.stop()  # commits the chunks in flight, so the scheduler must still run
         self.scheduler.stop()
-        self._control.put(None)
-        if self._controller:
-            self._controller.join(timeout=30)
+        for q, t in ((self._control, self._controller), (self._aux, self._aux_thread)):
+            q.put(None)
+            if t:
+                t.join(timeout=30)
         self._drain_replies()
         self.models.close()
+        self._db.close()
         self._close_sockets()
         log.info("stopped")
 
@@ -266,10 +291,10 @@ class Server:
             elif req.op == "embed":
                 self._validate(req)
                 self._submit_embed(identity, req, started)
-            elif req.op in CONTROL_OPS:
+            elif req.op in CONTROL_OPS or req.op in AUX_OPS:
                 self._validate(req)
                 self._inflight += 1
-                self._control.put(_Job(identity, req, started))
+                (self._control if req.op in CONTROL_OPS else self._aux).put(_Job(identity, req, started))
             else:
                 raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(sorted(KNOWN_OPS))}")
         except P.ProtocolError as e:
@@ -324,17 +349,20 @@ class Server:
     def _inline(self, req: P.Request) -> Any:
         if req.op == "ping":
             return {"pong": True, "version": __version__, "protocol": P.VERSION}
-        if req.op == "stats":
-            snap = self.stats.snapshot()
-            sched = self.scheduler.stats()
-            snap["loaded_models"] = self.models.loaded()
-            snap["models"] = self.models.describe()
-            snap["memory"] = self.models.memory()
-            snap["rss_bytes"] = psutil.Process().memory_info().rss
-            snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
-            snap["scheduler"] = sched
-            return snap
         return self._models_list()
+
+    def _stats(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        sched = self.scheduler.stats()
+        snap["loaded_models"] = self.models.loaded()
+        snap["models"] = self.models.describe()
+        snap["memory"] = self.models.memory()
+        snap["rss_bytes"] = psutil.Process().memory_info().rss
+        snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
+        snap["scheduler"] = sched
+        snap["power"] = self.power.status()
+        snap["jobs"] = [j for j in self.jobs.list(limit=20) if j["state"] not in ("done", "failed", "cancelled")]
+        return snap
 
     def _models_list(self) -> list[dict[str, Any]]:
         data = manifest.load(self.config.home)
@@ -378,7 +406,21 @@ class Server:
             t = a.get("timeout_ms")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86_400_000):
                 raise P.ProtocolError(P.INVALID_ARGS, "timeout_ms must be a positive number of milliseconds")
-        else:
+        elif req.op == "jobs.submit":
+            for key in ("db", "table", "id_column", "text_column"):
+                if not isinstance(a.get(key), str) or not a[key]:
+                    raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be a non-empty string")
+            if not os.path.isabs(a["db"]):
+                raise P.ProtocolError(P.INVALID_ARGS, "db must be an absolute path (the daemon has its own working directory)")
+            for key in ("where", "collection", "model"):
+                _opt(a, key, str)
+            _opt(a, "truncate", bool)
+        elif req.op in ("jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"):
+            if isinstance(a.get("job"), bool) or not isinstance(a.get("job"), int):
+                raise P.ProtocolError(P.INVALID_ARGS, "job must be an integer job id")
+        elif req.op == "jobs.list":
+            _opt(a, "limit", int)
+        elif req.op in CONTROL_OPS:
             if not isinstance(a.get("model"), str):
                 raise P.ProtocolError(P.INVALID_ARGS, "model must be a string")
         _keep_alive(a)
@@ -402,12 +444,12 @@ class Server:
         self.stats.record(req.op, error is None, started)
         self._push(identity, reply)
 
-    def _control_loop(self) -> None:
-        """models.load / models.unload, one at a time, off the I/O thread."""
-        while (job := self._control.get()) is not None:
+    def _offload_loop(self, jobs: queue.Queue[_Job | None]) -> None:
+        """Ops that may take a while (model loads, SQLite, sensors), one at a time, off the I/O thread."""
+        while (job := jobs.get()) is not None:
             ok = True
             try:
-                reply = P.ok_reply(job.req.id, self._run_control(job.req))
+                reply = P.ok_reply(job.req.id, self._run_offloaded(job.req))
             except (PocketEmbedError, P.ProtocolError) as e:
                 ok = False
                 reply = P.error_reply(job.req.id, e.code, e.message)
@@ -418,13 +460,43 @@ class Server:
             self.stats.record(job.req.op, ok, job.received)
             self._push(job.identity, reply)
 
-    def _run_control(self, req: P.Request) -> Any:
-        name = get(req.args["model"]).name
+    def _run_offloaded(self, req: P.Request) -> Any:
+        a = req.args
+        if req.op == "stats":
+            return self._stats()
+        if req.op == "jobs.submit":
+            return self._submit_job(a)
+        if req.op == "jobs.list":
+            return self.jobs.list(limit=a.get("limit") or 50)
+        if req.op == "jobs.status":
+            return {**self.jobs.get(a["job"]), "errors": self.jobs.errors(a["job"])}
+        if req.op.startswith("jobs."):
+            job = self.jobs.control(a["job"], req.op.split(".", 1)[1])
+            self.runner.kick()
+            return job
+        name = get(a["model"]).name
         if req.op == "models.load":
             newly = self.models.load(name, keep_alive=_keep_alive(req.args))
             return {"model": name, "loaded": True, "newly_loaded": newly, **self.models.describe().get(name, {})}
         self.models.unload(name)
         return {"model": name, "loaded": False}
+
+
+    def _submit_job(self, a: dict[str, Any]) -> dict[str, Any]:
+        spec = JobSpec(db=a["db"], table=a["table"], id_column=a["id_column"], text_column=a["text_column"],
+                       where=a.get("where") or None, collection=a.get("collection") or a["table"],
+                       model=get(a.get("model")).name, truncate=a.get("truncate", True))
+
+        source = SourceTable(spec)
+        try:
+            source.check_unique()
+        finally:
+            source.close()
+        with store.transaction(self._db):
+            self.store.ensure_collection(self._db, spec.collection, spec.model, get(spec.model).dims)
+        job, created = self.jobs.submit(spec)
+        self.runner.kick()
+        return {**job, "created": created}
 
 
 def _keep_alive(args: dict[str, Any]) -> float | None:

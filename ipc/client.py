@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ _BY_CODE: dict[str, type[DaemonError]] = {
     P.MODEL_NOT_LOADED: ModelError, P.MODEL_UNLOADING: ModelError, P.MEMORY_BUDGET: ModelError,
     P.BAD_FRAME: InvalidRequest, P.BAD_VERSION: InvalidRequest, P.UNKNOWN_OP: InvalidRequest,
     P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
-    P.TEXT_TOO_LONG: InvalidRequest,
+    P.TEXT_TOO_LONG: InvalidRequest, P.UNKNOWN_JOB: InvalidRequest, P.INVALID_STATE: InvalidRequest,
+    P.BAD_SOURCE: InvalidRequest, P.UNKNOWN_COLLECTION: InvalidRequest, P.COLLECTION_MISMATCH: InvalidRequest,
 }
 
 
@@ -159,6 +161,37 @@ class Client:
         args = _embed_args(texts, model, dims, dtype, normalize, truncate, priority, timeout, keep_alive, input_type)
         res = self.call("embed", args, timeout=timeout)
         return P.decode_vectors(res)
+
+    def index_table(self, db: str, table: str, id_column: str, text_column: str, *, where: str | None = None,
+                    collection: str | None = None, model: str | None = None, truncate: bool = True) -> dict[str, Any]:
+        """Queue a background job embedding every row of ``table`` in the SQLite file ``db``.
+
+        ``collection`` defaults to the table's name. Returns the job (its ``id``
+        for :meth:`job`); an identical active job is returned instead of a new one.
+        """
+        args: dict[str, Any] = {"db": os.path.abspath(db), "table": table, "id_column": id_column,
+                                "text_column": text_column, "truncate": truncate}
+        for key, value in (("where", where), ("collection", collection), ("model", model)):
+            if value is not None:
+                args[key] = value
+        return self.call("jobs.submit", args)
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Jobs, newest first."""
+        return self.call("jobs.list", {"limit": limit})
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        """One job's state and progress (rows done/total, rate, ETA) and its first row errors."""
+        return self.call("jobs.status", {"job": job_id})
+
+    def job_pause(self, job_id: int) -> dict[str, Any]:
+        return self.call("jobs.pause", {"job": job_id})
+
+    def job_resume(self, job_id: int) -> dict[str, Any]:
+        return self.call("jobs.resume", {"job": job_id})
+
+    def job_cancel(self, job_id: int) -> dict[str, Any]:
+        return self.call("jobs.cancel", {"job": job_id})
 
     def close(self) -> None:
         self._sock.close(linger=0)

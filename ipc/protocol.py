@@ -36,6 +36,11 @@ MEMORY_BUDGET = "memory_budget"      # loading it would exceed the memory budget
 BUSY = "busy"
 TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"
+UNKNOWN_JOB = "unknown_job"
+INVALID_STATE = "invalid_state"      # e.g. resume a job that is not paused
+BAD_SOURCE = "bad_source"            # an index job's database/table/columns/where cannot be read
+UNKNOWN_COLLECTION = "unknown_collection"
+COLLECTION_MISMATCH = "collection_mismatch"  # a collection is bound to one model and dims
 INTERNAL = "internal"
 
 DTYPES = ("float32", "int8", "binary")

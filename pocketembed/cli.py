@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget-mb", type=int, help="memory for loaded models (default: 1/4 of the memory available at start)")
     serve.add_argument("--no-on-demand", dest="on_demand", action="store_false", default=None,
                        help="do not load models on their first request; they must be loaded with `models load`")
+    serve.add_argument("--power-source", help="battery/CPU readings: auto (termux, sysfs, psutil), one of those, or file:PATH")
     serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
     serve.set_defaults(func=cmd_serve)
 
@@ -130,6 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+
+    idx = sub.add_parser(
+        "index", help="embed every row of a SQLite table in the background (a job in the daemon)",
+        description="Queue a job in the running daemon that embeds every row of TABLE in the SQLite file DB into a "
+        "collection. The job runs in the background lane while the power policy allows (charging, or idle on a "
+        "full battery), survives restarts, and on a re-run embeds only new or changed rows and drops deleted ones.")
+    idx.add_argument("--db", required=True, help="the SQLite database file (read-only; its writer is not locked out)")
+    idx.add_argument("--table", required=True, help="table (or view) to index")
+    idx.add_argument("--id", dest="id_column", required=True, help="unique id column (the primary key, best indexed)")
+    idx.add_argument("--text", dest="text_column", required=True, help="text column; NULL or empty rows are skipped")
+    idx.add_argument("--where", help="SQL condition selecting the rows, e.g. \"date > 1700000000\"")
+    idx.add_argument("--collection", help="collection to write (default: the table's name)")
+    idx.add_argument("--model", help="model name (default: the catalog default)")
+    idx.add_argument("--no-truncate", dest="truncate", action="store_false",
+                     help="record over-long rows as errors instead of embedding their first max_tokens")
+    idx.add_argument("--wait", action="store_true", help="block until the job ends; exit non-zero if it fails")
+    idx.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    idx.set_defaults(func=cmd_index)
+
+    jobs = sub.add_parser("jobs", help="list and control background jobs",
+                          description="Without an action: list the jobs. On a terminal, a progress bar per active job.")
+    jobs.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.set_defaults(func=cmd_jobs, action="list", job=None)
+    jsub = jobs.add_subparsers(title="actions", metavar="ACTION")
+    for action, text in (("list", "list jobs (the default)"), ("status", "one job in detail, with its row errors"),
+                         ("wait", "follow a job until it ends"), ("pause", "pause a job after its current chunk"),
+                         ("resume", "resume a paused or failed job"), ("cancel", "cancel a job")):
+        ap = jsub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        if action != "list":
+            ap.add_argument("job", type=int, metavar="JOB")
+        ap.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+        ap.add_argument("--json", action="store_true", help="print JSON")
+        ap.set_defaults(func=cmd_jobs, action=action)
 
     demo = sub.add_parser("demo", help="embed sample messages and print a similarity table",
                           description="The quick check that everything works: embeds a few sample SMS and queries.")
@@ -250,6 +285,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pocketembed import config
     from pocketembed.daemon.models import parse_keep_alive
+    from pocketembed.daemon.power import policy_from_settings
     from pocketembed.daemon.server import ServeConfig, model_settings, run, scheduler_config
     from pocketembed.gguf_models.catalog import DEFAULT_MODEL
 
@@ -257,7 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(root, args.config, {"socket": args.socket, "tcp": args.tcp, "allow_remote": args.allow_remote,
                                                 "models": args.models, "threads": args.threads,
                                                 "workers": args.workers, "keep_alive": args.keep_alive,
-                                                "memory_budget_mb": args.memory_budget_mb, "on_demand": args.on_demand})
+                                                "memory_budget_mb": args.memory_budget_mb, "on_demand": args.on_demand,
+                                                "power_source": args.power_source})
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cfg = ServeConfig(
         socket_path=paths.socket_path(settings.get("socket")),
@@ -271,6 +308,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keep_alive=parse_keep_alive(settings.get("keep_alive", 300)),
         memory_budget_bytes=settings["memory_budget_mb"] << 20 if settings.get("memory_budget_mb") else None,
         model_settings=model_settings(settings.get("model", {})),
+        power_source=settings.get("power_source") or "auto",
+        power_policy=policy_from_settings(settings),
+        job_chunk_rows=settings.get("job_chunk_rows") or 128,
     )
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
@@ -317,7 +357,112 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"daemon on {paths.endpoint(args.socket)}: up {stats['uptime_s']:.0f} s, {stats['requests']} requests, "
           f"{stats['errors']} errors, RSS {stats['rss_bytes'] / 1e6:.0f} MB")
     print(f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; loaded: {', '.join(stats['loaded_models']) or 'none'}")
+    pw = stats.get("power") or {}
+    if pw:
+        battery = "no battery" if pw["battery_percent"] is None else \
+            f"battery {pw['battery_percent']:.0f}% {'plugged in' if pw['plugged'] else 'on battery'}"
+        cpu = "?" if pw["cpu_busy_percent"] is None else f"{pw['cpu_busy_percent']:.0f}%"
+        print(f"power: {battery}, CPU (others) {cpu}, source {pw['source']}")
+        print(f"background work: {'allowed' if pw['allowed'] else 'paused'} ({pw['reason']})")
+    for job in stats.get("jobs") or []:
+        print(_job_line(job))
     return 0
+
+
+# -- jobs ---------------------------------------------------------------------------
+
+
+def _job_line(job: dict, bar: bool = False) -> str:
+    total, done = job.get("total") or 0, job["scanned"]
+    pct = f"{100 * job['progress']:5.1f}%"
+    progress = f"{done}/{total} rows" if total else f"{done} rows"
+    if bar:
+        width = 24
+        filled = int(width * min(1.0, job["progress"]))
+        progress = f"[{'#' * filled}{'.' * (width - filled)}] {progress}"
+    extra = []
+    if job.get("rate_rows_s"):
+        extra.append(f"{job['rate_rows_s']:.0f} rows/s")
+    if job.get("eta_s") is not None:
+        extra.append(f"ETA {_duration(job['eta_s'])}")
+    if job["skipped"] or job["failed"]:
+        extra.append(f"{job['skipped']} skipped, {job['failed']} failed")
+    why = job.get("error") or job.get("reason")
+    return (f"job {job['id']} {job['state']:<9} {pct} {progress}  {job['table']} → {job['collection']}"
+            + (f"  {', '.join(extra)}" if extra else "") + (f"  ({why})" if why else ""))
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _follow(client, job_id: int) -> dict:
+    """Poll a job until it ends; a live progress bar on a terminal, a line per state change otherwise."""
+    import time
+
+    tty = sys.stderr.isatty()
+    last = None
+    while True:
+        job = client.job(job_id)
+        line = _job_line(job, bar=True)
+        if tty:
+            sys.stderr.write("\r\033[K" + line[: os.get_terminal_size(sys.stderr.fileno()).columns - 1])
+            sys.stderr.flush()
+        elif (job["state"], job.get("reason")) != last:
+            print(line, file=sys.stderr, flush=True)
+            last = (job["state"], job.get("reason"))
+        if job["state"] in ("done", "failed", "cancelled"):
+            if tty:
+                sys.stderr.write("\n")
+            return job
+        time.sleep(0.5)
+
+
+def _finished(job: dict) -> int:
+    print(f"job {job['id']} {job['state']}: {job['scanned']} rows, {job['embedded']} embedded, {job['unchanged']} "
+          f"unchanged, {job['skipped']} skipped, {job['failed']} failed, {job['deleted']} deleted")
+    if job["state"] != "done":
+        raise PocketEmbedError(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job.get("error") else ""),
+                               code=f"job_{job['state']}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    def run(client):
+        job = client.index_table(args.db, args.table, args.id_column, args.text_column, where=args.where,
+                                 collection=args.collection, model=args.model, truncate=args.truncate)
+        verb = "queued" if job.get("created") else "already queued as"
+        print(f"{verb} job {job['id']}: {job['table']} → collection {job['collection']} ({job['model']})",
+              file=sys.stderr if args.wait else sys.stdout)
+        return _finished(_follow(client, job["id"])) if args.wait else 0
+
+    return _ask_daemon(args.socket, run)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    def run(client):
+        if args.action == "list":
+            jobs = client.jobs()
+            if args.json:
+                print(json.dumps(jobs, indent=2))
+            elif not jobs:
+                print("no jobs")
+            for job in [] if args.json else jobs:
+                print(_job_line(job, bar=sys.stdout.isatty() and job["state"] not in ("done", "failed", "cancelled")))
+            return 0
+        if args.action == "wait":
+            return _finished(_follow(client, args.job))
+        job = client.job(args.job) if args.action == "status" else getattr(client, f"job_{args.action}")(args.job)
+        if args.json:
+            print(json.dumps(job, indent=2))
+            return 0
+        print(_job_line(job))
+        for err in job.get("errors") or []:
+            print(f"  row {err['id']!r}: error[{err['code']}] {err['message']}")
+        return 0
+
+    return _ask_daemon(args.socket, run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -18,6 +18,20 @@ present. Keys (all optional)::
     on_demand = true              # load a prepared model on its first request; POCKETEMBED_ON_DEMAND
     keep_alive = "5m"             # idle time before a model unloads (0: at once, -1: never); POCKETEMBED_KEEP_ALIVE
     memory_budget_mb = 512        # default: a quarter of the memory available at start; POCKETEMBED_MEMORY_BUDGET_MB
+    job_chunk_rows = 128          # rows per committed chunk of an index job; POCKETEMBED_JOB_CHUNK_ROWS
+
+    # The power policy for background jobs (POCKETEMBED_POWER_SOURCE, POCKETEMBED_POWER_BATTERY_MIN, ...)
+    power_source = "auto"         # termux → sysfs → psutil; or one of them; or "file:/path.json" (injected readings)
+    power_on_charger = true       # run whenever plugged in ...
+    power_battery_floor = 20      # ... but never below this charge
+    power_battery_min = 80        # on battery: at least this charge ...
+    power_idle_cpu_percent = 25   # ... and other processes' CPU load under this ...
+    power_idle_s = 60             # ... for this long
+    power_battery_hysteresis = 5  # once running, stop only this far under a threshold
+    power_busy_cpu_percent = 60   # once running on battery, stop above this CPU load
+    power_settle_s = 5            # a change to "allowed" must hold this long
+    power_interactive_pause_s = 2 # pause background work after interactive traffic
+    power_poll_s = 10             # re-read the sensors at most this often
 
     [model."all-minilm-l6-v2:q4_0"]      # per-model settings, all optional
     threads = 2
@@ -41,7 +55,11 @@ from pocketembed.errors import PocketEmbedError
 KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "threads": int, "workers": int,
         "queue_texts": int, "queue_tokens": int, "background_queue_texts": int, "background_queue_tokens": int,
         "background_batch_tokens": int, "on_demand": bool, "keep_alive": (str, int, float),
-        "memory_budget_mb": int, "model": dict}
+        "memory_budget_mb": int, "model": dict, "job_chunk_rows": int, "power_source": str,
+        "power_on_charger": bool,
+        **{f"power_{k}": (int, float) for k in ("battery_floor", "battery_min", "idle_cpu_percent", "idle_s",
+                                               "battery_hysteresis", "busy_cpu_percent", "settle_s",
+                                               "interactive_pause_s", "poll_s")}}
 ENV = {key: f"POCKETEMBED_{key.upper()}" for key in KEYS if key != "model"}
 MODEL_KEYS = {"threads": int, "batch_tokens": int, "max_tokens": int, "pooling": str, "query_prefix": str,
               "document_prefix": str, "keep_alive": (str, int, float)}
@@ -84,6 +102,11 @@ def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = Non
                 settings[key] = int(raw)
             except ValueError:
                 raise ConfigError(f"{var} must be an integer, got {raw!r}") from None
+        elif KEYS[key] == (int, float):
+            try:
+                settings[key] = float(raw)
+            except ValueError:
+                raise ConfigError(f"{var} must be a number, got {raw!r}") from None
         else:
             settings[key] = raw
     settings.update({k: v for k, v in (flags or {}).items() if v is not None})

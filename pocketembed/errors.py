@@ -104,3 +104,23 @@ class OverBudget(PocketEmbedError):
     """Loading the model would exceed the memory budget even after evictions."""
 
     code = "memory_budget"
+
+
+class UnknownCollection(PocketEmbedError):
+    code = "unknown_collection"
+
+
+class CollectionMismatch(PocketEmbedError):
+    """A collection is bound to one model and dims; writing another is refused."""
+
+    code = "collection_mismatch"
+
+
+class UnknownJob(PocketEmbedError):
+    code = "unknown_job"
+
+
+class SourceError(PocketEmbedError):
+    """The source database of an index job cannot be read as asked."""
+
+    code = "bad_source"

@@ -1,0 +1,480 @@
+"""Persistent background re-indexing of a caller's SQLite table.
+
+A job says "embed every row of table T in database D into collection C". It
+lives in the ``jobs`` table of the daemon's index database, next to the store,
+and one runner thread works through the jobs in order:
+
+* it reads the source in keyset chunks (``id > cursor ORDER BY id``) on a
+  read-only connection, one short read transaction per chunk, so the app that
+  owns the database keeps writing;
+* it embeds each chunk in the scheduler's background lane, and only while the
+  power monitor allows it;
+* it writes the chunk's vectors, marks the rows seen and advances the cursor
+  and counters in **one** transaction: a kill -9 at any moment resumes from the
+  last commit with no row missing and none done twice;
+* a re-run skips rows whose text hash is unchanged, and when the scan is over
+  deletes the collection's rows (of this source) that it did not see.
+
+Rows with NULL or empty text are skipped (counted, not failed); a row that
+cannot be embedded is recorded in ``job_errors`` and the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import sqlite_utils
+
+from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError, UnknownJob
+
+from .power import PowerMonitor
+from .scheduler import BACKGROUND, EmbedTask, Scheduler
+from .store import Item, Store, connect, text_hash, transaction
+
+log = logging.getLogger("pocketembed.jobs")
+
+ACTIVE = ("queued", "running", "waiting")
+FINISHED = ("done", "failed", "cancelled")
+STATES = (*ACTIVE, "paused", *FINISHED)
+MAX_TEXT_CHARS = 65_536
+"""Longer texts are cut to this before tokenizing (with truncate) or refused: a row cannot stall the runner."""
+ROW_ERRORS = {"too_large", "text_too_long", "invalid_input", "empty_text", "invalid_args"}
+"""Error codes that belong to one row; any other error stops the job."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    db: str
+    table: str
+    id_column: str
+    text_column: str
+    where: str | None = None
+    collection: str | None = None
+    model: str | None = None
+    truncate: bool = True
+
+    @property
+    def origin(self) -> str:
+        """Names the source rows a sweep may delete: same db, table, id and text columns."""
+        return f"{self.db}|{self.table}|{self.id_column}|{self.text_column}"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class SourceTable:
+    """The caller's table, read-only, in keyset chunks."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        path = Path(spec.db)
+        if not path.is_absolute():
+            raise SourceError(f"db must be an absolute path, got {spec.db!r}")
+        if not path.is_file():
+            raise SourceError(f"no database file at {spec.db}")
+        try:
+            self.conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10,
+                                        isolation_level=None, check_same_thread=False)
+            tables = set(sqlite_utils.Database(self.conn).table_names()) | set(sqlite_utils.Database(self.conn).view_names())
+        except sqlite3.Error as e:
+            raise SourceError(f"cannot read {spec.db} as SQLite: {e}") from None
+        if spec.table not in tables:
+            raise SourceError(f"{spec.db} has no table {spec.table!r}; it has: {', '.join(sorted(tables)) or 'none'}")
+        cols = {c.name for c in sqlite_utils.Database(self.conn)[spec.table].columns}
+        for col in (spec.id_column, spec.text_column):
+            if col not in cols and col != "rowid":
+                raise SourceError(f"table {spec.table!r} has no column {col!r}; it has: {', '.join(sorted(cols))}")
+        self._from = f"FROM {_q(spec.table)} WHERE {_q(spec.id_column)} IS NOT NULL" + (f" AND ({spec.where})" if spec.where else "")
+        try:
+            self.conn.execute(f"SELECT 1 {self._from} LIMIT 0")
+        except sqlite3.Error as e:
+            raise SourceError(f"bad --where {spec.where!r}: {e}") from None
+
+    def check_unique(self) -> None:
+        n, distinct = self._one(f"SELECT COUNT(*), COUNT(DISTINCT {_q(self.spec.id_column)}) {self._from}")
+        if n != distinct:
+            raise SourceError(f"column {self.spec.id_column!r} is not unique in {self.spec.table!r} "
+                              f"({n - distinct} duplicate ids); index by a primary key")
+
+    def count(self) -> int:
+        return self._one(f"SELECT COUNT(*) {self._from}")[0]
+
+    def after(self, cursor: Any, limit: int) -> list[tuple[Any, Any]]:
+        """Up to ``limit`` (id, text) rows with id > cursor, in id order; one short read."""
+        i, t = _q(self.spec.id_column), _q(self.spec.text_column)
+        sql = f"SELECT {i}, {t} {self._from}" + (f" AND {i} > ?" if cursor is not None else "") + f" ORDER BY {i} LIMIT ?"
+        try:
+            return self.conn.execute(sql, (cursor, limit) if cursor is not None else (limit,)).fetchall()
+        except sqlite3.Error as e:
+            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+
+    def _one(self, sql: str) -> tuple[Any, ...]:
+        try:
+            return self.conn.execute(sql).fetchone()
+        except sqlite3.Error as e:
+            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_COUNTERS = ("scanned", "embedded", "unchanged", "skipped", "failed", "deleted")
+
+
+class JobQueue:
+    """The jobs table: submit, list, control. Runner progress goes through ``commit_chunk``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._lock = threading.RLock()  # one connection, shared by the threads that hold this queue
+        db = sqlite_utils.Database(conn)
+        db["jobs"].create({
+            "id": int, "state": str, "reason": str, "error": str,
+            "db": str, "table_name": str, "id_column": str, "text_column": str, "where_sql": str,
+            "collection": str, "model": str, "truncate": int,
+            "created": float, "started": float, "finished": float, "updated": float,
+            "total": int, "cursor": bytes, "phase": str, "active_s": float,
+            **{c: int for c in _COUNTERS},
+        }, pk="id", not_null={"state", "db", "table_name", "id_column", "text_column", "collection", "model"},
+            defaults={"phase": "scan", "active_s": 0.0, **{c: 0 for c in _COUNTERS}}, if_not_exists=True)
+        db["job_errors"].create({"job": int, "row_id": bytes, "code": str, "message": str, "at": float},
+                                pk=("job", "row_id"), foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
+
+    def submit(self, spec: JobSpec) -> tuple[dict[str, Any], bool]:
+        """A new queued job, or the active one for the same source and collection (second value False)."""
+        with self._lock, transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT id FROM jobs WHERE state IN ('queued','running','waiting','paused') AND db = ? AND table_name = ? "
+                "AND id_column = ? AND text_column = ? AND coalesce(where_sql, '') = ? AND collection = ? AND model = ?",
+                (spec.db, spec.table, spec.id_column, spec.text_column, spec.where or "", spec.collection, spec.model),
+            ).fetchone()
+            if row:
+                job_id, created = row[0], False
+            else:
+                now = time.time()
+                job_id = self.conn.execute(
+                    "INSERT INTO jobs (state, db, table_name, id_column, text_column, where_sql, collection, model, "
+                    "truncate, created, updated) VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (spec.db, spec.table, spec.id_column, spec.text_column, spec.where, spec.collection, spec.model,
+                     int(spec.truncate), now, now)).lastrowid
+                created = True
+        return self.get(job_id), created
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        with self._lock:
+            cur = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return _describe(dict(zip([d[0] for d in cur.description], row)))
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self.conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        return [_describe(dict(zip(names, r))) for r in rows]
+
+    def errors(self, job_id: int, limit: int = 20) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.conn.execute("SELECT row_id, code, message FROM job_errors WHERE job = ? ORDER BY at LIMIT ?",
+                                     (job_id, limit)).fetchall()
+        return [{"id": r[0], "code": r[1], "message": r[2]} for r in rows]
+
+    def next_runnable(self) -> dict[str, Any] | None:
+        """The job to work on: one already started first (after a restart), else the oldest queued."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT id FROM jobs WHERE state IN ('running','waiting','queued') "
+                "ORDER BY state = 'queued', id LIMIT 1").fetchone()
+        return self.get(row[0]) if row else None
+
+    def control(self, job_id: int, action: str) -> dict[str, Any]:
+        """pause / resume / cancel; refused with a clear error when the state does not allow it."""
+        allowed = {"pause": (ACTIVE, "paused"), "resume": (("paused", "failed"), "queued"),
+                   "cancel": (("paused", *ACTIVE), "cancelled")}
+        from_states, to = allowed[action]
+        with self._lock, transaction(self.conn):
+            row = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            if row[0] not in from_states:
+                raise PocketEmbedError(f"job {job_id} is {row[0]}; cannot {action} it", code="invalid_state")
+            now = time.time()
+            self.conn.execute("UPDATE jobs SET state = ?, reason = NULL, error = CASE WHEN ? = 'queued' THEN NULL ELSE error END, "
+                              "updated = ?, finished = CASE WHEN ? = 'cancelled' THEN ? ELSE finished END WHERE id = ?",
+                              (to, to, now, to, now, job_id))
+        return self.get(job_id)
+
+    def set_state(self, job_id: int, state: str, reason: str | None = None, error: str | None = None) -> bool:
+        """Runner's state change; only from an active state, so a pause/cancel is never overwritten."""
+        now = time.time()
+        with self._lock:
+            cur = self.conn.execute(
+                "UPDATE jobs SET state = ?, reason = ?, error = coalesce(?, error), updated = ?, "
+                "started = coalesce(started, CASE WHEN ? = 'running' THEN ? END), "
+                "finished = CASE WHEN ? IN ('done','failed') THEN ? ELSE finished END "
+                "WHERE id = ? AND state IN ('queued','running','waiting') AND (state != ? OR coalesce(reason, '') != coalesce(?, ''))",
+                (state, reason, error, now, state, now, state, now, job_id, state, reason))
+        return cur.rowcount > 0
+
+    def state(self, job_id: int) -> str:
+        with self._lock:
+            return self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def _describe(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row as clients see it, with progress, rate and ETA."""
+    total, scanned, active = row["total"], row["scanned"], row["active_s"] or 0.0
+    rate = scanned / active if active > 0 and scanned else None
+    remaining = max(0, (total or 0) - scanned)
+    return {
+        "id": row["id"], "state": row["state"], "reason": row["reason"], "error": row["error"],
+        "db": row["db"], "table": row["table_name"], "id_column": row["id_column"], "text_column": row["text_column"],
+        "where": row["where_sql"], "collection": row["collection"], "model": row["model"], "truncate": bool(row["truncate"]),
+        "created": row["created"], "started": row["started"], "finished": row["finished"], "updated": row["updated"],
+        "phase": row["phase"], "total": total, **{c: row[c] for c in _COUNTERS},
+        "progress": (scanned / total if total else (1.0 if row["state"] == "done" else 0.0)),
+        "rate_rows_s": round(rate, 2) if rate else None,
+        "eta_s": round(remaining / rate, 1) if rate and row["state"] not in FINISHED else None,
+    }
+
+
+@dataclass
+class _Chunk:
+    rows: int
+    cursor: Any
+    todo: list[tuple[Any, str, str]]  # id, text, hash
+    unchanged: list[Any]
+    skipped: int
+    errors: list[tuple[Any, str, str]]  # id, code, message
+    done: threading.Event = field(default_factory=threading.Event)
+    vectors: np.ndarray | None = None
+    error: PocketEmbedError | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class JobRunner:
+    """One thread that works through the job queue, a chunk at a time."""
+
+    def __init__(self, db_path: Path, scheduler: Scheduler, power: PowerMonitor,
+                 prefix: Callable[[str], str], dims: Callable[[str], int], chunk_rows: int = 128,
+                 pipeline: int = 2) -> None:
+        self.db_path = db_path
+        self.scheduler = scheduler
+        self.power = power
+        self.prefix = prefix
+        self.dims = dims
+        self.chunk_rows = chunk_rows
+        self.pipeline = pipeline
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mark = time.monotonic()
+        """End of the last committed chunk: a job's active time is counted from here, once."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pe-jobs", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Look at the queue again now (a job was submitted or resumed)."""
+        self._kick.set()
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop after the chunks in flight are committed."""
+        self._stop.set()
+        self._kick.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _sleep(self, seconds: float) -> None:
+        self._kick.wait(seconds)
+        self._kick.clear()
+
+    def _loop(self) -> None:
+        conn = connect(self.db_path)
+        queue = JobQueue(conn)
+        store = Store(conn)
+        while not self._stop.is_set():
+            try:
+                job = queue.next_runnable()
+                if job is None:
+                    self._sleep(5.0)
+                    continue
+                self._run(queue, store, job)
+            except Exception:  # a bug: log it, keep the daemon serving, try again later
+                log.exception("job runner")
+                self._sleep(5.0)
+        conn.close()
+
+    def _wait_for_power(self, queue: JobQueue, job_id: int) -> bool:
+        """Block while the policy says no; False when the job left its active state or the daemon stops."""
+        while not self._stop.is_set():
+            if queue.state(job_id) not in ACTIVE:
+                return False
+            d = self.power.decide()
+            if d.allowed:
+                queue.set_state(job_id, "running")
+                return True
+            queue.set_state(job_id, "waiting", d.reason)
+            self._sleep(min(1.0, max(0.05, self.power.policy.poll_s)))
+        return False
+
+    def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        spec = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"], job["where"],
+                       job["collection"], job["model"], job["truncate"])
+        try:
+            source = SourceTable(spec)
+        except SourceError as e:
+            queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
+            return
+        try:
+            self._scan(queue, store, source, job)
+        except ShuttingDown:
+            pass  # resumes at the next start from the last committed chunk
+        except PocketEmbedError as e:
+            log.error("job %d failed: error[%s] %s", job_id, e.code, e.message)
+            queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
+        finally:
+            source.close()
+
+    def _scan(self, queue: JobQueue, store: Store, source: SourceTable, job: dict[str, Any]) -> None:
+        job_id, spec_collection, model = job["id"], job["collection"], job["model"]
+        origin = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"]).origin
+        if not self._wait_for_power(queue, job_id):
+            return
+        with transaction(queue.conn):
+            store.ensure_collection(queue.conn, spec_collection, model, self.dims(model))
+            queue.conn.execute("UPDATE jobs SET total = ? WHERE id = ?", (source.count(), job_id))
+        cursor = _decode_cursor(queue.conn, job_id)
+        inflight: deque[_Chunk] = deque()
+        exhausted = job["phase"] != "scan"
+        while True:
+            # Keep up to `pipeline` chunks in the scheduler so that no worker idles between chunks.
+            while not exhausted and len(inflight) < self.pipeline and not self._stop.is_set():
+                if queue.state(job_id) not in ACTIVE:
+                    break
+                decision = self.power.decide()
+                if not decision.allowed:
+                    if inflight:
+                        break
+                    if not self._wait_for_power(queue, job_id):
+                        break
+                    continue
+                queue.set_state(job_id, "running")
+                rows = source.after(cursor, self.chunk_rows)
+                if not rows:
+                    exhausted = True
+                    break
+                cursor = rows[-1][0]
+                inflight.append(self._prepare(store, queue.conn, spec_collection, model, rows, job))
+            if not inflight:
+                break
+            chunk = inflight.popleft()
+            self._finish(chunk, model, job)
+            self._commit(queue, store, job_id, spec_collection, origin, model, chunk)
+        if exhausted and queue.state(job_id) in ACTIVE:
+            with transaction(queue.conn):
+                deleted = store.sweep(queue.conn, spec_collection, origin, job_id)
+                queue.conn.execute("UPDATE jobs SET deleted = deleted + ?, phase = 'done' WHERE id = ?", (deleted, job_id))
+            queue.set_state(job_id, "done")
+            final = queue.get(job_id)
+            log.info("job %d done: %d rows, %d embedded, %d unchanged, %d skipped, %d failed, %d deleted",
+                     job_id, final["scanned"], final["embedded"], final["unchanged"], final["skipped"],
+                     final["failed"], final["deleted"])
+
+    def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
+                 rows: list[tuple[Any, Any]], job: dict[str, Any]) -> _Chunk:
+        """Sort a chunk's rows into skip / unchanged / to embed, and queue the embedding."""
+        known = store.hashes(conn, collection, [r[0] for r in rows])
+        todo, unchanged, errors, skipped = [], [], [], 0
+        for row_id, text in rows:
+            if text is None or (isinstance(text, str) and not text.strip()):
+                skipped += 1
+            elif not isinstance(text, str):
+                errors.append((row_id, "invalid_input", f"text is {type(text).__name__}, not TEXT"))
+            elif len(text) > MAX_TEXT_CHARS and not job["truncate"]:
+                errors.append((row_id, "too_large", f"text of {len(text)} characters (limit {MAX_TEXT_CHARS} without truncate)"))
+            else:
+                h = text_hash(text)
+                (unchanged.append(row_id) if known.get(row_id) == h else todo.append((row_id, text, h)))
+        chunk = _Chunk(len(rows), rows[-1][0], todo, unchanged, skipped, errors)
+        if todo:
+            self._submit(chunk, [t for _, t, _ in todo], model, job["truncate"])
+        else:
+            chunk.vectors = np.zeros((0, 0), np.float32)
+            chunk.done.set()
+        return chunk
+
+    def _submit(self, chunk: _Chunk, texts: list[str], model: str, truncate: bool) -> None:
+        prefix = self.prefix(model)
+
+        def done(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
+            chunk.vectors, chunk.error = vecs, err
+            chunk.done.set()
+
+        task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done, lane=BACKGROUND, truncate=truncate)
+        while True:
+            try:
+                self.scheduler.submit(task)
+                return
+            except Busy as e:
+                time.sleep(e.retry_after_ms / 1000)
+
+    def _finish(self, chunk: _Chunk, model: str, job: dict[str, Any]) -> None:
+        """Wait for a chunk; when the whole chunk failed, embed its rows one by one to find the bad ones."""
+        chunk.done.wait()
+        if chunk.error is None:
+            return
+        if chunk.error.code not in ROW_ERRORS:
+            raise chunk.error
+        singles = [_Chunk(1, r[0], [r], [], 0, []) for r in chunk.todo]
+        for s in singles:
+            self._submit(s, [s.todo[0][1]], model, job["truncate"])
+        good, vecs = [], []
+        for s in singles:
+            s.done.wait()
+            if s.error is None:
+                good.append(s.todo[0])
+                vecs.append(s.vectors[0])
+            elif s.error.code in ROW_ERRORS:
+                chunk.errors.append((s.todo[0][0], s.error.code, s.error.message))
+            else:
+                raise s.error
+        chunk.todo = good
+        chunk.vectors = np.stack(vecs) if vecs else np.zeros((0, 0), np.float32)
+        chunk.error = None
+
+    def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, model: str,
+                chunk: _Chunk) -> None:
+        """Vectors, seen marks, errors, cursor and counters: one transaction."""
+        items = [Item(row_id, h, chunk.vectors[k], origin=origin, seen=job_id) for k, (row_id, _, h) in enumerate(chunk.todo)]
+        now = time.monotonic()
+        active, self._mark = now - max(chunk.started, self._mark), now
+        with transaction(queue.conn) as conn:
+            store.put(conn, collection, items)
+            store.mark_seen(conn, collection, chunk.unchanged, job_id)
+            conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
+                             [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
+            conn.execute(
+                "UPDATE jobs SET cursor = ?, scanned = scanned + ?, embedded = embedded + ?, unchanged = unchanged + ?, "
+                "skipped = skipped + ?, failed = failed + ?, active_s = active_s + ?, updated = ? WHERE id = ?",
+                (chunk.cursor, chunk.rows, len(items), len(chunk.unchanged), chunk.skipped, len(chunk.errors),
+                 active, time.time(), job_id))
+
+
+def _decode_cursor(conn: sqlite3.Connection, job_id: int) -> Any:
+    return conn.execute("SELECT cursor FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]

@@ -1,0 +1,33 @@
+"""A real SMS app's database for the tests: messages(id, address, date, body) from the SMS corpus."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+from conftest import SMS_TSV
+
+
+def sms_rows() -> list[dict]:
+    with open(SMS_TSV, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        return [{"id": i + 1, "address": "spam" if r[0] == "spam" else f"+4479{i % 97:05d}", "date": 1_700_000_000 + 60 * i,
+                 "body": r[1]} for i, r in enumerate(rows)]
+
+
+def make_sms_db(path: Path, limit: int | None = None) -> Path:
+    """An SMS app's database in WAL mode, as Android's telephony provider keeps it."""
+    db = sqlite_utils.Database(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db["messages"].insert_all(sms_rows()[:limit], pk="id")
+    db.conn.close()
+    return path
+
+
+def source_ids(path: Path, where: str = "1") -> set[int]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute(f"SELECT id FROM messages WHERE {where}")}
