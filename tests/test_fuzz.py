@@ -16,7 +16,7 @@ from pocketembed.ipc import protocol as P
 
 STABLE = {P.BAD_FRAME, P.BAD_VERSION, P.UNKNOWN_OP, P.INVALID_ARGS, P.TOO_LARGE, P.EMPTY_TEXT,
           P.TEXT_TOO_LONG, P.UNKNOWN_MODEL, P.MODEL_NOT_PREPARED, P.MODEL_NOT_LOADED, P.MODEL_UNLOADING,
-          P.MEMORY_BUDGET, P.TIMEOUT}
+          P.MEMORY_BUDGET, P.TIMEOUT, P.UNKNOWN_JOB, P.BAD_SOURCE, P.INVALID_STATE}
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
@@ -35,10 +35,19 @@ embed_args = st.fixed_dictionaries({}, optional={
     "keep_alive": st.one_of(st.sampled_from(["5m", "-1", "soon", "1h30m", ""]), st.integers(-5, 600), values),
     "input_type": st.one_of(st.sampled_from(["query", "document", "other"]), values),
 })
+job_args = st.fixed_dictionaries({}, optional={
+    "db": st.one_of(st.sampled_from(["/nonexistent/sms.db", "relative.db", "/dev/null", ""]), values),
+    "table": values, "id_column": values, "text_column": values, "where": values, "collection": values,
+    "job": st.one_of(st.integers(-3, 3), values), "limit": values,
+})
 envelopes = st.fixed_dictionaries({}, optional={
     "v": st.one_of(st.just(1), values), "id": st.one_of(st.integers(0, 10**6), st.text(max_size=8), values),
     "op": st.one_of(st.sampled_from(["embed", "ping", "stats", "models.list", "models.load", "models.unload", "search", ""]), values),
     "args": st.one_of(embed_args, values),
+})
+job_envelopes = st.fixed_dictionaries({"v": st.just(1), "id": st.integers(0, 10**6)}, optional={
+    "op": st.sampled_from(["jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"]),
+    "args": st.one_of(job_args, values),
 })
 
 
@@ -52,6 +61,7 @@ single_frames = st.one_of(
     truncated(valid),
     values.map(P.pack),
     envelopes.map(P.pack),
+    job_envelopes.map(P.pack),
 )
 messages = st.one_of(
     single_frames.map(lambda f: [f]),
