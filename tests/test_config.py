@@ -52,3 +52,19 @@ def test_per_model_settings_are_checked(tmp_path, monkeypatch):
     (tmp_path / "config.toml").write_text('[model."all-minilm-l6-v2:q4_0"]\nthreads = "two"\n')
     with pytest.raises(config.ConfigError, match="threads must be int"):
         config.load(tmp_path)
+
+
+def test_power_policy_from_file_and_env(tmp_path, monkeypatch):
+    from pocketembed.daemon.power import policy_from_settings
+
+    for var in config.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("POCKETEMBED_CONFIG", raising=False)
+    (tmp_path / "config.toml").write_text('power_battery_min = 70\npower_on_charger = false\npower_source = "sysfs"\n')
+    monkeypatch.setenv("POCKETEMBED_POWER_IDLE_S", "12.5")
+    s = config.load(tmp_path)
+    p = policy_from_settings(s)
+    assert (p.battery_min, p.on_charger, p.idle_s, s["power_source"]) == (70, False, 12.5, "sysfs")
+    monkeypatch.setenv("POCKETEMBED_POWER_IDLE_S", "soon")
+    with pytest.raises(config.ConfigError, match="POCKETEMBED_POWER_IDLE_S must be a number"):
+        config.load(tmp_path)

@@ -156,6 +156,8 @@ def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
             job = wait_job(c, job_id, lambda j: j["scanned"] >= 64, timeout=30)
             assert job["state"] == "running"
             assert c.stats()["power"]["reason"].startswith("charging")
+            with sqlite3.connect(db, timeout=1.0) as conn:  # the app's writer is never locked out by the job
+                conn.execute("UPDATE messages SET address = 'new' WHERE id = 1400")
 
             plug(False)
             job = wait_job(c, job_id, lambda j: j["state"] == "waiting", timeout=20)
