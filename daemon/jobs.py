@@ -255,12 +255,16 @@ def _describe(row: dict[str, Any]) -> dict[str, Any]:
 class _Chunk:
     rows: int
     cursor: Any
-    todo: list[tuple[Any, str, str]]  # id, text, hash
+    todo: list[tuple[Any, str, str]]  # id, text, hash: rows to (re)write
     unchanged: list[Any]
     skipped: int
     errors: list[tuple[Any, str, str]]  # id, code, message
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    """hash → vector: known to the store already, or embedded for this chunk."""
+    pending: list[str] = field(default_factory=list)
+    """Hashes being embedded, one per distinct text."""
     done: threading.Event = field(default_factory=threading.Event)
-    vectors: np.ndarray | None = None
+    embedded: np.ndarray | None = None
     error: PocketEmbedError | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -398,7 +402,7 @@ class JobRunner:
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
                  rows: list[tuple[Any, Any]], job: dict[str, Any]) -> _Chunk:
-        """Sort a chunk's rows into skip / unchanged / to embed, and queue the embedding."""
+        """Sort a chunk's rows into skip / unchanged / to write, and queue the texts never embedded."""
         known = store.hashes(conn, collection, [r[0] for r in rows])
         todo, unchanged, errors, skipped = [], [], [], 0
         for row_id, text in rows:
@@ -412,10 +416,16 @@ class JobRunner:
                 h = text_hash(text)
                 (unchanged.append(row_id) if known.get(row_id) == h else todo.append((row_id, text, h)))
         chunk = _Chunk(len(rows), rows[-1][0], todo, unchanged, skipped, errors)
-        if todo:
-            self._submit(chunk, [t for _, t, _ in todo], model, job["truncate"])
+        # The store is the embedding cache: a text it holds (any id, any collection of the model) is reused.
+        chunk.vectors = store.known_vectors(conn, model, self.dims(model), {h for _, _, h in todo})
+        texts: dict[str, str] = {}
+        for _, text, h in todo:
+            if h not in chunk.vectors:
+                texts.setdefault(h, text)
+        chunk.pending = list(texts)
+        if texts:
+            self._submit(chunk, list(texts.values()), model, job["truncate"])
         else:
-            chunk.vectors = np.zeros((0, 0), np.float32)
             chunk.done.set()
         return chunk
 
@@ -423,10 +433,11 @@ class JobRunner:
         prefix = self.prefix(model)
 
         def done(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
-            chunk.vectors, chunk.error = vecs, err
+            chunk.embedded, chunk.error = vecs, err
             chunk.done.set()
 
-        task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done, lane=BACKGROUND, truncate=truncate)
+        task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done,
+                         lane=BACKGROUND, truncate=truncate)
         while True:
             try:
                 self.scheduler.submit(task)
@@ -435,33 +446,35 @@ class JobRunner:
                 time.sleep(e.retry_after_ms / 1000)
 
     def _finish(self, chunk: _Chunk, model: str, job: dict[str, Any]) -> None:
-        """Wait for a chunk; when the whole chunk failed, embed its rows one by one to find the bad ones."""
+        """Wait for a chunk; when the whole chunk failed, embed its texts one by one to find the bad ones."""
         chunk.done.wait()
         if chunk.error is None:
+            if chunk.pending:
+                chunk.vectors.update(zip(chunk.pending, chunk.embedded))
             return
         if chunk.error.code not in ROW_ERRORS:
             raise chunk.error
-        singles = [_Chunk(1, r[0], [r], [], 0, []) for r in chunk.todo]
-        for s in singles:
-            self._submit(s, [s.todo[0][1]], model, job["truncate"])
-        good, vecs = [], []
-        for s in singles:
-            s.done.wait()
-            if s.error is None:
-                good.append(s.todo[0])
-                vecs.append(s.vectors[0])
-            elif s.error.code in ROW_ERRORS:
-                chunk.errors.append((s.todo[0][0], s.error.code, s.error.message))
+        text_of = {h: t for _, t, h in chunk.todo}
+        singles = {h: _Chunk(1, None, [], [], 0, []) for h in chunk.pending}
+        for h, single in singles.items():
+            self._submit(single, [text_of[h]], model, job["truncate"])
+        failed: dict[str, PocketEmbedError] = {}
+        for h, single in singles.items():
+            single.done.wait()
+            if single.error is None:
+                chunk.vectors[h] = single.embedded[0]
+            elif single.error.code in ROW_ERRORS:
+                failed[h] = single.error
             else:
-                raise s.error
-        chunk.todo = good
-        chunk.vectors = np.stack(vecs) if vecs else np.zeros((0, 0), np.float32)
+                raise single.error
+        chunk.errors += [(row_id, failed[h].code, failed[h].message) for row_id, _, h in chunk.todo if h in failed]
+        chunk.todo = [r for r in chunk.todo if r[2] not in failed]
         chunk.error = None
 
     def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, model: str,
                 chunk: _Chunk) -> None:
         """Vectors, seen marks, errors, cursor and counters: one transaction."""
-        items = [Item(row_id, h, chunk.vectors[k], origin=origin, seen=job_id) for k, (row_id, _, h) in enumerate(chunk.todo)]
+        items = [Item(row_id, h, chunk.vectors[h], origin=origin, seen=job_id) for row_id, _, h in chunk.todo]
         now = time.monotonic()
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:

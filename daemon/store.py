@@ -1,21 +1,29 @@
 """The vector store: named collections of embedded items in one SQLite file.
 
-The store and the job queue share one database file (``<home>/index.db``, WAL),
-so that a job writes vectors and advances its cursor in one transaction: a
-kill -9 at any moment leaves either both or neither. Every write method here
-therefore takes the caller's connection and never commits on its own; the
-caller brackets it with :func:`transaction`.
+Each collection is bound to one model and dims. Per item it keeps the id, the
+text hash, optional JSON metadata, the **binary** code (1 bit per dim, packed)
+and the **int8** code (see quantize.py); float vectors only when the
+collection asks for them. Search scans the binary codes, held in memory
+(48 B per 384-dim vector) and kept in step with every write, then rescores the
+best ``k × rescore_multiplier`` with the float query against their int8 codes,
+read from SQLite: a phone holds a large index in little memory.
 
-sqlite-utils creates the schema; writes are plain SQL because its insert
-helpers commit by themselves, which would split the job's transaction.
+The store and the job queue share one database file (``<home>/index.db``, WAL)
+so that a job writes vectors and advances its cursor in one transaction. Write
+methods therefore take the caller's connection and never commit on their own;
+the caller brackets them with :func:`transaction`. sqlite-utils creates the
+schema; writes are plain SQL because its insert helpers commit by themselves,
+which would split the job's transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,16 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from pocketembed.errors import CollectionMismatch, UnknownCollection
+from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollection
+
+from .quantize import Calibration, calibrate, hamming, smallest, words
+
+RECALIBRATE_UNTIL = 65_536
+"""Ranges and rotation are recomputed each time a collection doubles, up to this size."""
+RANGE_MARGIN = 0.02
+"""int8 ranges are widened by this share of the range on each side, so later vectors clip less."""
+DEFAULT_RESCORE = 10
+MAX_CANDIDATES = 100_000
 
 
 def db_path(home: Path) -> Path:
@@ -62,83 +79,397 @@ class Item:
     id: Any
     text_hash: str
     vector: np.ndarray
+    """float32, unit length (the engine's output)."""
     metadata: str | None = None
+    """JSON text."""
     origin: str | None = None
     """Which job source wrote it (the sweep of deleted rows only touches its own)."""
     seen: int | None = None
     """The job run that last saw it in its source."""
+    chunk: int = 0
+    """0 for a whole text; 1, 2, ... for the token windows of a chunked one."""
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
-    db["collections"].create({"name": str, "model": str, "dims": int, "created": float},
-                             pk="name", not_null={"model", "dims"}, if_not_exists=True)
-    # id is BLOB-affinity: integers stay integers, text stays text, as the source had them.
-    db["items"].create({"collection": str, "id": bytes, "text_hash": str, "vector": bytes, "metadata": str,
-                        "origin": str, "seen": int},
-                       pk=("collection", "id"), not_null={"text_hash", "vector"},
-                       foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
+    db["collections"].create({
+        "name": str, "model": str, "dims": int, "created": float, "float_vectors": int,
+        "version": int, "calib_version": int, "calib_count": int,
+        "lo": bytes, "hi": bytes, "mean": bytes, "rotation": bytes,
+    }, pk="name", not_null={"model", "dims"}, defaults={"version": 0, "calib_version": 0, "float_vectors": 0},
+        if_not_exists=True)
+    # id is BLOB-affinity: integers stay integers, text stays text, as the caller gave them.
+    db["items"].create({
+        "collection": str, "id": bytes, "chunk": int, "text_hash": str, "bin": bytes, "i8": bytes, "f32": bytes,
+        "metadata": str, "origin": str, "seen": int, "ver": int,
+    }, pk=("collection", "id", "chunk"), not_null={"text_hash", "bin", "i8"},
+        foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
     db["items"].create_index(["collection", "origin", "seen"], if_not_exists=True)
+    db["items"].create_index(["collection", "ver"], if_not_exists=True)
+    db["items"].create_index(["text_hash"], if_not_exists=True)
+    db["tombstones"].create({"collection": str, "row": int, "ver": int}, if_not_exists=True)
+    db["tombstones"].create_index(["collection", "ver"], if_not_exists=True)
+    # Every deleted row leaves a tombstone stamped with its collection's write version, so a
+    # search cache (in this process or another) can drop it without reloading everything.
+    conn.execute("CREATE TRIGGER IF NOT EXISTS items_deleted AFTER DELETE ON items BEGIN "
+                 "INSERT INTO tombstones (collection, row, ver) "
+                 "SELECT old.collection, old.rowid, version FROM collections WHERE name = old.collection; END")
+
+
+@dataclass
+class _Info:
+    name: str
+    model: str
+    dims: int
+    float_vectors: bool
+    version: int
+    calib_version: int
+    calibration: Calibration | None
+
+
+class _Codes:
+    """One collection's binary codes in memory: sorted rowids, (words, n) uint64, a validity mask."""
+
+    def __init__(self, version: int, calib_version: int, rowids: np.ndarray, word_rows: np.ndarray) -> None:
+        self.version = version
+        self.calib_version = calib_version
+        self.rowids = rowids
+        self.words = word_rows
+        self.valid = np.ones(len(rowids), bool)
+
+    def apply(self, version: int, deleted: np.ndarray, changed_rows: np.ndarray, changed_words: np.ndarray) -> None:
+        if len(deleted):
+            pos = np.searchsorted(self.rowids, deleted)
+            hit = pos < len(self.rowids)
+            hit[hit] &= self.rowids[pos[hit]] == deleted[hit]
+            self.valid[pos[hit]] = False
+        if len(changed_rows):
+            pos = np.searchsorted(self.rowids, changed_rows)
+            old = pos < len(self.rowids)
+            old[old] &= self.rowids[pos[old]] == changed_rows[old]
+            self.words[:, pos[old]] = changed_words[:, old]
+            self.valid[pos[old]] = True
+            new = ~old
+            if new.any():
+                rowids = np.concatenate([self.rowids, changed_rows[new]])
+                word_rows = np.concatenate([self.words, changed_words[:, new]], axis=1)
+                valid = np.concatenate([self.valid, np.ones(int(new.sum()), bool)])
+                order = np.argsort(rowids, kind="stable")
+                self.rowids, self.words, self.valid = rowids[order], np.ascontiguousarray(word_rows[:, order]), valid[order]
+        if (~self.valid).sum() > len(self.valid) // 4 + 1024:  # compact
+            keep = self.valid
+            self.rowids, self.words, self.valid = self.rowids[keep], np.ascontiguousarray(self.words[:, keep]), self.valid[keep]
+        self.version = version
+
+    @property
+    def nbytes(self) -> int:
+        return self.rowids.nbytes + self.words.nbytes + self.valid.nbytes
+
+
+class CodeCache:
+    """The binary codes of every searched collection, shared by all connections of the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._codes: dict[str, _Codes] = {}
+
+    def get(self, conn: sqlite3.Connection, info: _Info) -> _Codes:
+        with self._lock:
+            codes = self._codes.get(info.name)
+            if codes is None or codes.calib_version != info.calib_version:
+                rows = conn.execute("SELECT rowid, bin FROM items WHERE collection = ? ORDER BY rowid", (info.name,)).fetchall()
+                codes = _Codes(info.version, info.calib_version, np.array([r[0] for r in rows], np.int64),
+                               _word_rows([r[1] for r in rows], info.dims))
+                self._codes[info.name] = codes
+            elif codes.version != info.version:
+                deleted = np.array([r[0] for r in conn.execute(
+                    "SELECT row FROM tombstones WHERE collection = ? AND ver > ?", (info.name, codes.version))], np.int64)
+                rows = conn.execute("SELECT rowid, bin FROM items WHERE collection = ? AND ver > ? ORDER BY rowid",
+                                    (info.name, codes.version)).fetchall()
+                codes.apply(info.version, deleted, np.array([r[0] for r in rows], np.int64),
+                            _word_rows([r[1] for r in rows], info.dims))
+            return codes
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self._codes.pop(name, None)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {name: {"vectors": int(c.valid.sum()), "bytes": c.nbytes} for name, c in self._codes.items()}
+
+
+def _word_rows(blobs: list[bytes], dims: int) -> np.ndarray:
+    nbytes = (dims + 7) // 8
+    packed = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), nbytes) if blobs else np.zeros((0, nbytes), np.uint8)
+    return words(packed)
 
 
 class Store:
-    """Collections bound to a model and dims; items keyed by (collection, id)."""
+    """Collections bound to a model and dims; items keyed by (collection, id, chunk)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, cache: CodeCache | None = None) -> None:
         self.conn = conn
+        self.cache = cache or CodeCache()
         create_schema(conn)
 
-    def ensure_collection(self, conn: sqlite3.Connection, name: str, model: str, dims: int) -> None:
+    # -- collections -----------------------------------------------------------------
+
+    def ensure_collection(self, conn: sqlite3.Connection, name: str, model: str, dims: int,
+                          float_vectors: bool = False) -> None:
         row = conn.execute("SELECT model, dims FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
-            conn.execute("INSERT INTO collections (name, model, dims, created) VALUES (?, ?, ?, ?)",
-                         (name, model, dims, time.time()))
+            conn.execute("INSERT INTO collections (name, model, dims, created, float_vectors) VALUES (?, ?, ?, ?, ?)",
+                         (name, model, dims, time.time(), int(float_vectors)))
         elif (row[0], row[1]) != (model, dims):
             raise CollectionMismatch(f"collection {name!r} holds {row[0]} vectors of {row[1]} dims, "
                                      f"not {model} / {dims}; use another collection or drop it")
 
-    def collection(self, name: str) -> dict[str, Any]:
-        row = self.conn.execute("SELECT name, model, dims, created FROM collections WHERE name = ?", (name,)).fetchone()
+    def info(self, name: str, conn: sqlite3.Connection | None = None) -> _Info:
+        row = (conn or self.conn).execute(
+            "SELECT name, model, dims, float_vectors, version, calib_version, lo, hi, mean, rotation, calib_count "
+            "FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise UnknownCollection(f"no collection named {name!r}")
-        count = self.conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (name,)).fetchone()[0]
-        return {"name": row[0], "model": row[1], "dims": row[2], "created": row[3], "count": count}
+        cal = Calibration.from_blobs(row[2], *row[6:]) if row[6] is not None else None
+        return _Info(row[0], row[1], row[2], bool(row[3]), row[4], row[5], cal)
+
+    def collection(self, name: str) -> dict[str, Any]:
+        info = self.info(name)
+        count, items = self.conn.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM items WHERE collection = ?",
+                                         (name,)).fetchone()
+        created = self.conn.execute("SELECT created FROM collections WHERE name = ?", (name,)).fetchone()[0]
+        return {"name": name, "model": info.model, "dims": info.dims, "created": created, "items": items,
+                "vectors": count, "float_vectors": info.float_vectors,
+                "bytes_per_vector": (info.dims + 7) // 8 + info.dims + (4 * info.dims if info.float_vectors else 0),
+                "calibrated_on": info.calibration.count if info.calibration else 0,
+                "rotation": info.calibration is not None and info.calibration.rotation is not None}
 
     def collections(self) -> list[dict[str, Any]]:
         names = [r[0] for r in self.conn.execute("SELECT name FROM collections ORDER BY name")]
         return [self.collection(n) for n in names]
 
+    def drop(self, conn: sqlite3.Connection, name: str) -> int:
+        self.info(name, conn)
+        n = conn.execute("DELETE FROM items WHERE collection = ?", (name,)).rowcount
+        conn.execute("DELETE FROM tombstones WHERE collection = ?", (name,))
+        conn.execute("DELETE FROM collections WHERE name = ?", (name,))
+        self.cache.drop(name)
+        return n
+
+    # -- reads used by writers ---------------------------------------------------------
+
     def hashes(self, conn: sqlite3.Connection, collection: str, ids: Sequence[Any]) -> dict[Any, str]:
         out: dict[Any, str] = {}
-        for i in range(0, len(ids), 500):
-            part = list(ids[i : i + 500])
-            q = f"SELECT id, text_hash FROM items WHERE collection = ? AND id IN ({','.join('?' * len(part))})"
+        for part in _parts(ids):
+            q = f"SELECT id, text_hash FROM items WHERE collection = ? AND chunk IN (0, 1) AND id IN ({','.join('?' * len(part))})"
             out.update(conn.execute(q, [collection, *part]).fetchall())
         return out
 
+    def known_vectors(self, conn: sqlite3.Connection, model: str, dims: int, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        """Vectors already stored for these text hashes (whole texts, same model and dims), dequantized.
+
+        The store doubles as the embedding cache: a text embedded once is not embedded again.
+        """
+        out: dict[str, np.ndarray] = {}
+        infos: dict[str, _Info] = {}
+        for part in _parts(list(set(hashes))):
+            rows = conn.execute(
+                "SELECT i.text_hash, i.collection, i.i8, i.f32 FROM items i JOIN collections c ON c.name = i.collection "
+                f"WHERE c.model = ? AND c.dims = ? AND i.chunk = 0 AND i.text_hash IN ({','.join('?' * len(part))})",
+                [model, dims, *part]).fetchall()
+            for h, coll, i8, f32 in rows:
+                if h in out:
+                    continue
+                if f32 is not None:
+                    out[h] = np.frombuffer(f32, "<f4").astype(np.float32)
+                    continue
+                info = infos.get(coll) or infos.setdefault(coll, self.info(coll, conn))
+                out[h] = info.calibration.dequantize(np.frombuffer(i8, np.int8)[None, :])[0]
+        return out
+
+    # -- writes (inside the caller's transaction) --------------------------------------
+
+    def _bump(self, conn: sqlite3.Connection, collection: str) -> int:
+        conn.execute("UPDATE collections SET version = version + 1 WHERE name = ?", (collection,))
+        return conn.execute("SELECT version FROM collections WHERE name = ?", (collection,)).fetchone()[0]
+
     def put(self, conn: sqlite3.Connection, collection: str, items: Sequence[Item]) -> None:
+        """Insert or replace items; an id written here loses any chunks it had beyond the new ones."""
+        if not items:
+            return
+        info = self.info(collection, conn)
+        vecs = np.stack([np.asarray(it.vector, np.float32) for it in items])
+        if vecs.shape[1] != info.dims:
+            raise CollectionMismatch(f"collection {collection!r} holds {info.dims}-dim vectors, not {vecs.shape[1]}")
+        version = self._bump(conn, collection)
+        cal = info.calibration
+        if cal is None or cal.count < RECALIBRATE_UNTIL:
+            count = conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
+            if cal is None or count + len(items) >= 2 * cal.count:
+                cal = self._recalibrate(conn, info, vecs, version)
+        codes, bits = cal.encode(vecs)
+        last_chunk: dict[Any, int] = {}
+        for it in items:
+            last_chunk[it.id] = max(last_chunk.get(it.id, 0), it.chunk)
+        conn.executemany("DELETE FROM items WHERE collection = ? AND id = ? AND chunk > ?",
+                         [(collection, i, c) for i, c in last_chunk.items()])
         conn.executemany(
-            "INSERT INTO items (collection, id, text_hash, vector, metadata, origin, seen) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (collection, id) DO UPDATE SET text_hash = excluded.text_hash, vector = excluded.vector, "
-            "metadata = excluded.metadata, origin = excluded.origin, seen = excluded.seen",
-            [(collection, it.id, it.text_hash, np.ascontiguousarray(it.vector, dtype="<f4").tobytes(), it.metadata,
-              it.origin, it.seen) for it in items],
+            "INSERT INTO items (collection, id, chunk, text_hash, bin, i8, f32, metadata, origin, seen, ver) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id, chunk) DO UPDATE SET "
+            "text_hash = excluded.text_hash, bin = excluded.bin, i8 = excluded.i8, f32 = excluded.f32, "
+            "metadata = excluded.metadata, origin = excluded.origin, seen = excluded.seen, ver = excluded.ver",
+            [(collection, it.id, it.chunk, it.text_hash, bits[k].tobytes(), codes[k].tobytes(),
+              np.ascontiguousarray(vecs[k], "<f4").tobytes() if info.float_vectors else None,
+              it.metadata, it.origin, it.seen, version) for k, it in enumerate(items)],
         )
+
+    def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int) -> Calibration:
+        """New ranges/mean/rotation from every vector so far; every stored code re-encoded."""
+        rows = conn.execute("SELECT rowid, i8, f32 FROM items WHERE collection = ?", (info.name,)).fetchall()
+        old = np.zeros((0, info.dims), np.float32)
+        if rows:
+            if info.float_vectors:
+                old = np.stack([np.frombuffer(r[2], "<f4") for r in rows])
+            else:
+                old = info.calibration.dequantize(np.stack([np.frombuffer(r[1], np.int8) for r in rows]))
+        cal = calibrate(np.vstack([old, new]))
+        margin = (cal.hi - cal.lo) * RANGE_MARGIN
+        cal.lo, cal.hi = cal.lo - margin, cal.hi + margin
+        if rows:
+            codes, bits = cal.encode(old)
+            conn.executemany("UPDATE items SET i8 = ?, bin = ?, ver = ? WHERE rowid = ?",
+                             [(codes[k].tobytes(), bits[k].tobytes(), version, r[0]) for k, r in enumerate(rows)])
+        blobs = cal.to_blobs()
+        conn.execute("UPDATE collections SET lo = ?, hi = ?, mean = ?, rotation = ?, calib_count = ?, "
+                     "calib_version = calib_version + 1 WHERE name = ?",
+                     (blobs["lo"], blobs["hi"], blobs["mean"], blobs["rotation"], blobs["calib_count"], info.name))
+        return cal
+
+    def delete(self, conn: sqlite3.Connection, collection: str, ids: Sequence[Any]) -> int:
+        self.info(collection, conn)
+        self._bump(conn, collection)
+        n = 0
+        for part in _parts(ids):
+            n += conn.execute(f"DELETE FROM items WHERE collection = ? AND id IN ({','.join('?' * len(part))})",
+                              [collection, *part]).rowcount
+        return n
 
     def mark_seen(self, conn: sqlite3.Connection, collection: str, ids: Sequence[Any], seen: int) -> None:
         conn.executemany("UPDATE items SET seen = ? WHERE collection = ? AND id = ?", [(seen, collection, i) for i in ids])
 
     def sweep(self, conn: sqlite3.Connection, collection: str, origin: str, seen: int) -> int:
         """Delete the items of ``origin`` that the run ``seen`` did not see in its source."""
+        self._bump(conn, collection)
         cur = conn.execute("DELETE FROM items WHERE collection = ? AND origin = ? AND (seen IS NULL OR seen != ?)",
                            (collection, origin, seen))
         return cur.rowcount
 
-    def ids(self, collection: str) -> list[Any]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM items WHERE collection = ? ORDER BY id", (collection,))]
+    # -- reads -----------------------------------------------------------------------
 
-    def vectors(self, collection: str) -> tuple[list[Any], np.ndarray]:
-        rows = self.conn.execute("SELECT id, vector FROM items WHERE collection = ? ORDER BY id", (collection,)).fetchall()
-        dims = self.collection(collection)["dims"]
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dims) if rows else np.zeros((0, dims), np.float32)
-        return [r[0] for r in rows], mat
+    def ids(self, collection: str) -> list[Any]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT id FROM items WHERE collection = ? ORDER BY id", (collection,))]
+
+    def search(self, collection: str, query: np.ndarray, k: int = 10, rescore_multiplier: int | None = None,
+               filter: dict[str, Any] | None = None, exclude: Sequence[Any] = (), rescore: bool = True,
+               info: _Info | None = None) -> list[dict[str, Any]]:
+        """The k items nearest to a unit ``query``: Hamming top k × multiplier, rescored with int8.
+
+        ``rescore=False`` ranks by Hamming distance alone (score: 1 − 2·hamming/dims).
+        An item's score is its best chunk's. ``filter`` keeps items whose metadata has
+        these key/values; ``exclude`` drops ids (evaluation: a query is not its own neighbour).
+        """
+        with _snapshot(self.conn):
+            return self._search(collection, query, k, rescore_multiplier, filter, exclude, rescore, info)
+
+    def _search(self, collection: str, query: np.ndarray, k: int, rescore_multiplier: int | None,
+                filter: dict[str, Any] | None, exclude: Sequence[Any], rescore: bool,
+                info: _Info | None) -> list[dict[str, Any]]:
+        info = info or self.info(collection)
+        q = np.asarray(query, np.float32).reshape(-1)
+        if q.shape[0] != info.dims:
+            raise CollectionMismatch(f"collection {collection!r} holds {info.dims}-dim vectors, query has {q.shape[0]}")
+        if info.calibration is None:
+            return []
+        codes = self.cache.get(self.conn, info)
+        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0])
+        blocked = ~codes.valid
+        if filter:
+            blocked |= ~np.isin(codes.rowids, self._matching(collection, filter))
+        if len(exclude):
+            blocked |= np.isin(codes.rowids, self._rowids_of(collection, exclude))
+        if blocked.any():
+            dist[blocked] = np.iinfo(np.uint16).max
+        available = int(len(dist) - blocked.sum())
+        mult = DEFAULT_RESCORE if rescore_multiplier is None else rescore_multiplier
+        n_cand = min(available, k * mult if rescore else k * 4, MAX_CANDIDATES)
+        if n_cand <= 0:
+            return []
+        picked = smallest(dist, n_cand)
+        rowids = codes.rowids[picked]
+        if not rescore:
+            scores = 1.0 - 2.0 * dist[picked].astype(np.float32) / info.dims
+            return self._best_per_item(rowids, scores, None, k)
+        rows = self._rows(rowids, with_codes=True)
+        mat = np.stack([np.frombuffer(rows[r][3], np.int8) for r in rowids])
+        scores = info.calibration.dequantize(mat) @ q
+        return self._best_per_item(rowids, scores, rows, k)
+
+    def _best_per_item(self, rowids: np.ndarray, scores: np.ndarray, rows: dict | None, k: int) -> list[dict[str, Any]]:
+        rows = rows or self._rows(rowids, with_codes=False)
+        best: dict[Any, tuple[float, int]] = {}
+        for r, s in zip(rowids.tolist(), scores.tolist()):
+            item_id = rows[r][0]
+            if item_id not in best or s > best[item_id][0]:
+                best[item_id] = (s, r)
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
+        return [{"id": item_id, "score": round(s, 6), "metadata": json.loads(rows[r][2]) if rows[r][2] else None}
+                for item_id, (s, r) in ranked]
+
+    def _rows(self, rowids: np.ndarray, with_codes: bool) -> dict[int, tuple]:
+        cols = "rowid, id, chunk, metadata" + (", i8" if with_codes else "")
+        out: dict[int, tuple] = {}
+        for part in _parts(rowids.tolist()):
+            for row in self.conn.execute(f"SELECT {cols} FROM items WHERE rowid IN ({','.join('?' * len(part))})", part):
+                out[row[0]] = (row[1], row[2], row[3], *(row[4:]))
+        return out
+
+    def _matching(self, collection: str, filter: dict[str, Any]) -> np.ndarray:
+        where, params = [], [collection]
+        for key, value in filter.items():
+            if not isinstance(key, str) or isinstance(value, (dict, list)):
+                raise InvalidInput("filter must map metadata keys to plain values (str, number, bool, null)")
+            path = '$."' + key.replace('"', '\\"') + '"'
+            if value is None:
+                where.append("json_extract(metadata, ?) IS NULL")
+                params.append(path)
+            else:
+                where.append("json_extract(metadata, ?) = ?")
+                params += [path, int(value) if isinstance(value, bool) else value]
+        sql = f"SELECT rowid FROM items WHERE collection = ? AND {' AND '.join(where)}"
+        return np.array([r[0] for r in self.conn.execute(sql, params)], np.int64)
+
+    def _rowids_of(self, collection: str, ids: Sequence[Any]) -> np.ndarray:
+        out: list[int] = []
+        for part in _parts(list(ids)):
+            out += [r[0] for r in self.conn.execute(
+                f"SELECT rowid FROM items WHERE collection = ? AND id IN ({','.join('?' * len(part))})", [collection, *part])]
+        return np.array(out, np.int64)
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: the collection's calibration, codes and rows seen at one instant."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def _parts(values: Sequence[Any], size: int = 500) -> Iterator[list[Any]]:
+    for i in range(0, len(values), size):
+        yield list(values[i : i + size])

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import run_cli
 from daemon_proc import DaemonProcess
-from pocketembed.daemon.store import db_path
+from pocketembed.daemon.store import Store, connect, db_path
 from pocketembed.ipc import InvalidRequest
 from sms_db import make_sms_db, sms_rows, source_ids
 
@@ -38,6 +38,17 @@ def job_home(home, tmp_path) -> Path:
 def collection_ids(home: Path, name: str) -> list:
     with sqlite3.connect(db_path(home)) as conn:
         return [r[0] for r in conn.execute("SELECT id FROM items WHERE collection = ? ORDER BY id", (name,))]
+
+
+def stored_vectors(home: Path, name: str, ids: list) -> np.ndarray:
+    """The int8 codes of items, dequantized with their collection's calibration."""
+    conn = connect(db_path(home))
+    try:
+        info = Store(conn).info(name)
+        codes = [conn.execute("SELECT i8 FROM items WHERE collection = ? AND id = ?", (name, i)).fetchone()[0] for i in ids]
+        return info.calibration.dequantize(np.stack([np.frombuffer(c, np.int8) for c in codes]))
+    finally:
+        conn.close()
 
 
 def wait_job(client, job_id: int, until, timeout: float = 240) -> dict:
@@ -69,11 +80,9 @@ def test_whole_sms_table_then_rerun_picks_up_new_changed_and_deleted_rows(job_ho
         # The stored vectors are the engine's (background batches merge texts: not bit-identical).
         rows = {r["id"]: r["body"] for r in sms_rows()}
         sample = [1, 2, 777, 5574]
-        with sqlite3.connect(db_path(job_home)) as conn:
-            stored = np.stack([np.frombuffer(conn.execute("SELECT vector FROM items WHERE collection='sms' AND id=?",
-                                                          (i,)).fetchone()[0], "<f4") for i in sample])
+        stored = stored_vectors(job_home, "sms", sample)
         ref = engines["q8_0"].embed([rows[i] for i in sample])
-        assert np.min(np.sum(stored * ref, axis=1)) > 0.999
+        assert np.min(np.sum(stored * ref, axis=1) / np.linalg.norm(stored, axis=1)) > 0.999
 
         with sqlite3.connect(db) as conn:  # the SMS app keeps writing meanwhile
             conn.execute("INSERT INTO messages (id, address, date, body) VALUES (9001, 'x', 1, 'see you at the match tonight')")
@@ -86,9 +95,8 @@ def test_whole_sms_table_then_rerun_picks_up_new_changed_and_deleted_rows(job_ho
             job = wait_job(c, job["id"], done)
         assert (job["embedded"], job["unchanged"], job["skipped"], job["deleted"]) == (2, 5569, 2, 4)
         assert collection_ids(job_home, "sms") == sorted(source_ids(db, "id NOT IN (10, 9002)"))
-        with sqlite3.connect(db_path(job_home)) as conn:
-            v5 = np.frombuffer(conn.execute("SELECT vector FROM items WHERE collection='sms' AND id=5").fetchone()[0], "<f4")
-        assert float(v5 @ engines["q8_0"].embed(["changed: call me when you land"])[0]) > 0.999
+        v5 = stored_vectors(job_home, "sms", [5])[0]
+        assert float(v5 @ engines["q8_0"].embed(["changed: call me when you land"])[0]) / np.linalg.norm(v5) > 0.999
 
         r = run_cli("jobs", "--socket", str(d.socket_path), home=job_home)
         assert r.returncode == 0 and "job 2 done" in r.stdout and "job 1 done" in r.stdout

@@ -1,0 +1,144 @@
+"""Binary and int8 codes of embeddings, and the Hamming scan over them.
+
+A collection keeps two codes per vector:
+
+* **int8**, per-dimension ranges: dimension j is mapped linearly from
+  [lo_j, hi_j] to 256 levels. Dequantized codes score a float query within
+  ~4e-4 of the float dot product, enough to rescore (int8 alone finds
+  recall@10 0.996 on the SMS corpus, scripts/eval_search.py).
+* **binary**, 1 bit per dimension after centring on the collection's mean and
+  an ITQ rotation (Gong & Lazebnik, "Iterative Quantization"), learned from the
+  collection once it has ≥ 1,024 vectors. A plain sign threshold of this model's
+  vectors reaches recall@10 0.56 alone and 0.94 after int8 rescoring of ×10
+  candidates; centring adds ~0.01, the rotation lifts it to 0.62 / 0.97, because
+  it spreads the variance evenly over the bits instead of leaving most bits
+  nearly constant.
+
+The binary code is always computed from the dequantized int8 vector, so a
+vector re-encoded after recalibration, or copied between items, gets the same
+bits as a fresh one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ITQ_MIN = 1024
+"""Vectors needed before a rotation is learned; below it, centring only."""
+ITQ_SAMPLE = 4096
+ITQ_ITERATIONS = 15
+
+
+@dataclass
+class Calibration:
+    lo: np.ndarray
+    hi: np.ndarray
+    mean: np.ndarray
+    rotation: np.ndarray | None
+    count: int
+    """How many vectors it was computed from."""
+
+    @property
+    def scale(self) -> np.ndarray:
+        s = (self.hi - self.lo) / 255.0
+        return np.where(s > 0, s, 1e-12).astype(np.float32)
+
+    def int8(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) float → (n, d) int8 codes (level − 128), clipped to the ranges."""
+        levels = np.rint((np.asarray(x, np.float32) - self.lo) / self.scale)
+        return (np.clip(levels, 0, 255) - 128).astype(np.int8)
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        return (codes.astype(np.float32) + 128.0) * self.scale + self.lo
+
+    def bits(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) float → (n, d/8) packed sign bits of the centred, rotated vectors."""
+        y = np.asarray(x, np.float32) - self.mean
+        if self.rotation is not None:
+            y = y @ self.rotation
+        return np.packbits(y > 0, axis=1)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes and the binary code of their dequantized vectors."""
+        codes = self.int8(x)
+        return codes, self.bits(self.dequantize(codes))
+
+    def to_blobs(self) -> dict[str, bytes | int | None]:
+        f = lambda a: np.ascontiguousarray(a, "<f4").tobytes()  # noqa: E731
+        return {"lo": f(self.lo), "hi": f(self.hi), "mean": f(self.mean),
+                "rotation": None if self.rotation is None else f(self.rotation), "calib_count": self.count}
+
+    @classmethod
+    def from_blobs(cls, dims: int, lo: bytes, hi: bytes, mean: bytes, rotation: bytes | None, count: int) -> Calibration:
+        f = lambda b: np.frombuffer(b, "<f4").astype(np.float32)  # noqa: E731
+        rot = None if rotation is None else f(rotation).reshape(dims, dims)
+        return cls(f(lo), f(hi), f(mean), rot, count)
+
+
+def calibrate(x: np.ndarray, seed: int = 0) -> Calibration:
+    """Ranges, mean and (with enough vectors) an ITQ rotation from the vectors ``x``."""
+    x = np.asarray(x, np.float32)
+    n, d = x.shape
+    mean = x.mean(axis=0)
+    rotation = None
+    if n >= ITQ_MIN:
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(n, min(n, ITQ_SAMPLE), replace=False)] - mean
+        rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+        for _ in range(ITQ_ITERATIONS):
+            b = np.where(sample @ rotation > 0, 1.0, -1.0).astype(np.float32)
+            u, _, vt = np.linalg.svd(b.T @ sample)
+            rotation = (u @ vt).T.astype(np.float32)
+    return Calibration(x.min(axis=0), x.max(axis=0), mean, rotation, n)
+
+
+def words(packed: np.ndarray) -> np.ndarray:
+    """(n, d/8) packed bits → (d/64, n) uint64, the layout the scan wants (zero-padded)."""
+    n, nbytes = packed.shape
+    pad = (-nbytes) % 8
+    if pad:
+        packed = np.hstack([packed, np.zeros((n, pad), np.uint8)])
+    return np.ascontiguousarray(packed.view(np.uint64).T) if n else np.zeros((packed.shape[1] // 8, 0), np.uint64)
+
+
+BLOCK = 32768
+
+
+def hamming(word_rows: np.ndarray, query: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Hamming distances of a query's words to every column of ``word_rows`` (uint16).
+
+    Blocked so that the XOR and popcount temporaries stay in cache: one pass
+    over the codes in memory (48 MB at 1M × 384 bits).
+    """
+    w, n = word_rows.shape
+    acc = np.empty(n, np.uint16) if out is None else out
+    tmp = np.empty(min(n, BLOCK), np.uint64)
+    cnt = np.empty(min(n, BLOCK), np.uint8)
+    for s in range(0, n, BLOCK):
+        e = min(n, s + BLOCK)
+        t, c, a = tmp[: e - s], cnt[: e - s], acc[s:e]
+        np.bitwise_xor(word_rows[0, s:e], query[0], out=t)
+        np.bitwise_count(t, out=c)
+        a[:] = c
+        for j in range(1, w):
+            np.bitwise_xor(word_rows[j, s:e], query[j], out=t)
+            np.bitwise_count(t, out=c)
+            np.add(a, c, out=a)
+    return acc
+
+
+def smallest(dist: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest distances, nearest first (ties in index order).
+
+    Small integer distances: a histogram finds the cut-off in one pass, so only
+    the few rows at or under it are sorted.
+    """
+    n = len(dist)
+    if k >= n:
+        return np.argsort(dist, kind="stable")
+    cum = np.cumsum(np.bincount(dist))
+    cut = int(np.searchsorted(cum, k))
+    idx = np.flatnonzero(dist <= cut)
+    return idx[np.argsort(dist[idx], kind="stable")[:k]]
