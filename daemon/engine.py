@@ -193,6 +193,37 @@ class Engine:
             tokens = tokens[: self.max_tokens - len(tail)] + tail
         return tokens
 
+    def windows(self, text: str, overlap: int = 32) -> list[str]:
+        """A long text as overlapping windows that each fit the model (one window when it fits).
+
+        Windows are cut on tokens and turned back into text (lower-cased and
+        re-spaced by the WordPiece detokenizer), so that each one tokenizes to at
+        most ``max_tokens`` again.
+        """
+        if not text.strip():
+            raise EmptyText("text is empty")
+        raw = text.encode("utf-8", "replace")
+        buf = (rt.llama.llama_token * (len(raw) + 8))()
+        n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, len(raw) + 8, False, False)
+        tokens = list(buf[: max(0, n)])
+        size = self.max_tokens - 2 - 8  # room for [CLS]/[SEP] and re-tokenization drift
+        if len(tokens) <= size:
+            return [text]
+        step = max(1, size - overlap)
+        out = []
+        for start in range(0, len(tokens), step):
+            part = tokens[start : start + size]
+            cap = 8 * len(part) + 64
+            chars = ctypes.create_string_buffer(cap)
+            m = rt.llama.llama_detokenize(self.vocab, (rt.llama.llama_token * len(part))(*part), len(part),
+                                          chars, cap, True, False)
+            piece = chars.raw[: max(0, m)].decode("utf-8", "replace").strip()
+            if piece:
+                out.append(piece)
+            if start + size >= len(tokens):
+                break
+        return out
+
     # -- encoding --------------------------------------------------------------------
 
     def encode(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:

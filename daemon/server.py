@@ -13,6 +13,7 @@ gets exactly one reply.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import queue
@@ -38,6 +39,7 @@ from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
 from pocketembed.ipc import protocol as P
 
 from . import store
+from .index import IndexService
 from .jobs import JobQueue, JobRunner, JobSpec, SourceTable
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
 from .power import PowerMonitor, PowerPolicy, sources
@@ -49,7 +51,10 @@ INLINE_OPS = {"ping", "models.list"}
 CONTROL_OPS = {"models.load", "models.unload"}
 AUX_OPS = {"stats", "jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"}
 """Ops that touch SQLite or read sensors: off the I/O thread, on their own thread."""
-KNOWN_OPS = INLINE_OPS | CONTROL_OPS | AUX_OPS | {"embed"}
+INDEX_OPS = {"search", "index.add", "index.delete", "collections.list", "collections.drop"}
+KNOWN_OPS = INLINE_OPS | CONTROL_OPS | AUX_OPS | INDEX_OPS | {"embed"}
+MAX_IDS = 10_000
+MAX_K = 1_000
 
 
 class DaemonRunning(PocketEmbedError):
@@ -151,6 +156,7 @@ class Server:
         self.jobs = JobQueue(self._db)
         self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
                                 dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows)
+        self.index = IndexService(db, self.scheduler, self.models, reply=self._index_done)
         self.ctx = zmq.Context()
         self._control: queue.Queue[_Job | None] = queue.Queue()
         self._aux: queue.Queue[_Job | None] = queue.Queue()
@@ -215,6 +221,7 @@ class Server:
         self._aux_thread = threading.Thread(target=self._offload_loop, args=(self._aux,), name="pe-aux", daemon=True)
         self._aux_thread.start()
         self.runner.start()
+        self.index.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
@@ -239,6 +246,7 @@ class Server:
 
     def _shutdown(self) -> None:
         self.runner.stop()  # commits the chunks in flight, so the scheduler must still run
+        self.index.stop()
         self.scheduler.stop()
         for q, t in ((self._control, self._controller), (self._aux, self._aux_thread)):
             q.put(None)
@@ -291,6 +299,10 @@ class Server:
             elif req.op == "embed":
                 self._validate(req)
                 self._submit_embed(identity, req, started)
+            elif req.op in INDEX_OPS:
+                self._validate(req)
+                self._inflight += 1
+                self.index.submit(req.op, req.args, (identity, req, started))
             elif req.op in CONTROL_OPS or req.op in AUX_OPS:
                 self._validate(req)
                 self._inflight += 1
@@ -360,6 +372,7 @@ class Server:
         snap["rss_bytes"] = psutil.Process().memory_info().rss
         snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
         snap["scheduler"] = sched
+        snap["index"] = self.index.stats()
         snap["power"] = self.power.status()
         snap["jobs"] = [j for j in self.jobs.list(limit=20) if j["state"] not in ("done", "failed", "cancelled")]
         return snap
@@ -406,6 +419,8 @@ class Server:
             t = a.get("timeout_ms")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86_400_000):
                 raise P.ProtocolError(P.INVALID_ARGS, "timeout_ms must be a positive number of milliseconds")
+        elif req.op in INDEX_OPS:
+            _validate_index(req.op, a)
         elif req.op == "jobs.submit":
             for key in ("db", "table", "id_column", "text_column"):
                 if not isinstance(a.get(key), str) or not a[key]:
@@ -441,6 +456,13 @@ class Server:
             reply = P.ok_reply(req.id, out)
         else:
             reply = P.error_reply(req.id, error.code, error.message)
+        self.stats.record(req.op, error is None, started)
+        self._push(identity, reply)
+
+    def _index_done(self, context: Any, result: Any, error: PocketEmbedError | None) -> None:
+        """Called by the index service's threads (or a decode worker) when an index op is finished."""
+        identity, req, started = context
+        reply = P.ok_reply(req.id, result) if error is None else P.error_reply(req.id, error.code, error.message)
         self.stats.record(req.op, error is None, started)
         self._push(identity, reply)
 
@@ -497,6 +519,80 @@ class Server:
         job, created = self.jobs.submit(spec)
         self.runner.kick()
         return {**job, "created": created}
+
+
+def _validate_index(op: str, a: dict[str, Any]) -> None:
+    """Types and limits of search / index.* / collections.* arguments."""
+    if op != "collections.list":
+        c = a.get("collection")
+        if not isinstance(c, str) or not c.strip() or len(c) > 128:
+            raise P.ProtocolError(P.INVALID_ARGS, "collection must be a non-empty string of at most 128 characters")
+    _opt(a, "model", str)
+    if op == "search":
+        q = a.get("query")
+        if not isinstance(q, str):
+            raise P.ProtocolError(P.INVALID_ARGS, "query must be a string")
+        if not q.strip():
+            raise P.ProtocolError(P.EMPTY_TEXT, "query is empty")
+        if len(q.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
+            raise P.ProtocolError(P.TOO_LARGE, f"query is over {P.MAX_TEXT_BYTES} bytes")
+        for key, top, default in (("k", MAX_K, 10), ("rescore_multiplier", 1000, 10)):
+            v = a.get(key, default)
+            if v is None and key == "rescore_multiplier":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be an integer from 1 to {top}")
+        _opt(a, "rescore", bool)
+        f = a.get("filter")
+        if f is not None and (not isinstance(f, dict) or len(f) > 16 or any(
+                not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))) for k, v in f.items())):
+            raise P.ProtocolError(P.INVALID_ARGS, "filter must map up to 16 metadata keys to plain values (str, number, bool, nil)")
+    elif op == "index.add":
+        items = a.get("items")
+        if not isinstance(items, list) or not items:
+            raise P.ProtocolError(P.INVALID_ARGS, "items must be a non-empty list of {id, text, metadata?} maps")
+        if len(items) > P.MAX_TEXTS:
+            raise P.ProtocolError(P.TOO_LARGE, f"{len(items)} items, limit {P.MAX_TEXTS} per request")
+        seen: set = set()
+        for i, it in enumerate(items):
+            if not isinstance(it, dict):
+                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}] must be a map with id and text")
+            _check_id(it.get("id"), f"items[{i}].id")
+            if it["id"] in seen:
+                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].id {it['id']!r} appears twice")
+            seen.add(it["id"])
+            t = it.get("text")
+            if not isinstance(t, str):
+                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].text must be a string")
+            if not t.strip():
+                raise P.ProtocolError(P.EMPTY_TEXT, f"items[{i}].text is empty")
+            if len(t.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
+                raise P.ProtocolError(P.TOO_LARGE, f"items[{i}].text is over {P.MAX_TEXT_BYTES} bytes")
+            m = it.get("metadata")
+            if m is not None:
+                try:
+                    ok = isinstance(m, dict) and len(json.dumps(m)) <= 65536
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].metadata must be a JSON-like map of at most 64 KiB")
+        for key in ("chunk", "truncate", "float_vectors"):
+            _opt(a, key, bool)
+        _opt(a, "dims", int)
+        if a.get("priority") not in (None, *LANES):
+            raise P.ProtocolError(P.INVALID_ARGS, f"priority must be one of {', '.join(LANES)}")
+    elif op == "index.delete":
+        ids = a.get("ids")
+        if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS:
+            raise P.ProtocolError(P.INVALID_ARGS, f"ids must be a non-empty list of at most {MAX_IDS} ids")
+        for i, v in enumerate(ids):
+            _check_id(v, f"ids[{i}]")
+
+
+def _check_id(v: Any, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, int) and not -2**63 <= v < 2**63) \
+            or (isinstance(v, str) and (not v or len(v) > 512)):
+        raise P.ProtocolError(P.INVALID_ARGS, f"{where} must be a 64-bit integer or a string of 1 to 512 characters")
 
 
 def _keep_alive(args: dict[str, Any]) -> float | None:

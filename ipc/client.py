@@ -162,6 +162,47 @@ class Client:
         res = self.call("embed", args, timeout=timeout)
         return P.decode_vectors(res)
 
+    def index_add(self, collection: str, items: list[dict[str, Any]], *, model: str | None = None,
+                  dims: int | None = None, chunk: bool = False, truncate: bool = False,
+                  priority: str | None = None) -> dict[str, Any]:
+        """Embed and store ``items`` (``{"id", "text", "metadata"?}``) in ``collection``, upserting by id.
+
+        A new collection is bound to ``model`` (default: the catalog default) and
+        ``dims``. Texts the store already holds are not embedded again.
+        ``chunk=True`` splits long texts into overlapping token windows (an item
+        then scores as its best window); else over-long texts fail unless ``truncate``.
+        """
+        args: dict[str, Any] = {"collection": collection, "items": items, "chunk": chunk, "truncate": truncate}
+        for key, value in (("model", model), ("dims", dims), ("priority", priority)):
+            if value is not None:
+                args[key] = value
+        return self.call("index.add", args, timeout=max(self.timeout, 120))
+
+    def index_delete(self, collection: str, ids: list[Any]) -> int:
+        """Delete items by id; returns how many stored vectors went."""
+        return self.call("index.delete", {"collection": collection, "ids": list(ids)})["deleted"]
+
+    def search(self, collection: str, query: str, k: int = 10, rescore_multiplier: int | None = None,
+               filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The ``k`` items nearest to ``query``, best first: ``[{"id", "score", "metadata"}, ...]``.
+
+        Binary (Hamming) search takes ``k × rescore_multiplier`` candidates (default
+        ×10), rescored against their int8 vectors. ``filter`` keeps items whose
+        metadata has all these key/values.
+        """
+        args: dict[str, Any] = {"collection": collection, "query": query, "k": k}
+        if rescore_multiplier is not None:
+            args["rescore_multiplier"] = rescore_multiplier
+        if filter is not None:
+            args["filter"] = filter
+        return self.call("search", args)["hits"]
+
+    def collections(self) -> list[dict[str, Any]]:
+        return self.call("collections.list")
+
+    def drop_collection(self, collection: str) -> dict[str, Any]:
+        return self.call("collections.drop", {"collection": collection})
+
     def index_table(self, db: str, table: str, id_column: str, text_column: str, *, where: str | None = None,
                     collection: str | None = None, model: str | None = None, truncate: bool = True) -> dict[str, Any]:
         """Queue a background job embedding every row of ``table`` in the SQLite file ``db``.

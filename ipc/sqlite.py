@@ -1,10 +1,13 @@
 """SQL functions that call the daemon from a ``sqlite3`` connection.
 
-    import sqlite3
+    import json
+import sqlite3
     from pocketembed.ipc import sqlite as pe_sqlite
     conn = sqlite3.connect("sms.db")
     pe_sqlite.register(conn)
     conn.execute("SELECT id, pe_cosine(pe_embed(body), pe_embed(?)) AS s FROM messages ORDER BY s DESC", ["dinner?"])
+    # search a collection the daemon indexed (e.g. by `pocketembed index`), best first:
+    conn.execute("SELECT value ->> 'id', value ->> 'score' FROM json_each(pe_search('sms', ?, 10))", ["dinner?"])
 
 Vectors are BLOBs of little-endian float32, the protocol's raw form, so a
 vector stored by one side is read unchanged by the other.
@@ -12,6 +15,7 @@ vector stored by one side is read unchanged by the other.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -33,7 +37,10 @@ class SQLFunctions:
 
 
 def register(conn: sqlite3.Connection, client: Client | None = None, *, model: str | None = None) -> SQLFunctions:
-    """Add ``pe_embed(text [, model])`` and ``pe_cosine(blob, blob)`` to ``conn``.
+    """Add ``pe_embed(text [, model])``, ``pe_cosine(blob, blob)`` and ``pe_search(collection, query, k)``.
+
+    ``pe_search`` returns the hits as JSON text, a list of ``{"id", "score",
+    "metadata"}`` best first, for ``json_each``.
 
     A daemon error makes the statement fail (sqlite3.OperationalError) and is kept
     in the returned object's ``last_error``; NULL text gives NULL.
@@ -59,6 +66,18 @@ def register(conn: sqlite3.Connection, client: Client | None = None, *, model: s
         denom = float(np.linalg.norm(va) * np.linalg.norm(vb))
         return float(va @ vb) / denom if denom else 0.0
 
+    def pe_search(collection: str | None, query: str | None, k: int = 10) -> str | None:
+        if collection is None or query is None:
+            return None
+        try:
+            hits = funcs.client.search(collection, query, k=int(k))
+        except DaemonError as e:
+            funcs.last_error = e
+            raise
+        return json.dumps(hits, ensure_ascii=False)
+
+    conn.create_function("pe_search", 2, pe_search)
+    conn.create_function("pe_search", 3, pe_search)
     conn.create_function("pe_embed", 1, pe_embed)
     conn.create_function("pe_embed", 2, pe_embed)
     conn.create_function("pe_cosine", 2, pe_cosine, deterministic=True)

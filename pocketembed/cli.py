@@ -127,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
     serve.set_defaults(func=cmd_serve)
 
+    srch = sub.add_parser("search", help="search a collection in the running daemon",
+                          description="Embed QUERY (with the model's query prefix) and print the k nearest items of the "
+                          "collection: binary search over the whole collection, rescored with int8 vectors.")
+    srch.add_argument("query", metavar="QUERY")
+    srch.add_argument("--collection", "-c", required=True, help="collection to search")
+    srch.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    srch.add_argument("--rescore-multiplier", type=int, help="binary candidates per result to rescore (default 10)")
+    srch.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"address": "+4479"}\'')
+    srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata}")
+    srch.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    srch.set_defaults(func=cmd_search)
+
+    cols = sub.add_parser("collections", help="list or drop collections",
+                          description="List the daemon's collections; `collections drop NAME` deletes one.")
+    cols.add_argument("action", nargs="?", choices=["list", "drop"], default="list")
+    cols.add_argument("name", nargs="?", metavar="NAME")
+    cols.add_argument("--json", action="store_true", help="print JSON")
+    cols.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    cols.set_defaults(func=cmd_collections)
+
     status = sub.add_parser("status", help="show the running daemon's stats", description="Ask the running daemon for its stats.")
     status.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -366,6 +386,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"background work: {'allowed' if pw['allowed'] else 'paused'} ({pw['reason']})")
     for job in stats.get("jobs") or []:
         print(_job_line(job))
+    return 0
+
+
+# -- search -------------------------------------------------------------------------
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    try:
+        flt = json.loads(args.filter) if args.filter else None
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"--filter is not JSON: {e}") from None
+    hits = _ask_daemon(args.socket, lambda c: c.search(args.collection, args.query, k=args.k,
+                                                        rescore_multiplier=args.rescore_multiplier, filter=flt))
+    if args.json:
+        print(json.dumps(hits, ensure_ascii=False))
+        return 0
+    _print_table(["SCORE", "ID", "METADATA"],
+                 [[f"{h['score']:.4f}", str(h["id"]), json.dumps(h["metadata"], ensure_ascii=False) if h["metadata"] else ""]
+                  for h in hits])
+    return 0
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    if args.action == "drop":
+        if not args.name:
+            raise InvalidInput("collections drop needs a NAME")
+        res = _ask_daemon(args.socket, lambda c: c.drop_collection(args.name))
+        print(f"dropped collection {res['collection']} ({res['dropped']} vectors)")
+        return 0
+    cols = _ask_daemon(args.socket, lambda c: c.collections())
+    if args.json:
+        print(json.dumps(cols, indent=2))
+        return 0
+    _print_table(["COLLECTION", "MODEL", "DIMS", "ITEMS", "VECTORS", "BYTES/VECTOR"],
+                 [[c["name"], c["model"], str(c["dims"]), str(c["items"]), str(c["vectors"]), str(c["bytes_per_vector"])]
+                  for c in cols])
     return 0
 
 

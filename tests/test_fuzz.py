@@ -16,7 +16,8 @@ from pocketembed.ipc import protocol as P
 
 STABLE = {P.BAD_FRAME, P.BAD_VERSION, P.UNKNOWN_OP, P.INVALID_ARGS, P.TOO_LARGE, P.EMPTY_TEXT,
           P.TEXT_TOO_LONG, P.UNKNOWN_MODEL, P.MODEL_NOT_PREPARED, P.MODEL_NOT_LOADED, P.MODEL_UNLOADING,
-          P.MEMORY_BUDGET, P.TIMEOUT, P.UNKNOWN_JOB, P.BAD_SOURCE, P.INVALID_STATE}
+          P.MEMORY_BUDGET, P.TIMEOUT, P.UNKNOWN_JOB, P.BAD_SOURCE, P.INVALID_STATE,
+          P.UNKNOWN_COLLECTION, P.COLLECTION_MISMATCH}
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
@@ -39,6 +40,10 @@ job_args = st.fixed_dictionaries({}, optional={
     "db": st.one_of(st.sampled_from(["/nonexistent/sms.db", "relative.db", "/dev/null", ""]), values),
     "table": values, "id_column": values, "text_column": values, "where": values, "collection": values,
     "job": st.one_of(st.integers(-3, 3), values), "limit": values,
+    "collection": st.one_of(st.sampled_from(["fuzz", "", "nope"]), values), "query": st.one_of(texts, values), "k": st.one_of(st.integers(-2, 2000), values), "filter": values,
+    "rescore_multiplier": values, "ids": st.one_of(st.lists(values, max_size=3), values),
+    "items": st.one_of(st.lists(st.fixed_dictionaries({}, optional={"id": values, "text": texts, "metadata": values}),
+                                max_size=3), values),
 })
 envelopes = st.fixed_dictionaries({}, optional={
     "v": st.one_of(st.just(1), values), "id": st.one_of(st.integers(0, 10**6), st.text(max_size=8), values),
@@ -46,7 +51,8 @@ envelopes = st.fixed_dictionaries({}, optional={
     "args": st.one_of(embed_args, values),
 })
 job_envelopes = st.fixed_dictionaries({"v": st.just(1), "id": st.integers(0, 10**6)}, optional={
-    "op": st.sampled_from(["jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"]),
+    "op": st.sampled_from(["jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume",
+                           "search", "index.add", "index.delete", "collections.list", "collections.drop"]),
     "args": st.one_of(job_args, values),
 })
 
