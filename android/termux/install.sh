@@ -1,0 +1,63 @@
+#!/data/data/com.termux/files/usr/bin/bash
+# Install pocketembed on an Android phone under Termux (from F-Droid or GitHub, not the Play Store).
+#
+#   bash android/termux/install.sh [SOURCE]     SOURCE: a pocketembed checkout or sdist (default: this checkout)
+#
+# What it does:
+#   1. installs Termux packages: python and its numpy, a C/C++ toolchain, cmake, ZeroMQ, termux-api
+#      (battery readings) and termux-services (runit);
+#   2. builds llama-cpp-python from source for this phone's CPU: GGML_NATIVE=OFF with an explicit
+#      -march that has the ARM features /proc/cpuinfo reports (asimddp → dotprod, i8mm → i8mm),
+#      keeping llama.cpp's load-time repacking of q4_0/q8_0 weights (GGML_CPU_REPACK) that lets the
+#      dotprod/i8mm kernels run on interleaved blocks;
+#   3. installs pocketembed, prepares the default model, and installs the service and boot scripts.
+# Re-running it is safe: pip skips what is installed, `models prepare` what is prepared.
+set -euo pipefail
+
+PREFIX=${PREFIX:-/data/data/com.termux/files/usr}
+SRC=${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+say() { printf 'pocketembed-install: %s\n' "$*"; }
+
+# Android's own termux package names (Termux main repository).
+if [ "${POCKETEMBED_SKIP_PKG:-0}" != 1 ]; then
+    pkg update -y
+    pkg install -y python python-numpy python-pip clang cmake ninja make binutils git libzmq \
+        termux-api termux-services termux-tools
+fi
+
+march_flags() {
+    # ARM features this CPU has, as llama.cpp's GGML_CPU_ARM_ARCH wants them.
+    local feats arch="armv8.2-a"
+    feats=$(grep -m1 -i '^Features' /proc/cpuinfo || true)
+    case " $feats " in *" asimddp "*) arch="$arch+dotprod" ;; esac
+    case " $feats " in *" i8mm "*) arch="$arch+i8mm" ;; esac
+    case " $feats " in *" asimdhp "*) arch="$arch+fp16" ;; esac
+    printf '%s' "$arch"
+}
+
+ARCH=$(uname -m)
+if [ "$ARCH" = aarch64 ]; then
+    MARCH=$(march_flags)
+    say "building llama.cpp for $MARCH"
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$MARCH -DGGML_CPU_REPACK=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF"
+else
+    say "not an aarch64 phone ($ARCH): letting llama.cpp detect the CPU"
+    export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
+fi
+# pyzmq links Termux's libzmq instead of building its bundled copy.
+export ZMQ_PREFIX="$PREFIX"
+
+python -m pip install --no-cache-dir "llama-cpp-python>=0.3.36"
+python -m pip install "$SRC"
+if ! pocketembed models list >/dev/null 2>&1 || ! pocketembed models prepare all-minilm-l6-v2:q8_0; then
+    say "model preparation needs pip's 'prepare' extra (torch); prepare the models on a computer with"
+    say "'pocketembed models prepare' and copy \$POCKETEMBED_HOME/models to the phone instead"
+fi
+
+# The service (termux-services / runit) and the boot script (Termux:Boot).
+mkdir -p "$PREFIX/var/service/pocketembed/log" "$HOME/.termux/boot"
+install -m 755 "$SRC/android/termux/service/pocketembed/run" "$PREFIX/var/service/pocketembed/run"
+install -m 755 "$SRC/android/termux/service/pocketembed/log/run" "$PREFIX/var/service/pocketembed/log/run"
+install -m 755 "$SRC/android/termux/boot/start-pocketembed" "$HOME/.termux/boot/start-pocketembed"
+touch "$PREFIX/var/service/pocketembed/down"   # not started until `sv-enable pocketembed`
+say "installed. Start it: sv-enable pocketembed; check: pocketembed status"

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Verify pocketembed's engine on ARM kernels, on an x86 machine:
+#   1. cross-compile llama.cpp's libraries (the sources inside the llama-cpp-python sdist this
+#      project uses) for aarch64 twice: -march=armv8.2-a+dotprod, and armv8.2-a+dotprod+i8mm;
+#   2. make an arm64 Debian root with debootstrap (python3, numpy, jinja2: what llama_cpp imports);
+#   3. run pocketembed's own Engine under qemu-aarch64 user-mode emulation on each build
+#      (LLAMA_CPP_LIB_PATH pointing at it), embedding real SMS with q8_0 and q4_0;
+#   4. compare with the x86 vectors of the same texts and print the table.
+#
+# Usage: scripts/arm_verify.sh [--texts N] [--build-only]
+# Needs: aarch64-linux-gnu-gcc/g++ (g++-aarch64-linux-gnu), qemu-aarch64-static (qemu-user-static),
+# debootstrap, cmake, and network access to a Debian mirror the first time. With --install (as
+# root) it installs those Debian packages. Everything is cached in $POCKETEMBED_ARM_DIR
+# (default ~/.cache/pocketembed/arm); a second run rebuilds nothing.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${POCKETEMBED_ARM_DIR:-$HOME/.cache/pocketembed/arm}
+PY=${PYTHON:-python3}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
+TEXTS=64
+BUILD_ONLY=0
+INSTALL=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --texts) TEXTS=$2; shift 2 ;;
+        --build-only) BUILD_ONLY=1; shift ;;
+        --install) INSTALL=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "arm_verify: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf 'arm_verify: %s\n' "$*" >&2; }
+
+if [ "$INSTALL" = 1 ]; then
+    apt-get install -y -q g++-aarch64-linux-gnu qemu-user-static debootstrap cmake >/dev/null
+fi
+missing=""
+for tool in aarch64-linux-gnu-gcc aarch64-linux-gnu-g++ qemu-aarch64-static debootstrap cmake; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
+    say "missing:$missing (Debian: g++-aarch64-linux-gnu qemu-user-static debootstrap cmake; or run with --install)"
+    exit 3
+fi
+mkdir -p "$WORK"
+
+# 1. The llama.cpp sources of the llama-cpp-python version this project runs.
+VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')
+SRC="$WORK/llama_cpp_python-$VERSION"
+if [ ! -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]; then
+    say "fetching the llama-cpp-python $VERSION sdist"
+    sdist=$(ls "$WORK"/llama_cpp_python-"$VERSION".tar.gz 2>/dev/null || true)
+    if [ -z "$sdist" ]; then
+        "$PY" -m pip download --no-deps --no-binary :all: "llama_cpp_python==$VERSION" -d "$WORK" -q
+        sdist="$WORK/llama_cpp_python-$VERSION.tar.gz"
+    fi
+    tar -xzf "$sdist" -C "$WORK"
+fi
+
+build() {  # build NAME MARCH
+    local name=$1 march=$2 out="$WORK/lib-$1"
+    if [ -f "$out/libllama.so" ]; then return; fi
+    say "cross-compiling llama.cpp for aarch64 ($march)"
+    cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/build-$name" -G "Unix Makefiles" \
+        -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
+        -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH="$march" -DGGML_CPU_REPACK=ON -DGGML_OPENMP=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF >"$WORK/cmake-$name.log"
+    cmake --build "$WORK/build-$name" --target llama -j "$(nproc)" >"$WORK/build-$name.log"
+    mkdir -p "$out"
+    find "$WORK/build-$name" -name '*.so*' -exec cp -a {} "$out/" \;
+}
+build dotprod armv8.2-a+dotprod
+build i8mm armv8.2-a+dotprod+i8mm
+
+# 2. An arm64 root. Only debootstrap's first stage runs (the second needs binfmt_misc to run arm64
+#    programs); every downloaded package is then unpacked by hand, which is all a Python needs.
+ROOT="$WORK/root"
+if [ ! -f "$ROOT/.unpacked" ]; then
+    say "making an arm64 Debian $SUITE root with debootstrap"
+    rm -rf "$ROOT"
+    debootstrap --arch=arm64 --foreign --variant=minbase \
+        --include=python3,python3-numpy,python3-jinja2,python3-typing-extensions,python3-diskcache \
+        "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log"
+    for deb in "$ROOT"/var/cache/apt/archives/*.deb; do
+        dpkg-deb -x "$deb" "$ROOT"
+    done
+    touch "$ROOT/.unpacked"
+fi
+
+# The Python side: pocketembed laid out as installed (package-dir mapping) and llama_cpp's
+# pure-Python bindings from the same sdist.
+STAGE="$WORK/stage"
+rm -rf "$STAGE"
+mkdir -p "$STAGE/pocketembed"
+cp -a "$REPO/pocketembed/." "$STAGE/pocketembed/"
+for pkg in daemon ipc gguf_models; do cp -a "$REPO/$pkg" "$STAGE/pocketembed/$pkg"; done
+cp -a "$SRC/llama_cpp" "$STAGE/llama_cpp"
+
+if [ "$BUILD_ONLY" = 1 ]; then
+    say "built: $WORK/lib-dotprod, $WORK/lib-i8mm, root $ROOT"
+    exit 0
+fi
+
+# 3 + 4. Embed under emulation, compare with x86.
+"$PY" "$REPO/scripts/arm_compare.py" --work "$WORK" --texts "$TEXTS"
