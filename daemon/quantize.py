@@ -103,17 +103,40 @@ def words(packed: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.view(np.uint64).T) if n else np.zeros((packed.shape[1] // 8, 0), np.uint64)
 
 
+try:  # the C scan, built by setup.py when a compiler was there (see _hamming.c)
+    from . import _hamming
+except ImportError:  # pragma: no cover - exercised on installs without a C compiler
+    _hamming = None
+
 BLOCK = 32768
 
 
-def hamming(word_rows: np.ndarray, query: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def accelerated() -> bool:
+    return _hamming is not None
+
+
+def hamming(word_rows: np.ndarray, query: np.ndarray, hist: np.ndarray | None = None) -> np.ndarray:
     """Hamming distances of a query's words to every column of ``word_rows`` (uint16).
 
-    Blocked so that the XOR and popcount temporaries stay in cache: one pass
-    over the codes in memory (48 MB at 1M × 384 bits).
+    With ``hist`` (uint32, 64·words + 1 zeros) it is filled with the count of each
+    distance, for :func:`smallest`. The C scan when built, else numpy blocked so
+    that its XOR and popcount temporaries stay in cache.
     """
     w, n = word_rows.shape
-    acc = np.empty(n, np.uint16) if out is None else out
+    if _hamming is not None and word_rows.flags.c_contiguous and query.dtype == np.uint64:
+        out = np.empty(n, np.uint16)
+        h = hist if hist is not None else np.zeros(64 * w + 1, np.uint32)
+        _hamming.scan(word_rows, w, n, np.ascontiguousarray(query), out, h)
+        return out
+    acc = hamming_numpy(word_rows, query)
+    if hist is not None:
+        hist[: 64 * w + 1] += np.bincount(acc, minlength=64 * w + 1).astype(np.uint32)
+    return acc
+
+
+def hamming_numpy(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    w, n = word_rows.shape
+    acc = np.empty(n, np.uint16)
     tmp = np.empty(min(n, BLOCK), np.uint64)
     cnt = np.empty(min(n, BLOCK), np.uint8)
     for s in range(0, n, BLOCK):
@@ -129,16 +152,16 @@ def hamming(word_rows: np.ndarray, query: np.ndarray, out: np.ndarray | None = N
     return acc
 
 
-def smallest(dist: np.ndarray, k: int) -> np.ndarray:
+def smallest(dist: np.ndarray, k: int, hist: np.ndarray | None = None) -> np.ndarray:
     """Indices of the k smallest distances, nearest first (ties in index order).
 
-    Small integer distances: a histogram finds the cut-off in one pass, so only
-    the few rows at or under it are sorted.
+    Small integer distances: a histogram (given, or counted here) finds the
+    cut-off, so only the few rows at or under it are sorted.
     """
     n = len(dist)
     if k >= n:
         return np.argsort(dist, kind="stable")
-    cum = np.cumsum(np.bincount(dist))
+    cum = np.cumsum(hist if hist is not None else np.bincount(dist))
     cut = int(np.searchsorted(cum, k))
     idx = np.flatnonzero(dist <= cut)
     return idx[np.argsort(dist[idx], kind="stable")[:k]]

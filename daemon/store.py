@@ -392,20 +392,23 @@ class Store:
         if info.calibration is None:
             return []
         codes = self.cache.get(self.conn, info)
-        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0])
+        hist = np.zeros(64 * codes.words.shape[0] + 1, np.uint32)
+        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0], hist)
         blocked = ~codes.valid
         if filter:
             blocked |= ~np.isin(codes.rowids, self._matching(collection, filter))
         if len(exclude):
             blocked |= np.isin(codes.rowids, self._rowids_of(collection, exclude))
+        available = len(dist)
         if blocked.any():
+            np.subtract.at(hist, dist[blocked], 1)  # out of the count, then out of reach
             dist[blocked] = np.iinfo(np.uint16).max
-        available = int(len(dist) - blocked.sum())
+            available -= int(blocked.sum())
         mult = DEFAULT_RESCORE if rescore_multiplier is None else rescore_multiplier
         n_cand = min(available, k * mult if rescore else k * 4, MAX_CANDIDATES)
         if n_cand <= 0:
             return []
-        picked = smallest(dist, n_cand)
+        picked = smallest(dist, n_cand, hist)
         rowids = codes.rowids[picked]
         if not rescore:
             scores = 1.0 - 2.0 * dist[picked].astype(np.float32) / info.dims

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,9 +35,21 @@ GOAL = 0.999
 ARM_FEATURES = ("NEON", "ARM_FMA", "FP16_VA", "DOTPROD", "MATMUL_INT8", "SVE", "REPACK")
 
 
-def run_arm(work: Path, build: str, model: Path, texts_file: Path, out: Path, timeout: float) -> dict:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage(dest: Path, llama_src: Path) -> Path:
+    """pocketembed laid out as installed (its package-dir mapping) plus llama_cpp's Python bindings."""
+    shutil.copytree(REPO / "pocketembed", dest / "pocketembed", ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("daemon", "ipc", "gguf_models"):
+        shutil.copytree(REPO / pkg, dest / "pocketembed" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(llama_src / "llama_cpp", dest / "llama_cpp", ignore=shutil.ignore_patterns("__pycache__", "lib"))
+    return dest
+
+
+def run_arm(work: Path, build: str, model: Path, texts_file: Path, out: Path, timeout: float, staged: Path) -> dict:
     root = work / "root"
-    env = dict(os.environ, PYTHONPATH=str(work / "stage"), LLAMA_CPP_LIB_PATH=str(work / f"lib-{build}"),
+    env = dict(os.environ, PYTHONPATH=str(staged), LLAMA_CPP_LIB_PATH=str(work / f"lib-{build}"),
                PYTHONDONTWRITEBYTECODE="1", QEMU_CPU="max")
     env.pop("PYTHONHOME", None)
     cmd = ["qemu-aarch64-static", "-L", str(root), str(root / "usr/bin/python3"),
@@ -54,6 +67,7 @@ def main() -> int:
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json", action="store_true", help="print the results as JSON (for the test)")
+    ap.add_argument("--llama-src", help="the unpacked llama-cpp-python sdist (default: the one in --work)")
     args = ap.parse_args()
     work = Path(args.work)
     sms = load_sms()
@@ -61,7 +75,9 @@ def main() -> int:
     texts = sms[::step][: args.texts]
     home = paths.home()
     results = []
+    llama_src = Path(args.llama_src) if args.llama_src else sorted(work.glob("llama_cpp_python-*/"))[-1]
     with tempfile.TemporaryDirectory() as tmp:
+        staged = stage(Path(tmp) / "stage", llama_src)
         texts_file = Path(tmp) / "texts.json"
         texts_file.write_text(json.dumps(texts))
         for q in QUANTS:
@@ -71,7 +87,7 @@ def main() -> int:
             with engine:
                 x86 = engine.embed(texts)
             for build in BUILDS:
-                info = run_arm(work, build, model, texts_file, Path(tmp) / f"{build}-{q}.npy", args.timeout)
+                info = run_arm(work, build, model, texts_file, Path(tmp) / f"{build}-{q}.npy", args.timeout, staged)
                 arm = np.load(info["out"])
                 cos = np.sum(arm * x86, axis=1) / (np.linalg.norm(arm, axis=1) * np.linalg.norm(x86, axis=1))
                 results.append({"build": build, "march": BUILDS[build], "quantization": q, "texts": len(texts),

@@ -93,19 +93,10 @@ if [ ! -f "$ROOT/.unpacked" ]; then
     touch "$ROOT/.unpacked"
 fi
 
-# The Python side: pocketembed laid out as installed (package-dir mapping) and llama_cpp's
-# pure-Python bindings from the same sdist.
-STAGE="$WORK/stage"
-rm -rf "$STAGE"
-mkdir -p "$STAGE/pocketembed"
-cp -a "$REPO/pocketembed/." "$STAGE/pocketembed/"
-for pkg in daemon ipc gguf_models; do cp -a "$REPO/$pkg" "$STAGE/pocketembed/$pkg"; done
-cp -a "$SRC/llama_cpp" "$STAGE/llama_cpp"
-
 if [ "$BUILD_ONLY" = 1 ]; then
     say "built: $WORK/lib-dotprod, $WORK/lib-i8mm, root $ROOT"
     exit 0
 fi
 
 # 3 + 4. Embed under emulation, compare with x86.
-"$PY" "$REPO/scripts/arm_compare.py" --work "$WORK" --texts "$TEXTS"
+"$PY" "$REPO/scripts/arm_compare.py" --work "$WORK" --texts "$TEXTS" --llama-src "$SRC"

@@ -96,7 +96,19 @@ install_java_libs() {
     fi
 }
 
+install_shellcheck() {
+    # tests/test_android.py checks the Termux scripts with shellcheck.
+    command -v shellcheck >/dev/null && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing shellcheck (for the Termux scripts' test)"
+        apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1; } ||
+            say "could not install shellcheck; its test will skip"
+    fi
+}
+
 install_java_libs
+install_shellcheck
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     "$PYTHON" -m venv "$VENV"

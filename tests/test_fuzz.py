@@ -38,7 +38,7 @@ embed_args = st.fixed_dictionaries({}, optional={
 })
 job_args = st.fixed_dictionaries({}, optional={
     "db": st.one_of(st.sampled_from(["/nonexistent/sms.db", "relative.db", "/dev/null", ""]), values),
-    "table": values, "id_column": values, "text_column": values, "where": values, "collection": values,
+    "table": values, "id_column": values, "text_column": values, "where": values,
     "job": st.one_of(st.integers(-3, 3), values), "limit": values,
     "collection": st.one_of(st.sampled_from(["fuzz", "", "nope"]), values), "query": st.one_of(texts, values), "k": st.one_of(st.integers(-2, 2000), values), "filter": values,
     "rescore_multiplier": values, "ids": st.one_of(st.lists(values, max_size=3), values),

@@ -1,0 +1,41 @@
+"""The codes and the Hamming scan, against plain numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pocketembed.daemon import quantize as qz
+
+
+def test_scan_matches_a_plain_popcount_and_smallest_is_exact():
+    rng = np.random.default_rng(3)
+    packed = rng.integers(0, 256, size=(5000, 48), dtype=np.uint8)
+    query = rng.integers(0, 256, size=(1, 48), dtype=np.uint8)
+    ref = np.unpackbits(packed ^ query, axis=1).sum(axis=1)
+    w = qz.words(packed)
+    qw = qz.words(query)[:, 0]
+    hist = np.zeros(385, np.uint32)
+    dist = qz.hamming(w, qw, hist)
+    assert np.array_equal(dist, ref) and np.array_equal(qz.hamming_numpy(w, qw), ref)
+    assert np.array_equal(hist, np.bincount(ref, minlength=385))
+    top = qz.smallest(dist, 37, hist)
+    assert len(top) == 37 and np.array_equal(np.sort(dist[top]), np.sort(ref)[:37])
+    assert np.all(np.diff(dist[top].astype(int)) >= 0)
+
+
+def test_codes_round_trip_and_bits_come_from_the_int8_vector():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1500, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cal = qz.calibrate(x)
+    assert cal.rotation is not None and cal.rotation.shape == (64, 64)  # ≥ ITQ_MIN vectors: rotation learned
+    assert np.allclose(cal.rotation @ cal.rotation.T, np.eye(64), atol=1e-4)
+    codes, bits = cal.encode(x)
+    back = cal.dequantize(codes)
+    assert np.abs(back - x).max() <= cal.scale.max() / 2 + 1e-6
+    assert np.array_equal(bits, cal.bits(back)) and bits.shape == (1500, 8)
+    again, again_bits = cal.encode(back)  # re-encoding a dequantized vector changes nothing
+    assert np.array_equal(again, codes) and np.array_equal(again_bits, bits)
+    blobs = cal.to_blobs()
+    same = qz.Calibration.from_blobs(64, blobs["lo"], blobs["hi"], blobs["mean"], blobs["rotation"], blobs["calib_count"])
+    assert np.array_equal(same.int8(x), codes)
