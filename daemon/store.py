@@ -172,6 +172,20 @@ class CodeCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._codes: dict[str, _Codes] = {}
+        self._calibrations: dict[str, tuple[int, Calibration]] = {}
+
+    def calibration(self, conn: sqlite3.Connection, name: str, dims: int, version: int) -> Calibration:
+        """A collection's calibration, read once per version (the rotation alone is dims² floats)."""
+        with self._lock:
+            hit = self._calibrations.get(name)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+        row = conn.execute("SELECT lo, hi, mean, rotation, calib_count, calib_version FROM collections WHERE name = ?",
+                           (name,)).fetchone()
+        cal = Calibration.from_blobs(dims, *row[:5])
+        with self._lock:  # filed under the version read with it: a concurrent recalibration is never mixed in
+            self._calibrations[name] = (row[5], cal)
+        return cal
 
     def get(self, conn: sqlite3.Connection, info: _Info) -> _Codes:
         with self._lock:
@@ -193,6 +207,7 @@ class CodeCache:
     def drop(self, name: str) -> None:
         with self._lock:
             self._codes.pop(name, None)
+            self._calibrations.pop(name, None)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -226,12 +241,12 @@ class Store:
                                      f"not {model} / {dims}; use another collection or drop it")
 
     def info(self, name: str, conn: sqlite3.Connection | None = None) -> _Info:
-        row = (conn or self.conn).execute(
-            "SELECT name, model, dims, float_vectors, version, calib_version, lo, hi, mean, rotation, calib_count "
-            "FROM collections WHERE name = ?", (name,)).fetchone()
+        conn = conn or self.conn
+        row = conn.execute("SELECT name, model, dims, float_vectors, version, calib_version, calib_count IS NOT NULL "
+                           "FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise UnknownCollection(f"no collection named {name!r}")
-        cal = Calibration.from_blobs(row[2], *row[6:]) if row[6] is not None else None
+        cal = self.cache.calibration(conn, name, row[2], row[5]) if row[6] else None
         return _Info(row[0], row[1], row[2], bool(row[3]), row[4], row[5], cal)
 
     def collection(self, name: str) -> dict[str, Any]:
