@@ -92,6 +92,13 @@ if [ ! -f "$ROOT/.unpacked" ]; then
     done
     touch "$ROOT/.unpacked"
 fi
+# What the skipped maintainer scripts would have done for numpy: the BLAS/LAPACK alternatives.
+for lib in "$ROOT"/usr/lib/aarch64-linux-gnu/blas/lib*.so.3 "$ROOT"/usr/lib/aarch64-linux-gnu/lapack/lib*.so.3; do
+    [ -e "$lib" ] || continue
+    link="$ROOT/usr/lib/aarch64-linux-gnu/$(basename "$lib")"
+    # Relative: qemu maps the root's absolute paths, the kernel resolving a symlink does not.
+    [ -e "$link" ] || ln -s "$(basename "$(dirname "$lib")")/$(basename "$lib")" "$link"
+done
 
 if [ "$BUILD_ONLY" = 1 ]; then
     say "built: $WORK/lib-dotprod, $WORK/lib-i8mm, root $ROOT"
