@@ -9,6 +9,7 @@ import platform
 
 from setuptools import Extension, setup
 
-flags = ["-O3"] + (["-mpopcnt"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+flags = ["-O3", "-pthread"] + (["-mpopcnt"] if platform.machine().lower() in ("x86_64", "amd64") else [])
 
-setup(ext_modules=[Extension("pocketembed.daemon._hamming", ["daemon/_hamming.c"], extra_compile_args=flags, optional=True)])
+setup(ext_modules=[Extension("pocketembed.daemon._hamming", ["daemon/_hamming.c"], extra_compile_args=flags,
+                             extra_link_args=["-pthread"], optional=True)])

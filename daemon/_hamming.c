@@ -1,53 +1,80 @@
-/* Hamming distances of one query to n packed binary codes, and their histogram.
+/* Hamming distances of one query to n packed binary codes.
  *
  * The optional accelerator of quantize.hamming (numpy's bitwise_count is the
- * fallback). Measured at 1M × 384 bits on this project's 2-core x86 VM:
- * numpy 13.6 ms + 4 ms selection, faiss IndexBinaryFlat 11 ms, simsimd 12.8 ms,
- * sqlite-vec 255 ms; this loop ~4 ms, which is what search needs to be 20×
- * faster than float32 brute force (scripts/bench_search.py).
+ * fallback). Measured at 1M × 384 bits on this project's 2-core x86 VM
+ * (scripts/bench_search.py needs ≤ 4 ms for search to be 20× faster than
+ * float32 brute force): numpy 13.6 ms, faiss IndexBinaryFlat 11 ms, simsimd's
+ * hamming cdist 12.8 ms, sqlite-vec 255 ms; this loop 3.8 ms on one core and
+ * ~1.7 ms on two, which is about the memory bandwidth.
  *
  * The codes are laid out as w rows of n uint64 words (word j of every code
- * contiguous), the layout the numpy path uses too. One pass over the codes:
- * XOR, popcount, sum, store a uint16 distance; then one over the distances to
- * fill the histogram the top-k selection cuts at.
+ * contiguous), the layout the numpy path uses too.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
 #include <stdint.h>
 
+struct part {
+    const uint64_t *c, *q;
+    Py_ssize_t w, n, start, stop;
+    uint16_t *d;
+};
+
+/* Codes start..stop of every word row (the rows keep their stride n). */
+static void scan_part(const struct part *p) {
+    Py_ssize_t m = p->stop - p->start;
+    uint16_t *d = p->d + p->start;
+    if (p->w == 6) { /* 384 dims, the common case: unrolled over the six words */
+        const uint64_t *c = p->c + p->start;
+        const uint64_t *c0 = c, *c1 = c + p->n, *c2 = c + 2 * p->n, *c3 = c + 3 * p->n, *c4 = c + 4 * p->n,
+                       *c5 = c + 5 * p->n;
+        const uint64_t q0 = p->q[0], q1 = p->q[1], q2 = p->q[2], q3 = p->q[3], q4 = p->q[4], q5 = p->q[5];
+        for (Py_ssize_t i = 0; i < m; i++)
+            d[i] = (uint16_t)(__builtin_popcountll(c0[i] ^ q0) + __builtin_popcountll(c1[i] ^ q1) +
+                              __builtin_popcountll(c2[i] ^ q2) + __builtin_popcountll(c3[i] ^ q3) +
+                              __builtin_popcountll(c4[i] ^ q4) + __builtin_popcountll(c5[i] ^ q5));
+        return;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) d[i] = 0;
+    for (Py_ssize_t j = 0; j < p->w; j++) {
+        const uint64_t *cj = p->c + j * p->n + p->start, qj = p->q[j];
+        for (Py_ssize_t i = 0; i < m; i++) d[i] = (uint16_t)(d[i] + __builtin_popcountll(cj[i] ^ qj));
+    }
+}
+
+static void *scan_thread(void *arg) {
+    scan_part((const struct part *)arg);
+    return NULL;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
-    Py_buffer codes, query, out, hist;
-    Py_ssize_t w, n;
-    if (!PyArg_ParseTuple(args, "y*nny*w*w*", &codes, &w, &n, &query, &out, &hist))
+    Py_buffer codes, query, out;
+    Py_ssize_t w, n, threads = 1;
+    if (!PyArg_ParseTuple(args, "y*nny*w*|n", &codes, &w, &n, &query, &out, &threads))
         return NULL;
     PyObject *result = NULL;
-    if (w < 1 || w > 64 || n < 0 || codes.len < (Py_ssize_t)(w * n * 8) || query.len < w * 8 ||
-        out.len < n * 2 || hist.len < (64 * w + 1) * 4) {
+    if (w < 1 || w > 64 || n < 0 || codes.len < (Py_ssize_t)(w * n * 8) || query.len < w * 8 || out.len < n * 2) {
         PyErr_SetString(PyExc_ValueError, "hamming.scan: buffer sizes do not match w and n");
         goto done;
     }
-    const uint64_t *c = (const uint64_t *)codes.buf;
-    const uint64_t *q = (const uint64_t *)query.buf;
-    uint16_t *d = (uint16_t *)out.buf;
-    uint32_t *h = (uint32_t *)hist.buf;
+    struct part first = {(const uint64_t *)codes.buf, (const uint64_t *)query.buf, w, n, 0, n, (uint16_t *)out.buf};
     Py_BEGIN_ALLOW_THREADS
-    if (w == 6) {
-        const uint64_t *c0 = c, *c1 = c + n, *c2 = c + 2 * n, *c3 = c + 3 * n, *c4 = c + 4 * n, *c5 = c + 5 * n;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            unsigned acc = __builtin_popcountll(c0[i] ^ q[0]) + __builtin_popcountll(c1[i] ^ q[1]) +
-                           __builtin_popcountll(c2[i] ^ q[2]) + __builtin_popcountll(c3[i] ^ q[3]) +
-                           __builtin_popcountll(c4[i] ^ q[4]) + __builtin_popcountll(c5[i] ^ q[5]);
-            d[i] = (uint16_t)acc;
+    /* Bound by memory bandwidth, which a second core adds to. */
+    if (threads > 1 && n >= 65536) {
+        struct part second = first;
+        first.stop = second.start = n / 2;
+        pthread_t tid;
+        if (pthread_create(&tid, NULL, scan_thread, &second) == 0) {
+            scan_part(&first);
+            pthread_join(tid, NULL);
+        } else {
+            scan_part(&first);
+            scan_part(&second);
         }
     } else {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            unsigned acc = 0;
-            for (Py_ssize_t j = 0; j < w; j++)
-                acc += (unsigned)__builtin_popcountll(c[j * n + i] ^ q[j]);
-            d[i] = (uint16_t)acc;
-        }
+        scan_part(&first);
     }
-    for (Py_ssize_t i = 0; i < n; i++) h[d[i]]++;
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -55,12 +82,11 @@ done:
     PyBuffer_Release(&codes);
     PyBuffer_Release(&query);
     PyBuffer_Release(&out);
-    PyBuffer_Release(&hist);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_VARARGS, "scan(codes, w, n, query, out_uint16, hist_uint32): Hamming distances and histogram"},
+    {"scan", scan, METH_VARARGS, "scan(codes, w, n, query, out_uint16[, threads]): Hamming distances"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,6 +21,7 @@ bits as a fresh one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,29 +110,26 @@ except ImportError:  # pragma: no cover - exercised on installs without a C comp
     _hamming = None
 
 BLOCK = 32768
+SCAN_THREADS = min(2, os.cpu_count() or 1)
+"""The C scan is bound by memory bandwidth, which a second core adds to."""
 
 
 def accelerated() -> bool:
     return _hamming is not None
 
 
-def hamming(word_rows: np.ndarray, query: np.ndarray, hist: np.ndarray | None = None) -> np.ndarray:
+def hamming(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Hamming distances of a query's words to every column of ``word_rows`` (uint16).
 
-    With ``hist`` (uint32, 64·words + 1 zeros) it is filled with the count of each
-    distance, for :func:`smallest`. The C scan when built, else numpy blocked so
-    that its XOR and popcount temporaries stay in cache.
+    The C scan when it was built (two threads: it is bound by memory
+    bandwidth), else numpy, blocked so that its temporaries stay in cache.
     """
     w, n = word_rows.shape
-    if _hamming is not None and word_rows.flags.c_contiguous and query.dtype == np.uint64:
+    if _hamming is not None and word_rows.flags.c_contiguous and word_rows.dtype == np.uint64:
         out = np.empty(n, np.uint16)
-        h = hist if hist is not None else np.zeros(64 * w + 1, np.uint32)
-        _hamming.scan(word_rows, w, n, np.ascontiguousarray(query), out, h)
+        _hamming.scan(word_rows, w, n, np.ascontiguousarray(query, np.uint64), out, SCAN_THREADS)
         return out
-    acc = hamming_numpy(word_rows, query)
-    if hist is not None:
-        hist[: 64 * w + 1] += np.bincount(acc, minlength=64 * w + 1).astype(np.uint32)
-    return acc
+    return hamming_numpy(word_rows, query)
 
 
 def hamming_numpy(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -152,16 +150,22 @@ def hamming_numpy(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     return acc
 
 
-def smallest(dist: np.ndarray, k: int, hist: np.ndarray | None = None) -> np.ndarray:
+def smallest(dist: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k smallest distances, nearest first (ties in index order).
 
-    Small integer distances: a histogram (given, or counted here) finds the
-    cut-off, so only the few rows at or under it are sorted.
+    Exact, without sorting or counting all n: a cut-off estimated from every
+    64th distance, raised until at least k rows are at or under it; only those
+    are sorted.
     """
     n = len(dist)
     if k >= n:
         return np.argsort(dist, kind="stable")
-    cum = np.cumsum(hist if hist is not None else np.bincount(dist))
-    cut = int(np.searchsorted(cum, k))
-    idx = np.flatnonzero(dist <= cut)
-    return idx[np.argsort(dist[idx], kind="stable")[:k]]
+    step = 64 if n >= 64 * 256 else 1
+    sample = dist[::step]
+    at = min(len(sample) - 1, int(4 * k / step) + 2)  # ~4k rows under the cut: rarely a second pass
+    cut = int(np.partition(sample, at)[at])
+    while True:
+        idx = np.flatnonzero(dist <= cut)
+        if len(idx) >= k:
+            return idx[np.argsort(dist[idx], kind="stable")[:k]]
+        cut += 1  # distances are small integers: a step of 1 adds the next shell

@@ -136,6 +136,8 @@ class _Codes:
         self.rowids = rowids
         self.words = word_rows
         self.valid = np.ones(len(rowids), bool)
+        self.all_valid = True
+        """No deleted rows among the codes: searches skip the mask."""
 
     def apply(self, version: int, deleted: np.ndarray, changed_rows: np.ndarray, changed_words: np.ndarray) -> None:
         if len(deleted):
@@ -159,6 +161,7 @@ class _Codes:
         if (~self.valid).sum() > len(self.valid) // 4 + 1024:  # compact
             keep = self.valid
             self.rowids, self.words, self.valid = self.rowids[keep], np.ascontiguousarray(self.words[:, keep]), self.valid[keep]
+        self.all_valid = bool(self.valid.all())
         self.version = version
 
     @property
@@ -407,50 +410,47 @@ class Store:
         if info.calibration is None:
             return []
         codes = self.cache.get(self.conn, info)
-        hist = np.zeros(64 * codes.words.shape[0] + 1, np.uint32)
-        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0], hist)
-        blocked = ~codes.valid
-        if filter:
-            blocked |= ~np.isin(codes.rowids, self._matching(collection, filter))
-        if len(exclude):
-            blocked |= np.isin(codes.rowids, self._rowids_of(collection, exclude))
+        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0])
         available = len(dist)
-        if blocked.any():
-            np.subtract.at(hist, dist[blocked], 1)  # out of the count, then out of reach
+        if filter or len(exclude) or not codes.all_valid:
+            blocked = ~codes.valid
+            if filter:
+                blocked |= ~np.isin(codes.rowids, self._matching(collection, filter))
+            if len(exclude):
+                blocked |= np.isin(codes.rowids, self._rowids_of(collection, exclude))
             dist[blocked] = np.iinfo(np.uint16).max
             available -= int(blocked.sum())
         mult = DEFAULT_RESCORE if rescore_multiplier is None else rescore_multiplier
         n_cand = min(available, k * mult if rescore else k * 4, MAX_CANDIDATES)
         if n_cand <= 0:
             return []
-        picked = smallest(dist, n_cand, hist)
+        picked = smallest(dist, n_cand)
         rowids = codes.rowids[picked]
         if not rescore:
             scores = 1.0 - 2.0 * dist[picked].astype(np.float32) / info.dims
-            return self._best_per_item(rowids, scores, None, k)
-        rows = self._rows(rowids, with_codes=True)
-        mat = np.stack([np.frombuffer(rows[r][3], np.int8) for r in rowids])
-        scores = info.calibration.dequantize(mat) @ q
-        return self._best_per_item(rowids, scores, rows, k)
-
-    def _best_per_item(self, rowids: np.ndarray, scores: np.ndarray, rows: dict | None, k: int) -> list[dict[str, Any]]:
-        rows = rows or self._rows(rowids, with_codes=False)
-        best: dict[Any, tuple[float, int]] = {}
-        for r, s in zip(rowids.tolist(), scores.tolist()):
-            item_id = rows[r][0]
-            if item_id not in best or s > best[item_id][0]:
-                best[item_id] = (s, r)
+            ids = self._column(rowids, "id")
+        else:
+            ids, codes_i8 = self._column(rowids, "id", "i8")
+            mat = np.frombuffer(b"".join(codes_i8), np.int8).reshape(len(rowids), info.dims)
+            scores = info.calibration.dequantize(mat) @ q
+        best: dict[Any, tuple[float, int]] = {}  # per item its best chunk
+        for item_id, r, sc in zip(ids, rowids.tolist(), scores.tolist()):
+            if item_id not in best or sc > best[item_id][0]:
+                best[item_id] = (sc, r)
         ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
-        return [{"id": item_id, "score": round(s, 6), "metadata": json.loads(rows[r][2]) if rows[r][2] else None}
-                for item_id, (s, r) in ranked]
+        meta = dict(zip([r for _, (_, r) in ranked], self._column(np.array([r for _, (_, r) in ranked], np.int64), "metadata")))
+        return [{"id": item_id, "score": round(sc, 6), "metadata": json.loads(meta[r]) if meta[r] else None}
+                for item_id, (sc, r) in ranked]
 
-    def _rows(self, rowids: np.ndarray, with_codes: bool) -> dict[int, tuple]:
-        cols = "rowid, id, chunk, metadata" + (", i8" if with_codes else "")
-        out: dict[int, tuple] = {}
+    def _column(self, rowids: np.ndarray, *cols: str) -> Any:
+        """Columns of the rows with these rowids, in the rowids' order (one list per column)."""
+        found: dict[int, tuple] = {}
         for part in _parts(rowids.tolist()):
-            for row in self.conn.execute(f"SELECT {cols} FROM items WHERE rowid IN ({','.join('?' * len(part))})", part):
-                out[row[0]] = (row[1], row[2], row[3], *(row[4:]))
-        return out
+            sql = f"SELECT rowid, {', '.join(cols)} FROM items WHERE rowid IN ({','.join('?' * len(part))})"
+            found.update((row[0], row[1:]) for row in self.conn.execute(sql, part))
+        values = [found[r] for r in rowids.tolist()]
+        out = [[v[i] for v in values] for i in range(len(cols))]
+        return out[0] if len(cols) == 1 else out
 
     def _matching(self, collection: str, filter: dict[str, Any]) -> np.ndarray:
         where, params = [], [collection]
