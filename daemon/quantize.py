@@ -150,6 +150,46 @@ def hamming_numpy(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     return acc
 
 
+SAMPLE = 16384
+CANDIDATE_CAP = 65536
+
+
+def nearest(word_rows: np.ndarray, query: np.ndarray, k: int,
+            blocked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k codes nearest to a query (indices and distances, nearest first; ties by index).
+
+    Large collections with the C scan: a cut-off is estimated from the first
+    16,384 codes, and one pass keeps only the codes within it, so no distance
+    per code is stored or searched (at 1M that was ~1 ms of a 5.5 ms search).
+    When the estimate keeps too few or too many, the exact slow path runs.
+    ``blocked`` (bool per code) removes codes from the result.
+    """
+    w, n = word_rows.shape
+    q = np.ascontiguousarray(query, np.uint64)
+    if (_hamming is not None and w == 6 and n >= 4 * SAMPLE and k <= CANDIDATE_CAP // 8
+            and word_rows.flags.c_contiguous and word_rows.dtype == np.uint64):
+        head = hamming(np.ascontiguousarray(word_rows[:, :SAMPLE]), q)
+        at = min(SAMPLE - 1, int(4 * k * SAMPLE / n) + 2)
+        cut = int(np.partition(head, at)[at])
+        idx = np.empty(CANDIDATE_CAP, np.int64)
+        dist = np.empty(CANDIDATE_CAP, np.uint16)
+        count = _hamming.scan_below(word_rows, n, q, cut, idx, dist, SCAN_THREADS)
+        if count >= 0:
+            idx, dist = idx[:count], dist[:count]
+            if blocked is not None:
+                keep = ~blocked[idx]
+                idx, dist = idx[keep], dist[keep]
+            if len(idx) >= k:  # every code within the cut is here, so these k are exact
+                order = np.lexsort((idx, dist))[:k]
+                return idx[order], dist[order]
+    dist = hamming(word_rows, q)
+    if blocked is not None:
+        dist[blocked] = np.iinfo(np.uint16).max
+        k = min(k, int(n - blocked.sum()))
+    picked = smallest(dist, k)
+    return picked, dist[picked]
+
+
 def smallest(dist: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k smallest distances, nearest first (ties in index order).
 

@@ -34,7 +34,7 @@ import sqlite_utils
 
 from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollection
 
-from .quantize import Calibration, calibrate, hamming, smallest, words
+from .quantize import Calibration, calibrate, nearest, words
 
 RECALIBRATE_UNTIL = 65_536
 """Ranges and rotation are recomputed each time a collection doubles, up to this size."""
@@ -410,24 +410,23 @@ class Store:
         if info.calibration is None:
             return []
         codes = self.cache.get(self.conn, info)
-        dist = hamming(codes.words, words(info.calibration.bits(q[None, :]))[:, 0])
-        available = len(dist)
+        blocked = None
+        available = len(codes.rowids)
         if filter or len(exclude) or not codes.all_valid:
             blocked = ~codes.valid
             if filter:
                 blocked |= ~np.isin(codes.rowids, self._matching(collection, filter))
             if len(exclude):
                 blocked |= np.isin(codes.rowids, self._rowids_of(collection, exclude))
-            dist[blocked] = np.iinfo(np.uint16).max
             available -= int(blocked.sum())
         mult = DEFAULT_RESCORE if rescore_multiplier is None else rescore_multiplier
         n_cand = min(available, k * mult if rescore else k * 4, MAX_CANDIDATES)
         if n_cand <= 0:
             return []
-        picked = smallest(dist, n_cand)
+        picked, picked_dist = nearest(codes.words, words(info.calibration.bits(q[None, :]))[:, 0], n_cand, blocked)
         rowids = codes.rowids[picked]
         if not rescore:
-            scores = 1.0 - 2.0 * dist[picked].astype(np.float32) / info.dims
+            scores = 1.0 - 2.0 * picked_dist.astype(np.float32) / info.dims
             ids = self._column(rowids, "id")
         else:
             ids, codes_i8 = self._column(rowids, "id", "i8")

@@ -40,3 +40,26 @@ def test_codes_round_trip_and_bits_come_from_the_int8_vector():
     blobs = cal.to_blobs()
     same = qz.Calibration.from_blobs(64, blobs["lo"], blobs["hi"], blobs["mean"], blobs["rotation"], blobs["calib_count"])
     assert np.array_equal(same.int8(x), codes)
+
+
+def test_nearest_fast_path_equals_the_full_scan():
+    rng = np.random.default_rng(5)
+    packed = rng.integers(0, 256, size=(70_000, 48), dtype=np.uint8)
+    w = qz.words(packed)
+    query = qz.words(packed[123:124] ^ np.uint8(1))[:, 0]
+    ref = qz.hamming_numpy(w, query)
+    order = np.lexsort((np.arange(len(ref)), ref))
+    for k in (1, 100, 1000):
+        idx, dist = qz.nearest(w, query, k)
+        assert np.array_equal(idx, order[:k]) and np.array_equal(dist, ref[order[:k]])
+    blocked = np.zeros(len(ref), bool)
+    blocked[order[:50]] = True  # the 50 nearest are deleted
+    idx, _ = qz.nearest(w, query, 100, blocked)
+    assert np.array_equal(idx, order[50:150])
+    # The first 16,384 codes unlike the rest: the estimated cut-off keeps too few, the exact path answers.
+    skewed = packed.copy()
+    skewed[:16_384] = packed[123] ^ np.uint8(0xFF)
+    ws = qz.words(skewed)
+    ref = qz.hamming_numpy(ws, query)
+    idx, dist = qz.nearest(ws, query, 100)
+    assert np.array_equal(dist, np.sort(ref)[:100]) and np.array_equal(idx, np.lexsort((np.arange(len(ref)), ref))[:100])
