@@ -28,11 +28,14 @@ struct part {
 
 /* The 384-dim loop, compiled a second time for x86 CPUs with AVX-512 VPOPCNTDQ (eight codes per
  * popcount instruction), chosen at run time: the extension stays safe on any x86-64 with POPCNT. */
+/* Distance of code i, with the six word rows in c0..c5 and the query's words in q0..q5. */
+#define DIST6(i)                                                                                                    \
+    ((unsigned)(__builtin_popcountll(c0[i] ^ q0) + __builtin_popcountll(c1[i] ^ q1) +                              \
+                __builtin_popcountll(c2[i] ^ q2) + __builtin_popcountll(c3[i] ^ q3) +                              \
+                __builtin_popcountll(c4[i] ^ q4) + __builtin_popcountll(c5[i] ^ q5)))
+
 #define SCAN6_BODY                                                                                                  \
-    for (Py_ssize_t i = 0; i < m; i++)                                                                              \
-        d[i] = (uint16_t)(__builtin_popcountll(c0[i] ^ q0) + __builtin_popcountll(c1[i] ^ q1) +                     \
-                          __builtin_popcountll(c2[i] ^ q2) + __builtin_popcountll(c3[i] ^ q3) +                     \
-                          __builtin_popcountll(c4[i] ^ q4) + __builtin_popcountll(c5[i] ^ q5));
+    for (Py_ssize_t i = 0; i < m; i++) d[i] = (uint16_t)DIST6(i);
 
 #define SCAN6_ARGS                                                                                                  \
     const uint64_t *c0, const uint64_t *c1, const uint64_t *c2, const uint64_t *c3, const uint64_t *c4,            \
@@ -86,9 +89,7 @@ static void below_part(struct part *p) {
     const unsigned cut = (unsigned)p->cut;
     Py_ssize_t count = 0;
     for (Py_ssize_t i = p->start; i < p->stop; i++) {
-        unsigned a = (unsigned)(__builtin_popcountll(c0[i] ^ q0) + __builtin_popcountll(c1[i] ^ q1) +
-                                __builtin_popcountll(c2[i] ^ q2) + __builtin_popcountll(c3[i] ^ q3) +
-                                __builtin_popcountll(c4[i] ^ q4) + __builtin_popcountll(c5[i] ^ q5));
+        unsigned a = DIST6(i);
         if (a <= cut) {
             if (count == p->cap) {
                 p->count = -1;

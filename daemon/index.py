@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pocketembed.errors import InvalidInput, PocketEmbedError
+from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, UnknownCollection
 from pocketembed.gguf_models.catalog import get
 
 from .models import ModelRegistry
@@ -37,6 +37,8 @@ log = logging.getLogger("pocketembed.index")
 
 Reply = Callable[[Any, Any, PocketEmbedError | None], None]
 """reply(context, result, error): hands a finished request back to the server."""
+LATER = object()
+"""What an op returns when a callback will answer it (a search waiting for its query vector)."""
 
 
 class EmbeddingLRU:
@@ -97,10 +99,9 @@ class IndexService:
 
     def stop(self) -> None:
         """Finish what is queued, then stop (the scheduler must still be running)."""
-        self._write_q.put(None)
-        self._threads[1].join(60) if len(self._threads) > 1 else None
-        self._search_q.put(None)
-        self._threads[0].join(60) if self._threads else None
+        for q, thread in zip((self._search_q, self._write_q), self._threads):
+            q.put(None)
+            thread.join(60)
 
     def submit(self, op: str, args: dict[str, Any], context: Any) -> None:
         """From the I/O thread: queue an op (already type-checked)."""
@@ -111,27 +112,35 @@ class IndexService:
 
     # -- search thread -----------------------------------------------------------------
 
+    def _answer(self, op: str, context: Any, work: Callable[[], Any]) -> None:
+        """Run one op; its result or its error is the reply (``LATER``: it answers by itself later)."""
+        try:
+            result = work()
+        except PocketEmbedError as e:
+            self.reply(context, None, e)
+            return
+        except Exception as e:  # a bug: answer it, keep serving
+            log.exception("%s failed", op)
+            self.reply(context, None, PocketEmbedError(f"internal error: {type(e).__name__}: {e}", code="internal"))
+            return
+        if result is not LATER:
+            self.reply(context, result, None)
+
     def _search_loop(self) -> None:
         conn = connect(self.db_path)
         store = Store(conn, self.cache)
         while (job := self._search_q.get()) is not None:
             op, args, context = job
-            try:
-                if op == "collections.list":
-                    self.reply(context, store.collections(), None)
-                elif op == "search":
-                    self._start_search(store, args, context)
-                else:  # "search.run": the query vector is ready
-                    (info, vec), (ctx, request_args) = args, context
-                    self._run_search(store, info, vec, ctx, request_args)
-            except PocketEmbedError as e:
-                self.reply(context, None, e)
-            except Exception as e:  # a bug: answer it, keep serving
-                log.exception("%s failed", op)
-                self.reply(context, None, PocketEmbedError(f"internal error: {type(e).__name__}: {e}", code="internal"))
+            if op == "collections.list":
+                self._answer(op, context, store.collections)
+            elif op == "search":
+                self._answer(op, context, lambda: self._start_search(store, args, context))
+            else:  # "search.run": the query vector is ready
+                (info, vec), (ctx, request_args) = args, context
+                self._answer(op, ctx, lambda: self._run_search(store, info, vec, request_args))
         conn.close()
 
-    def _start_search(self, store: Store, args: dict[str, Any], context: Any) -> None:
+    def _start_search(self, store: Store, args: dict[str, Any], context: Any) -> Any:
         info = store.info(args["collection"])
         model = args.get("model")
         if model is not None and get(model).name != info.model:
@@ -141,8 +150,7 @@ class IndexService:
         key = (info.model, info.dims, text)
         vec = self.lru.get(key)
         if vec is not None:
-            self._run_search(store, info, vec, context, args)
-            return
+            return self._run_search(store, info, vec, args)
 
         def embedded(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
             if err is not None:
@@ -154,16 +162,13 @@ class IndexService:
         self.scheduler.submit(EmbedTask(texts=[text], model=info.model, on_done=embedded, lane=INTERACTIVE,
                                         dims=info.dims, truncate=True),
                               max_tokens=self.models.max_tokens(info.model))
+        return LATER
 
-    def _run_search(self, store: Store, info: Any, vec: np.ndarray, context: Any, args: dict[str, Any]) -> None:
-        try:
-            hits = store.search(info.name, vec, k=args.get("k", 10), rescore_multiplier=args.get("rescore_multiplier"),
-                                filter=args.get("filter"), rescore=args.get("rescore", True))
-        except PocketEmbedError as e:
-            self.reply(context, None, e)
-            return
+    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
+        hits = store.search(info.name, vec, k=args.get("k", 10), rescore_multiplier=args.get("rescore_multiplier"),
+                            filter=args.get("filter"), rescore=args.get("rescore", True))
         self.searches += 1
-        self.reply(context, {"collection": info.name, "model": info.model, "hits": hits}, None)
+        return {"collection": info.name, "model": info.model, "hits": hits}
 
     # -- write thread ------------------------------------------------------------------
 
@@ -172,39 +177,31 @@ class IndexService:
         store = Store(conn, self.cache)
         while (job := self._write_q.get()) is not None:
             op, args, context = job
-            try:
-                if op == "index.add":
-                    result = self._add(store, conn, args)
-                elif op == "index.delete":
-                    with transaction(conn):
-                        result = {"deleted": store.delete(conn, args["collection"], args["ids"])}
-                else:  # collections.drop
-                    with transaction(conn):
-                        result = {"collection": args["collection"], "dropped": store.drop(conn, args["collection"])}
-                self.reply(context, result, None)
-            except PocketEmbedError as e:
-                self.reply(context, None, e)
-            except Exception as e:
-                log.exception("%s failed", op)
-                self.reply(context, None, PocketEmbedError(f"internal error: {type(e).__name__}: {e}", code="internal"))
+            self._answer(op, context, lambda: self._write(store, conn, op, args))
         conn.close()
+
+    def _write(self, store: Store, conn: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "index.add":
+            return self._add(store, conn, args)
+        with transaction(conn):
+            if op == "index.delete":
+                return {"deleted": store.delete(conn, args["collection"], args["ids"])}
+            return {"collection": args["collection"], "dropped": store.drop(conn, args["collection"])}
 
     def _add(self, store: Store, conn: Any, args: dict[str, Any]) -> dict[str, Any]:
         name = args["collection"]
         items = args["items"]
         try:
             info = store.info(name)
-            model = info.model
+        except UnknownCollection:
+            info = None
+        if info is not None:
+            model, dims = info.model, info.dims
             if args.get("model") is not None and get(args["model"]).name != model:
-                raise PocketEmbedError(f"collection {name!r} holds {model} vectors, not {get(args['model']).name}",
-                                       code="collection_mismatch")
-            dims = info.dims
+                raise CollectionMismatch(f"collection {name!r} holds {model} vectors, not {get(args['model']).name}")
             if args.get("dims") is not None and args["dims"] != dims:
-                raise PocketEmbedError(f"collection {name!r} holds {dims}-dim vectors, not {args['dims']}",
-                                       code="collection_mismatch")
-        except PocketEmbedError as e:
-            if e.code != "unknown_collection":
-                raise
+                raise CollectionMismatch(f"collection {name!r} holds {dims}-dim vectors, not {args['dims']}")
+        else:
             spec = get(args.get("model"))
             model, dims = spec.name, args.get("dims") or spec.dims
             if not 1 <= dims <= spec.dims:
@@ -212,7 +209,7 @@ class IndexService:
         chunked = bool(args.get("chunk", False))
         hashes = [text_hash(it["text"]) + (":c" if chunked else "") for it in items]
         meta = [None if it.get("metadata") is None else json.dumps(it["metadata"], ensure_ascii=False) for it in items]
-        stored = store.hashes(conn, name, [it["id"] for it in items]) if store_has(store, name) else {}
+        stored = store.hashes(conn, name, [it["id"] for it in items]) if info is not None else {}
         unchanged = [k for k, it in enumerate(items) if stored.get(it["id"]) == hashes[k]]
         todo = [k for k in range(len(items)) if stored.get(items[k]["id"]) != hashes[k]]
 
@@ -252,8 +249,7 @@ class IndexService:
         with transaction(conn):
             store.ensure_collection(conn, name, model, dims, float_vectors=bool(args.get("float_vectors", False)))
             store.put(conn, name, out)
-            conn.executemany("UPDATE items SET metadata = ? WHERE collection = ? AND id = ?",
-                             [(meta[k], name, items[k]["id"]) for k in unchanged])
+            store.set_metadata(conn, name, [(items[k]["id"], meta[k]) for k in unchanged])
         return {"collection": name, "model": model, "added": len(todo), "unchanged": len(unchanged),
                 "embedded": len(texts), "reused": len(reused), "vectors": len(out)}
 
@@ -273,6 +269,3 @@ class IndexService:
             raise result[1]
         return result[0]
 
-
-def store_has(store: Store, name: str) -> bool:
-    return store.conn.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is not None

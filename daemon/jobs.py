@@ -229,6 +229,11 @@ class JobQueue:
                 (state, reason, error, now, state, now, state, now, job_id, state, reason))
         return cur.rowcount > 0
 
+    def cursor(self, job_id: int) -> Any:
+        """The id of the last row committed (None before the first chunk)."""
+        with self._lock:
+            return self.conn.execute("SELECT cursor FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
     def state(self, job_id: int) -> str:
         with self._lock:
             return self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
@@ -346,7 +351,7 @@ class JobRunner:
             queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
             return
         try:
-            self._scan(queue, store, source, job)
+            self._scan(queue, store, source, spec, job)
         except ShuttingDown:
             pass  # resumes at the next start from the last committed chunk
         except PocketEmbedError as e:
@@ -355,15 +360,14 @@ class JobRunner:
         finally:
             source.close()
 
-    def _scan(self, queue: JobQueue, store: Store, source: SourceTable, job: dict[str, Any]) -> None:
-        job_id, spec_collection, model = job["id"], job["collection"], job["model"]
-        origin = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"]).origin
+    def _scan(self, queue: JobQueue, store: Store, source: SourceTable, spec: JobSpec, job: dict[str, Any]) -> None:
+        job_id, spec_collection, model, origin = job["id"], spec.collection, spec.model, spec.origin
         if not self._wait_for_power(queue, job_id):
             return
         with transaction(queue.conn):
             store.ensure_collection(queue.conn, spec_collection, model, self.dims(model))
             queue.conn.execute("UPDATE jobs SET total = ? WHERE id = ?", (source.count(), job_id))
-        cursor = _decode_cursor(queue.conn, job_id)
+        cursor = queue.cursor(job_id)
         inflight: deque[_Chunk] = deque()
         exhausted = job["phase"] != "scan"
         while True:
@@ -389,7 +393,7 @@ class JobRunner:
                 break
             chunk = inflight.popleft()
             self._finish(chunk, model, job)
-            self._commit(queue, store, job_id, spec_collection, origin, model, chunk)
+            self._commit(queue, store, job_id, spec_collection, origin, chunk)
         if exhausted and queue.state(job_id) in ACTIVE:
             with transaction(queue.conn):
                 deleted = store.sweep(queue.conn, spec_collection, origin, job_id)
@@ -471,8 +475,7 @@ class JobRunner:
         chunk.todo = [r for r in chunk.todo if r[2] not in failed]
         chunk.error = None
 
-    def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, model: str,
-                chunk: _Chunk) -> None:
+    def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, chunk: _Chunk) -> None:
         """Vectors, seen marks, errors, cursor and counters: one transaction."""
         items = [Item(row_id, h, chunk.vectors[h], origin=origin, seen=job_id) for row_id, _, h in chunk.todo]
         now = time.monotonic()
@@ -488,6 +491,3 @@ class JobRunner:
                 (chunk.cursor, chunk.rows, len(items), len(chunk.unchanged), chunk.skipped, len(chunk.errors),
                  active, time.time(), job_id))
 
-
-def _decode_cursor(conn: sqlite3.Connection, job_id: int) -> Any:
-    return conn.execute("SELECT cursor FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]

@@ -114,10 +114,6 @@ SCAN_THREADS = min(2, os.cpu_count() or 1)
 """The C scan is bound by memory bandwidth, which a second core adds to."""
 
 
-def accelerated() -> bool:
-    return _hamming is not None
-
-
 def hamming(word_rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Hamming distances of a query's words to every column of ``word_rows`` (uint16).
 

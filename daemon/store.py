@@ -373,6 +373,11 @@ class Store:
                               [collection, *part]).rowcount
         return n
 
+    def set_metadata(self, conn: sqlite3.Connection, collection: str, pairs: Sequence[tuple[Any, str | None]]) -> None:
+        """New metadata (JSON text) for items whose text is unchanged: no codes change."""
+        conn.executemany("UPDATE items SET metadata = ? WHERE collection = ? AND id = ?",
+                         [(meta, collection, item_id) for item_id, meta in pairs])
+
     def mark_seen(self, conn: sqlite3.Connection, collection: str, ids: Sequence[Any], seen: int) -> None:
         conn.executemany("UPDATE items SET seen = ? WHERE collection = ? AND id = ?", [(seen, collection, i) for i in ids])
 
@@ -384,9 +389,6 @@ class Store:
         return cur.rowcount
 
     # -- reads -----------------------------------------------------------------------
-
-    def ids(self, collection: str) -> list[Any]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT id FROM items WHERE collection = ? ORDER BY id", (collection,))]
 
     def search(self, collection: str, query: np.ndarray, k: int = 10, rescore_multiplier: int | None = None,
                filter: dict[str, Any] | None = None, exclude: Sequence[Any] = (), rescore: bool = True,

@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _socket_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint (default $POCKETEMBED_SOCKET)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pocketembed",
@@ -82,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Load a model in the running daemon (evicting idle models if the memory budget needs it).")
     load.add_argument("name", metavar="NAME")
     load.add_argument("--keep-alive", help="how long it stays loaded when idle: seconds or 30s/5m/1h, 0, -1 = forever")
-    load.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(load)
     load.set_defaults(func=cmd_models_load)
     unload = msub.add_parser("unload", help="unload a model from the running daemon",
                              description="Unload a model from the running daemon; requests already queued for it finish first.")
     unload.add_argument("name", metavar="NAME")
-    unload.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(unload)
     unload.set_defaults(func=cmd_models_unload)
     models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
 
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--no-normalize", dest="normalize", action="store_false", help="return raw pooled vectors")
     emb.add_argument("--threads", type=int, help="llama.cpp threads (default: physical cores)")
     emb.add_argument("--daemon", action="store_true", help="ask the running daemon instead of loading the model here")
-    emb.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint (default $POCKETEMBED_SOCKET)")
+    _socket_option(emb)
     emb.set_defaults(func=cmd_embed)
 
     serve = sub.add_parser(
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--rescore-multiplier", type=int, help="binary candidates per result to rescore (default 10)")
     srch.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"address": "+4479"}\'')
     srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata}")
-    srch.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(srch)
     srch.set_defaults(func=cmd_search)
 
     cols = sub.add_parser("collections", help="list or drop collections",
@@ -144,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     cols.add_argument("action", nargs="?", choices=["list", "drop"], default="list")
     cols.add_argument("name", nargs="?", metavar="NAME")
     cols.add_argument("--json", action="store_true", help="print JSON")
-    cols.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(cols)
     cols.set_defaults(func=cmd_collections)
 
     status = sub.add_parser("status", help="show the running daemon's stats", description="Ask the running daemon for its stats.")
-    status.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(status)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
 
@@ -167,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--no-truncate", dest="truncate", action="store_false",
                      help="record over-long rows as errors instead of embedding their first max_tokens")
     idx.add_argument("--wait", action="store_true", help="block until the job ends; exit non-zero if it fails")
-    idx.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(idx)
     idx.set_defaults(func=cmd_index)
 
     jobs = sub.add_parser("jobs", help="list and control background jobs",
                           description="Without an action: list the jobs. On a terminal, a progress bar per active job.")
-    jobs.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+    _socket_option(jobs)
     jobs.add_argument("--json", action="store_true", help="print JSON")
     jobs.set_defaults(func=cmd_jobs, action="list", job=None)
     jsub = jobs.add_subparsers(title="actions", metavar="ACTION")
@@ -182,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         ap = jsub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         if action != "list":
             ap.add_argument("job", type=int, metavar="JOB")
-        ap.add_argument("--socket", help="daemon socket path or ZeroMQ endpoint")
+        _socket_option(ap)
         ap.add_argument("--json", action="store_true", help="print JSON")
         ap.set_defaults(func=cmd_jobs, action=action)
 
