@@ -26,6 +26,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # spinning pool burns battery; on 2 cores it also steals the CPU from the next
 # request (measured: p99 of a single-SMS embed 344 ms -> 78 ms).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ggml's BLAS backend sets OpenBLAS's thread count for each decode (overriding
+# OPENBLAS_NUM_THREADS), and idle OpenBLAS threads then spin for 2^28 cycles
+# after every call: measured 2.5 s of CPU burnt per 4 s of idling after texts
+# long enough for BLAS. 2^4 cycles: they sleep at once, at no cost in
+# throughput (scripts/bench_engine.py: 167 vs 159 texts/s, q8_0).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 try:
     import llama_cpp as llama  # noqa: F401  (re-exported for the engine)

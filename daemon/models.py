@@ -122,7 +122,11 @@ class ModelRegistry:
         self._models: dict[str, _Loaded] = {}
         self._holds: dict[str, int] = {}
         self._unloading: set[str] = set()
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)
+        # The keep-alive reaper waits on its own condition (same lock): a release on
+        # the request path then wakes nobody unless a model just became due.
+        self._reap_cv = threading.Condition(lock)
         self._load_lock = threading.Lock()
         self._stop = False
         self._reaper: threading.Thread | None = None
@@ -150,6 +154,7 @@ class ModelRegistry:
                 entry.last_used = time.monotonic()
                 if keep_alive is not None:
                     entry.keep_alive = keep_alive
+                self._idle_check(name, entry)
             self._cv.notify_all()
 
     def acquire(self, name: str) -> Engine:
@@ -168,12 +173,19 @@ class ModelRegistry:
         return self.acquire(name)
 
     def release(self, name: str) -> None:
+        name = get(name).name
         with self._cv:
-            entry = self._models.get(get(name).name)
+            entry = self._models.get(name)
             if entry is not None:
                 entry.users -= 1
                 entry.last_used = time.monotonic()
+                self._idle_check(name, entry)
                 self._cv.notify_all()
+
+    def _idle_check(self, name: str, entry: _Loaded) -> None:
+        """Under the lock: wake the reaper only for a model that is due now (keep_alive 0)."""
+        if entry.keep_alive == 0 and self._evictable(name, entry):
+            self._reap_cv.notify()
 
     def prefix(self, name: str, input_type: str | None) -> str:
         """The text the model wants before a query or a document ("" for none)."""
@@ -206,6 +218,7 @@ class ModelRegistry:
                 if name in self._models and not self._models[name].closing:
                     if keep_alive is not None:
                         self._models[name].keep_alive = keep_alive
+                        self._reap_cv.notify()
                     return False
             spec = get(name)
             need = self.estimate_bytes(spec)
@@ -307,7 +320,7 @@ class ModelRegistry:
                 if not due:
                     waits = [e.keep_alive - (now - e.last_used) for n, e in self._models.items()
                              if self._evictable(n, e) and e.keep_alive >= 0]
-                    self._cv.wait(min(waits + [1.0]) if waits else 1.0)
+                    self._reap_cv.wait(min(waits + [1.0]) if waits else 1.0)
                     continue
             for name in due:
                 log.info("unloading %s: idle past its keep_alive", name)
@@ -336,6 +349,7 @@ class ModelRegistry:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+            self._reap_cv.notify_all()
         if self._reaper is not None:
             self._reaper.join(5)
         for name in self.loaded():

@@ -141,3 +141,25 @@ def test_not_an_embedding_model_is_refused(tmp_path):
     bogus.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ModelCorrupt):
         Engine(bogus, EngineConfig())
+
+
+def test_idle_engine_burns_no_cpu_after_a_long_text(engines):
+    """A daemon on a phone idles between requests: no thread pool may keep spinning.
+
+    A text of 32+ tokens takes llama.cpp's BLAS path when the build has one, whose
+    threads would spin for ~0.1 s after each call without OPENBLAS_THREAD_TIMEOUT.
+    """
+    import resource
+    import time
+
+    e = engines["q8_0"]
+    long_text = " ".join(TEXTS[1:4])
+    assert len(e.tokenize(long_text)) >= 32
+    burnt = []
+    for _ in range(5):
+        e.embed([long_text])
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(0.3)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        burnt.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    assert sorted(burnt)[2] < 0.03, f"CPU seconds used while idle for 0.3 s: {burnt}"
