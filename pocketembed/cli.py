@@ -190,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--json", action="store_true", help="print JSON")
         ap.set_defaults(func=cmd_jobs, action=action)
 
-    demo = sub.add_parser("demo", help="embed sample messages and print a similarity table",
-                          description="The quick check that everything works: embeds a few sample SMS and queries.")
+    demo = sub.add_parser("demo", help="embed sample messages through the daemon and print a similarity table",
+                          description="The quick check that everything works: embeds a few sample SMS and queries "
+                                      "through the running daemon, or through one it starts and stops again.")
     demo.add_argument("--model", help="model name (default: the catalog default)")
+    _socket_option(demo)
     demo.set_defaults(func=cmd_demo)
     return p
 
@@ -526,14 +528,48 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pocketembed.daemon.models import open_engine
+    """The main job end to end: a daemon (the running one, else one started here), sample SMS through it."""
+    import subprocess
+    import time
 
-    spec, engine = open_engine(args.model, paths.home(args.home))
-    with engine:
-        docs = engine.embed(SAMPLE_TEXTS)
-        queries = engine.embed(SAMPLE_QUERIES)
+    from pocketembed.gguf_models.catalog import get
+    from pocketembed.ipc import Client, DaemonError
+
+    spec = get(args.model)
+    endpoint = paths.endpoint(args.socket)
+    proc = None
+    if not _answers(endpoint):
+        if not endpoint.startswith("ipc://"):
+            raise PocketEmbedError(f"no daemon answers on {endpoint}", code="no_daemon")
+        cmd = [sys.executable, "-m", "pocketembed.cli", "--home", str(paths.home(args.home)), "serve",
+               "--socket", endpoint[len("ipc://"):], "--model", spec.name]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while not _answers(endpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                tail = (proc.communicate()[1] or "").strip().splitlines()[-3:]
+                raise PocketEmbedError("the daemon did not start: " + (" | ".join(tail) or "no output"), code="no_daemon")
+            time.sleep(0.1)
+        print(f"started `pocketembed serve` (pid {proc.pid}) on {endpoint}")
+    else:
+        print(f"using the daemon already running on {endpoint}")
+    try:
+        with Client(endpoint, timeout=120) as client:
+            docs = client.embed(SAMPLE_TEXTS, model=spec.name)
+            t = time.perf_counter()
+            queries = client.embed(SAMPLE_QUERIES, model=spec.name)
+            ms = (time.perf_counter() - t) * 1000
+    except DaemonError as e:
+        raise PocketEmbedError(e.message, code=e.code) from None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.communicate(timeout=60)
+            print(f"stopped the daemon (exit {proc.returncode})")
     sims = queries @ docs.T
-    print(f"model {spec.name} ({engine.dims} dims, {spec.pooling} pooling, {engine.threads} threads)")
+    print(f"model {spec.name} ({docs.shape[1]} dims, {spec.pooling} pooling); "
+          f"{len(SAMPLE_QUERIES)} queries embedded through the daemon in {ms:.1f} ms")
     print("cosine similarity of each query with each message; best match marked *")
     header = ["MESSAGE"] + [f"Q{i + 1}" for i in range(len(SAMPLE_QUERIES))]
     rows = []
@@ -547,6 +583,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i, q in enumerate(SAMPLE_QUERIES):
         print(f"Q{i + 1}: {q}")
     return 0
+
+
+def _answers(endpoint: str) -> bool:
+    """Whether a pocketembed daemon answers a ping on ``endpoint`` within a second."""
+    from pocketembed.ipc import Client, DaemonError
+
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        return False
+    try:
+        with Client(endpoint, timeout=1) as client:
+            client.ping()
+        return True
+    except DaemonError:
+        return False
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -57,10 +58,30 @@ def test_embed_npy_from_stdin_with_dims(home, engines):
     assert np.allclose(arr, engines["q4_0"].embed(["first line", "second line", "third"], dims=32), atol=1e-6)
 
 
-def test_demo_prints_a_similarity_table(home):
-    proc = run_cli("demo", home=home)
+def test_demo_starts_a_daemon_embeds_through_it_and_stops_it(home, tmp_path):
+    sock = tmp_path / "pe.sock"
+    proc = run_cli("demo", home=home, env={"POCKETEMBED_SOCKET": str(sock)})
     assert proc.returncode == 0, proc.stderr
-    assert "cosine similarity" in proc.stdout and "*" in proc.stdout
+    out = proc.stdout
+    assert "started `pocketembed serve`" in out and f"on ipc://{sock}" in out and "stopped the daemon (exit 0)" in out
+    assert "embedded through the daemon" in out and "cosine similarity" in out
+    assert len(re.findall(r"\d\*", out)) == 3  # one best match marked per query
+    assert not sock.exists()  # the daemon it started is gone
+
+
+def test_demo_uses_a_running_daemon(home, tmp_path):
+    from daemon_proc import DaemonProcess
+
+    sock = tmp_path / "pe.sock"
+    daemon = DaemonProcess(home, sock).wait_ready()
+    try:
+        proc = run_cli("demo", "--socket", str(sock), home=home)
+        assert proc.returncode == 0, proc.stderr
+        assert f"using the daemon already running on ipc://{sock}" in proc.stdout and "started" not in proc.stdout
+        with daemon.client() as c:
+            assert c.stats()["by_op"]["embed"] == 2  # the demo's two embeds reached it
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_bad_input_errors(home):
