@@ -341,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
 
-def _ask_daemon(socket: str | None, call):
+def _ask_daemon(socket: str | None, call, timeout: float = 30.0):
     """Run ``call(client)`` against the daemon; daemon errors become CLI errors.
 
     A missing ipc socket file fails at once instead of after the client timeout.
@@ -352,7 +352,7 @@ def _ask_daemon(socket: str | None, call):
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
         raise PocketEmbedError(f"no daemon on {endpoint}: start one with `pocketembed serve`", code="no_daemon")
     try:
-        with Client(endpoint) as client:
+        with Client(endpoint, timeout=timeout) as client:
             return call(client)
     except DaemonTimeout as e:
         raise PocketEmbedError(f"no reply from a daemon on {endpoint} ({e.message})", code="no_daemon") from None
@@ -533,7 +533,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from pocketembed.gguf_models.catalog import get
-    from pocketembed.ipc import Client, DaemonError
 
     spec = get(args.model)
     endpoint = paths.endpoint(args.socket)
@@ -554,14 +553,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"started `pocketembed serve` (pid {proc.pid}) on {endpoint}")
     else:
         print(f"using the daemon already running on {endpoint}")
+    def embed_samples(client):
+        docs = client.embed(SAMPLE_TEXTS, model=spec.name)
+        t = time.perf_counter()
+        queries = client.embed(SAMPLE_QUERIES, model=spec.name)
+        return docs, queries, (time.perf_counter() - t) * 1000
+
     try:
-        with Client(endpoint, timeout=120) as client:
-            docs = client.embed(SAMPLE_TEXTS, model=spec.name)
-            t = time.perf_counter()
-            queries = client.embed(SAMPLE_QUERIES, model=spec.name)
-            ms = (time.perf_counter() - t) * 1000
-    except DaemonError as e:
-        raise PocketEmbedError(e.message, code=e.code) from None
+        docs, queries, ms = _ask_daemon(endpoint, embed_samples, timeout=120)  # room for an on-demand model load
     finally:
         if proc is not None:
             proc.terminate()
@@ -587,15 +586,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _answers(endpoint: str) -> bool:
     """Whether a pocketembed daemon answers a ping on ``endpoint`` within a second."""
-    from pocketembed.ipc import Client, DaemonError
-
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-        return False
     try:
-        with Client(endpoint, timeout=1) as client:
-            client.ping()
+        _ask_daemon(endpoint, lambda c: c.ping(), timeout=1)
         return True
-    except DaemonError:
+    except PocketEmbedError:
         return False
 
 

@@ -71,11 +71,8 @@ def _echo(path: str, spin: bool) -> None:
             pass
 
 
-def _unix_echo(path: str) -> None:
+def _unix_echo(srv: socket.socket) -> None:
     """Below ZeroMQ: a plain Unix stream socket echo (no I/O threads in between)."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
     conn, _ = srv.accept()
     while data := conn.recv(64):
         conn.sendall(data)
@@ -112,8 +109,11 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "pe.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(Path(tmp) / "unix.sock"))
+        listener.listen(1)  # here, so that connecting below cannot race the child
         echoes = [multiprocessing.Process(target=_echo, args=(str(Path(tmp) / "echo.sock"), False), daemon=True),
-                  multiprocessing.Process(target=_unix_echo, args=(str(Path(tmp) / "unix.sock"),), daemon=True)]
+                  multiprocessing.Process(target=_unix_echo, args=(listener,), daemon=True)]
         for e in echoes:
             e.start()
         # Started only for its own row: it keeps a core busy for as long as it runs.
@@ -127,7 +127,6 @@ def main() -> None:
             spinner = zmq.Context.instance().socket(zmq.DEALER)
             spinner.connect(f"ipc://{Path(tmp) / 'spin.sock'}")
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            time.sleep(0.5)  # the Unix echo is listening by now
             unix.connect(str(Path(tmp) / "unix.sock"))
             for t in picks[:50]:  # warm-up both paths
                 client.embed([t], truncate=True)
@@ -143,8 +142,6 @@ def main() -> None:
             rows["bare ZeroMQ echo, both ends busy-polling, after 20 ms idle"] = round_trips(
                 lambda: (spinner.send(b"x"), _spin_recv(spinner)), n, 0.02)
             spin_echo.terminate()
-            for e in echoes:
-                e.terminate()
             daemon, local = [], []
             for i, t in enumerate(picks):  # the same text both ways; which goes first alternates
                 for way in ((0, 1) if i % 2 else (1, 0)):
@@ -158,10 +155,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-            if spin_echo.is_alive():
-                spin_echo.terminate()
-            for e in echoes:
-                e.terminate()
+            for e in (*echoes, spin_echo):
+                if e.is_alive():
+                    e.terminate()
 
     print(f"{args.samples} random SMS, q8_0, interleaved; round-trips {n} each; pid {os.getpid()}")
     print(f"{'measurement':60s} {'p50 ms':>8s} {'p99 ms':>8s}")
