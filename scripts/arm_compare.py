@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed import paths  # noqa: E402
 from pocketembed.daemon.models import open_engine  # noqa: E402

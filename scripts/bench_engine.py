@@ -18,10 +18,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed.daemon.models import open_engine  # noqa: E402
 

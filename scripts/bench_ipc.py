@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed.daemon.models import open_engine  # noqa: E402
 from pocketembed.ipc import Client, DaemonError  # noqa: E402

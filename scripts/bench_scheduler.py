@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ipc import start_daemon  # noqa: E402
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms  # noqa: E402
 
 from pocketembed.daemon.models import open_engine  # noqa: E402
 from pocketembed.ipc import AsyncClient, Client  # noqa: E402

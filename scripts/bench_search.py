@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed.daemon.store import Item, Store, connect, transaction  # noqa: E402
 

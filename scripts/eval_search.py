@@ -15,15 +15,13 @@ same way, for comparison.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed.daemon.models import open_engine  # noqa: E402
 from pocketembed.daemon.quantize import Calibration, hamming, smallest, words  # noqa: E402

@@ -10,13 +10,11 @@ fidelity test compares pocketembed's GGUF vectors against it.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed.gguf_models.prepare import source_model_dir  # noqa: E402
 from pocketembed.gguf_models.catalog import get  # noqa: E402

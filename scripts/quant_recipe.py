@@ -11,15 +11,13 @@ gguf_models/catalog.py is the one chosen from this table.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_reference import pick  # noqa: E402
-from sms import load_sms  # noqa: E402
+from pocketembed.sms import load_sms
 
 from pocketembed import paths  # noqa: E402
 from pocketembed.daemon.engine import Engine  # noqa: E402

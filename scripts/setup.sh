@@ -128,7 +128,7 @@ else
     "$VENV/bin/pip" install -q "llama-cpp-python==$LLAMA_VERSION"
 fi
 say "installing pocketembed with its extras"
-"$VENV/bin/pip" install -q -e ".[prepare,reference,test]"
+"$VENV/bin/pip" install -q -e ".[daemon,prepare,reference,test]"
 
 say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
 "$VENV/bin/pocketembed" models prepare

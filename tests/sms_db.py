@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import sqlite3
 from pathlib import Path
 
 import sqlite_utils
 
-from conftest import SMS_TSV
+from pocketembed.sms import load_messages
 
 
 def sms_rows() -> list[dict]:
-    with open(SMS_TSV, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(rows)
-        return [{"id": i + 1, "address": "spam" if r[0] == "spam" else f"+4479{i % 97:05d}", "date": 1_700_000_000 + 60 * i,
-                 "body": r[1]} for i, r in enumerate(rows)]
+    return [{"id": i + 1, "address": "spam" if m.label == "spam" else f"+4479{i % 97:05d}", "date": 1_700_000_000 + 60 * i,
+             "body": m.text} for i, m in enumerate(load_messages())]
 
 
 def make_sms_db(path: Path, limit: int | None = None) -> Path:
