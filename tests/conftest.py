@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pocketembed import paths
@@ -18,7 +19,6 @@ from pocketembed.gguf_models.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SMS_TSV = REPO.parent / "shared" / "data" / "SMSSpamCollection.tsv"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +39,13 @@ def engines(home):
         e.close()
 
 
+def fresh_home(models_home: Path, root: Path) -> Path:
+    """A data directory of its own (index.db, jobs) that shares the prepared models read-only."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(models_home / "models")
+    return root
+
+
 def run_cli(*args: str, home: Path | None = None, stdin: str | bytes | None = None, env: dict | None = None,
             text: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
@@ -48,3 +55,27 @@ def run_cli(*args: str, home: Path | None = None, stdin: str | bytes | None = No
         [sys.executable, "-m", "pocketembed.cli", *args],
         input=stdin, capture_output=True, text=text, env=full_env, timeout=300,
     )
+
+
+SAME_EMBEDDING_COS = 0.99999
+"""Per-row cosine of two computations of the same texts by the same model.
+
+Bit-identity holds only between identical decode configurations (thread split,
+batch composition): llama.cpp's CPU kernels split a matmul's rows between
+threads in chunks whose kernels (e.g. AVX-512 repacked GEMM vs GEMV for the
+remainder) sum in different orders, so another split moves vectors by ~1e-5 on
+some CPUs (seen on AMD Zen 5) and not at all on others. A wrong model (q4_0 for
+q8_0: ~0.99), a missing prefix or another pooling lands far below this bound.
+"""
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def assert_same_embedding(got: np.ndarray, want: np.ndarray, min_cos: float = SAME_EMBEDDING_COS) -> None:
+    """Same dtype and shape, and every row within ``min_cos`` of the reference."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    cos = row_cosines(got, want)
+    assert cos.min() >= min_cos, f"row cosines {np.round(cos, 7).tolist()} below {min_cos}"
