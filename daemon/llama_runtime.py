@@ -35,9 +35,9 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 try:
     import llama_cpp as llama  # noqa: F401  (re-exported for the engine)
-except ImportError as e:  # pragma: no cover - exercised only on a client-only install
-    raise ImportError(
-        "pocketembed's daemon needs llama-cpp-python; install pocketembed with its default dependencies"
+except ImportError as e:  # exercised on a client-only install (tests/test_package.py)
+    raise ModuleNotFoundError(
+        "pocketembed's daemon needs llama-cpp-python: pip install 'pocketembed[daemon]'", name="llama_cpp"
     ) from e
 
 ALLOW_AMX_ENV = "POCKETEMBED_ALLOW_AMX"

@@ -30,12 +30,38 @@ def test_client_side_does_not_import_llama_cpp():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_console_script_is_declared():
+def test_console_script_and_the_dependency_split_are_declared():
     import tomllib
 
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert meta["project"]["scripts"] == {"pocketembed": "pocketembed.cli:main"}
-    deps = " ".join(meta["project"]["dependencies"])
-    for dep in ("llama-cpp-python", "numpy", "pyzmq", "msgpack", "psutil", "sqlite-utils", "gguf"):
-        assert dep in deps
-    assert "torch" not in deps  # conversion deps are an extra
+    base = " ".join(meta["project"]["dependencies"])
+    daemon = " ".join(meta["project"]["optional-dependencies"]["daemon"])
+    for dep in ("numpy", "pyzmq", "msgpack"):
+        assert dep in base
+    for dep in ("llama-cpp-python", "psutil", "sqlite-utils", "gguf"):
+        assert dep in daemon and dep not in base  # the client side installs no inference stack
+    assert "torch" not in base + daemon  # conversion deps are the prepare extra
+
+
+def test_a_plain_install_is_the_client_side(tmp_path):
+    """`pip install <checkout>` in a clean virtualenv: no llama.cpp, yet the clients and client commands work."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py, cli = venv / "bin" / "python", venv / "bin" / "pocketembed"
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stdout[-2000:] + pip.stderr[-2000:]
+    code = ("import importlib.util as u, sys; from pocketembed.ipc import Client, AsyncClient; "
+            "from pocketembed.ipc import sqlite; from pocketembed.sms import load_sms; "
+            "missing = [m for m in ('llama_cpp', 'psutil', 'sqlite_utils', 'gguf') if u.find_spec(m) is None]; "
+            "print(len(load_sms()), ' '.join(missing))")
+    check = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd="/")
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split() == ["5574", "llama_cpp", "psutil", "sqlite_utils", "gguf"]
+    # A client command answers as a client would; a daemon command names the extra it needs.
+    client_cmd = subprocess.run([str(cli), "search", "-c", "sms", "hello", "--socket", str(tmp_path / "none.sock")],
+                                capture_output=True, text=True)
+    assert client_cmd.returncode == 1 and "error[no_daemon]" in client_cmd.stderr, client_cmd.stderr
+    daemon_cmd = subprocess.run([str(cli), "serve", "--socket", str(tmp_path / "pe.sock")], capture_output=True, text=True)
+    assert daemon_cmd.returncode == 1 and "error[missing_dependency]" in daemon_cmd.stderr, daemon_cmd.stderr
+    assert "pocketembed[daemon]" in daemon_cmd.stderr and "Traceback" not in daemon_cmd.stderr

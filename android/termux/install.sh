@@ -48,7 +48,7 @@ fi
 export ZMQ_PREFIX="$PREFIX"
 
 python -m pip install --no-cache-dir "llama-cpp-python>=0.3.36"
-python -m pip install "$SRC"
+python -m pip install "${SRC}[daemon]"
 if ! pocketembed models list >/dev/null 2>&1 || ! pocketembed models prepare all-minilm-l6-v2:q8_0; then
     say "model preparation needs pip's 'prepare' extra (torch); prepare the models on a computer with"
     say "'pocketembed models prepare' and copy \$POCKETEMBED_HOME/models to the phone instead"
