@@ -29,6 +29,7 @@ import numpy as np
 from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, UnknownCollection
 from pocketembed.gguf_models.catalog import get
 
+from .jobs import source_texts
 from .models import ModelRegistry
 from .scheduler import INTERACTIVE, EmbedTask, Scheduler
 from .store import CodeCache, Item, Store, connect, text_hash, transaction
@@ -166,7 +167,9 @@ class IndexService:
 
     def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
         hits = store.search(info.name, vec, k=args.get("k", 10), rescore_multiplier=args.get("rescore_multiplier"),
-                            filter=args.get("filter"), rescore=args.get("rescore", True))
+                            filter=args.get("filter"), rescore=args.get("rescore", True),
+                            with_text=bool(args.get("with_text", False)),
+                            source_text=lambda origin, ids: source_texts(store.conn, origin, ids))
         self.searches += 1
         return {"collection": info.name, "model": info.model, "hits": hits}
 
@@ -244,10 +247,11 @@ class IndexService:
             for k, _, t in plan:
                 if t is not None:
                     self.lru.put((model, dims, texts[t]), vecs[t])
-        out = [Item(items[k]["id"], hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c)
-               for k, c, t in plan]
+        out = [Item(items[k]["id"], hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
+                    text=items[k]["text"]) for k, c, t in plan]
         with transaction(conn):
-            store.ensure_collection(conn, name, model, dims, float_vectors=bool(args.get("float_vectors", False)))
+            store.ensure_collection(conn, name, model, dims, float_vectors=bool(args.get("float_vectors", False)),
+                                    store_text=args.get("store_text"))
             store.put(conn, name, out)
             store.set_metadata(conn, name, [(items[k]["id"], meta[k]) for k in unchanged])
         return {"collection": name, "model": model, "added": len(todo), "unchanged": len(unchanged),

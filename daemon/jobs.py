@@ -119,6 +119,19 @@ class SourceTable:
         except sqlite3.Error as e:
             raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
 
+    def texts(self, ids: list[Any]) -> dict[Any, str]:
+        """id → text of these rows (search results ask for them back)."""
+        i, t = _q(self.spec.id_column), _q(self.spec.text_column)
+        out: dict[Any, str] = {}
+        try:
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                sql = f"SELECT {i}, {t} FROM {_q(self.spec.table)} WHERE {i} IN ({','.join('?' * len(part))})"
+                out.update((row_id, text) for row_id, text in self.conn.execute(sql, part) if isinstance(text, str))
+        except sqlite3.Error as e:
+            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+        return out
+
     def _one(self, sql: str) -> tuple[Any, ...]:
         try:
             return self.conn.execute(sql).fetchone()
@@ -127,6 +140,31 @@ class SourceTable:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def source_texts(conn: sqlite3.Connection, origin: str, ids: list[Any]) -> dict[Any, str]:
+    """Texts of items a job wrote, read back from its source table ({} when it cannot be read now).
+
+    ``origin`` is the job's ``JobSpec.origin``; the store keeps it per item
+    instead of a copy of the text, which stays in the caller's database.
+    """
+    row = conn.execute("SELECT db, table_name, id_column, text_column FROM jobs WHERE "
+                       "db || '|' || table_name || '|' || id_column || '|' || text_column = ? ORDER BY id DESC LIMIT 1",
+                       (origin,)).fetchone()
+    if row is None:
+        return {}
+    try:
+        source = SourceTable(JobSpec(*row))
+    except SourceError as e:
+        log.warning("cannot read search results' texts back: %s", e.message)
+        return {}
+    try:
+        return source.texts(ids)
+    except SourceError as e:
+        log.warning("cannot read search results' texts back: %s", e.message)
+        return {}
+    finally:
+        source.close()
 
 
 _COUNTERS = ("scanned", "embedded", "unchanged", "skipped", "failed", "deleted")

@@ -543,6 +543,7 @@ def _validate_index(op: str, a: dict[str, Any]) -> None:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
                 raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be an integer from 1 to {top}")
         _opt(a, "rescore", bool)
+        _opt(a, "with_text", bool)
         f = a.get("filter")
         if f is not None and (not isinstance(f, dict) or len(f) > 16 or any(
                 not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))) for k, v in f.items())):
@@ -576,7 +577,7 @@ def _validate_index(op: str, a: dict[str, Any]) -> None:
                     ok = False
                 if not ok:
                     raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].metadata must be a JSON-like map of at most 64 KiB")
-        for key in ("chunk", "truncate", "float_vectors"):
+        for key in ("chunk", "truncate", "float_vectors", "store_text"):
             _opt(a, key, bool)
         _opt(a, "dims", int)
         if a.get("priority") not in (None, *LANES):

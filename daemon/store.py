@@ -2,8 +2,9 @@
 
 Each collection is bound to one model and dims. Per item it keeps the id, the
 text hash, optional JSON metadata, the **binary** code (1 bit per dim, packed)
-and the **int8** code (see quantize.py); float vectors only when the
-collection asks for them. Search scans the binary codes, held in memory
+and the **int8** code (see quantize.py); float vectors and the text itself only
+when the collection asks for them (``float_vectors``, ``store_text``: the text
+is the user's private data, so it is kept only on request). Search scans the binary codes, held in memory
 (48 B per 384-dim vector) and kept in step with every write, then rescores the
 best ``k × rescore_multiplier`` with the float query against their int8 codes,
 read from SQLite: a phone holds a large index in little memory.
@@ -23,7 +24,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ RECALIBRATE_UNTIL = 65_536
 RANGE_MARGIN = 0.02
 """int8 ranges are widened by this share of the range on each side, so later vectors clip less."""
 DEFAULT_RESCORE = 10
+SourceText = Callable[[str, list[Any]], dict[Any, str]]
+"""(origin, ids) → id → text: reads items' texts back from the job source that wrote them."""
 MAX_CANDIDATES = 100_000
 
 
@@ -88,22 +91,26 @@ class Item:
     """The job run that last saw it in its source."""
     chunk: int = 0
     """0 for a whole text; 1, 2, ... for the token windows of a chunked one."""
+    text: str | None = None
+    """The item's text, kept when its collection has ``store_text`` (on its first row only)."""
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
     db["collections"].create({
-        "name": str, "model": str, "dims": int, "created": float, "float_vectors": int,
+        "name": str, "model": str, "dims": int, "created": float, "float_vectors": int, "store_text": int,
         "version": int, "calib_version": int, "calib_count": int,
         "lo": bytes, "hi": bytes, "mean": bytes, "rotation": bytes,
-    }, pk="name", not_null={"model", "dims"}, defaults={"version": 0, "calib_version": 0, "float_vectors": 0},
-        if_not_exists=True)
+    }, pk="name", not_null={"model", "dims"},
+        defaults={"version": 0, "calib_version": 0, "float_vectors": 0, "store_text": 0}, if_not_exists=True)
     # id is BLOB-affinity: integers stay integers, text stays text, as the caller gave them.
     db["items"].create({
         "collection": str, "id": bytes, "chunk": int, "text_hash": str, "bin": bytes, "i8": bytes, "f32": bytes,
-        "metadata": str, "origin": str, "seen": int, "ver": int,
+        "metadata": str, "origin": str, "seen": int, "ver": int, "text": str,
     }, pk=("collection", "id", "chunk"), not_null={"text_hash", "bin", "i8"},
         foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
+    _add_missing_columns(db, "collections", {"store_text": (int, 0)})
+    _add_missing_columns(db, "items", {"text": (str, None)})
     db["items"].create_index(["collection", "origin", "seen"], if_not_exists=True)
     db["items"].create_index(["collection", "ver"], if_not_exists=True)
     db["items"].create_index(["text_hash"], if_not_exists=True)
@@ -116,12 +123,21 @@ def create_schema(conn: sqlite3.Connection) -> None:
                  "SELECT old.collection, old.rowid, version FROM collections WHERE name = old.collection; END")
 
 
+def _add_missing_columns(db: sqlite_utils.Database, table: str, columns: dict[str, tuple[type, Any]]) -> None:
+    """Columns added after a data directory was first made (an older index.db gains them empty)."""
+    have = db[table].columns_dict
+    for name, (typ, default) in columns.items():
+        if name not in have:
+            db[table].add_column(name, typ, not_null_default=default)
+
+
 @dataclass
 class _Info:
     name: str
     model: str
     dims: int
     float_vectors: bool
+    store_text: bool
     version: int
     calib_version: int
     calibration: Calibration | None
@@ -234,23 +250,30 @@ class Store:
     # -- collections -----------------------------------------------------------------
 
     def ensure_collection(self, conn: sqlite3.Connection, name: str, model: str, dims: int,
-                          float_vectors: bool = False) -> None:
-        row = conn.execute("SELECT model, dims FROM collections WHERE name = ?", (name,)).fetchone()
+                          float_vectors: bool = False, store_text: bool | None = None) -> None:
+        """Create the collection, or check that the existing one matches.
+
+        ``store_text`` is fixed when a collection is created; None accepts either.
+        """
+        row = conn.execute("SELECT model, dims, store_text FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
-            conn.execute("INSERT INTO collections (name, model, dims, created, float_vectors) VALUES (?, ?, ?, ?, ?)",
-                         (name, model, dims, time.time(), int(float_vectors)))
+            conn.execute("INSERT INTO collections (name, model, dims, created, float_vectors, store_text) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (name, model, dims, time.time(), int(float_vectors), int(bool(store_text))))
         elif (row[0], row[1]) != (model, dims):
             raise CollectionMismatch(f"collection {name!r} holds {row[0]} vectors of {row[1]} dims, "
                                      f"not {model} / {dims}; use another collection or drop it")
+        elif store_text is not None and bool(row[2]) != store_text:
+            raise CollectionMismatch(f"collection {name!r} was created with store_text={bool(row[2])}; "
+                                     "it is fixed at creation (drop the collection to change it)")
 
     def info(self, name: str, conn: sqlite3.Connection | None = None) -> _Info:
         conn = conn or self.conn
-        row = conn.execute("SELECT name, model, dims, float_vectors, version, calib_version, calib_count IS NOT NULL "
-                           "FROM collections WHERE name = ?", (name,)).fetchone()
+        row = conn.execute("SELECT name, model, dims, float_vectors, store_text, version, calib_version, "
+                           "calib_count IS NOT NULL FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise UnknownCollection(f"no collection named {name!r}")
-        cal = self.cache.calibration(conn, name, row[2], row[5]) if row[6] else None
-        return _Info(row[0], row[1], row[2], bool(row[3]), row[4], row[5], cal)
+        cal = self.cache.calibration(conn, name, row[2], row[6]) if row[7] else None
+        return _Info(row[0], row[1], row[2], bool(row[3]), bool(row[4]), row[5], row[6], cal)
 
     def collection(self, name: str) -> dict[str, Any]:
         info = self.info(name)
@@ -258,7 +281,7 @@ class Store:
                                          (name,)).fetchone()
         created = self.conn.execute("SELECT created FROM collections WHERE name = ?", (name,)).fetchone()[0]
         return {"name": name, "model": info.model, "dims": info.dims, "created": created, "items": items,
-                "vectors": count, "float_vectors": info.float_vectors,
+                "vectors": count, "float_vectors": info.float_vectors, "store_text": info.store_text,
                 "bytes_per_vector": (info.dims + 7) // 8 + info.dims + (4 * info.dims if info.float_vectors else 0),
                 "calibrated_on": info.calibration.count if info.calibration else 0,
                 "rotation": info.calibration is not None and info.calibration.rotation is not None}
@@ -333,13 +356,15 @@ class Store:
         conn.executemany("DELETE FROM items WHERE collection = ? AND id = ? AND chunk > ?",
                          [(collection, i, c) for i, c in last_chunk.items()])
         conn.executemany(
-            "INSERT INTO items (collection, id, chunk, text_hash, bin, i8, f32, metadata, origin, seen, ver) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id, chunk) DO UPDATE SET "
+            "INSERT INTO items (collection, id, chunk, text_hash, bin, i8, f32, metadata, origin, seen, ver, text) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id, chunk) DO UPDATE SET "
             "text_hash = excluded.text_hash, bin = excluded.bin, i8 = excluded.i8, f32 = excluded.f32, "
-            "metadata = excluded.metadata, origin = excluded.origin, seen = excluded.seen, ver = excluded.ver",
+            "metadata = excluded.metadata, origin = excluded.origin, seen = excluded.seen, ver = excluded.ver, "
+            "text = excluded.text",
             [(collection, it.id, it.chunk, it.text_hash, bits[k].tobytes(), codes[k].tobytes(),
               np.ascontiguousarray(vecs[k], "<f4").tobytes() if info.float_vectors else None,
-              it.metadata, it.origin, it.seen, version) for k, it in enumerate(items)],
+              it.metadata, it.origin, it.seen, version, it.text if info.store_text and it.chunk <= 1 else None)
+             for k, it in enumerate(items)],
         )
 
     def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int) -> Calibration:
@@ -392,19 +417,38 @@ class Store:
 
     def search(self, collection: str, query: np.ndarray, k: int = 10, rescore_multiplier: int | None = None,
                filter: dict[str, Any] | None = None, exclude: Sequence[Any] = (), rescore: bool = True,
-               info: _Info | None = None) -> list[dict[str, Any]]:
+               info: _Info | None = None, with_text: bool = False,
+               source_text: SourceText | None = None) -> list[dict[str, Any]]:
         """The k items nearest to a unit ``query``: Hamming top k × multiplier, rescored with int8.
 
         ``rescore=False`` ranks by Hamming distance alone (score: 1 − 2·hamming/dims).
         An item's score is its best chunk's. ``filter`` keeps items whose metadata has
         these key/values; ``exclude`` drops ids (evaluation: a query is not its own neighbour).
+        ``with_text`` adds each hit's ``text``: the stored one (``store_text``
+        collections), else what ``source_text`` reads from the item's origin (a
+        job's source table), else None.
         """
         with _snapshot(self.conn):
-            return self._search(collection, query, k, rescore_multiplier, filter, exclude, rescore, info)
+            hits = self._search(collection, query, k, rescore_multiplier, filter, exclude, rescore, info, with_text)
+        if with_text:
+            self._texts_from_sources(hits, source_text)
+        return hits
+
+    def _texts_from_sources(self, hits: list[dict[str, Any]], source_text: SourceText | None) -> None:
+        """Fill in the texts that live in a job's source table (read after the snapshot: another file)."""
+        by_origin: dict[str, list[dict[str, Any]]] = {}
+        for hit in hits:
+            origin = hit.pop("_origin", None)
+            if hit["text"] is None and origin is not None and source_text is not None:
+                by_origin.setdefault(origin, []).append(hit)
+        for origin, group in by_origin.items():
+            texts = source_text(origin, [h["id"] for h in group])
+            for hit in group:
+                hit["text"] = texts.get(hit["id"])
 
     def _search(self, collection: str, query: np.ndarray, k: int, rescore_multiplier: int | None,
                 filter: dict[str, Any] | None, exclude: Sequence[Any], rescore: bool,
-                info: _Info | None) -> list[dict[str, Any]]:
+                info: _Info | None, with_text: bool = False) -> list[dict[str, Any]]:
         info = info or self.info(collection)
         q = np.asarray(query, np.float32).reshape(-1)
         if q.shape[0] != info.dims:
@@ -439,9 +483,25 @@ class Store:
             if item_id not in best or sc > best[item_id][0]:
                 best[item_id] = (sc, r)
         ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
-        meta = dict(zip([r for _, (_, r) in ranked], self._column(np.array([r for _, (_, r) in ranked], np.int64), "metadata")))
-        return [{"id": item_id, "score": round(sc, 6), "metadata": json.loads(meta[r]) if meta[r] else None}
+        rows = np.array([r for _, (_, r) in ranked], np.int64)
+        meta = dict(zip(rows.tolist(), self._column(rows, "metadata")))
+        hits = [{"id": item_id, "score": round(sc, 6), "metadata": json.loads(meta[r]) if meta[r] else None}
                 for item_id, (sc, r) in ranked]
+        if with_text:
+            texts = self._texts(collection, [h["id"] for h in hits])
+            for hit in hits:
+                hit["text"], hit["_origin"] = texts.get(hit["id"], (None, None))
+        return hits
+
+    def _texts(self, collection: str, ids: Sequence[Any]) -> dict[Any, tuple[str | None, str | None]]:
+        """id → (stored text, origin) of whole items (a chunked item's text is on its first window)."""
+        out: dict[Any, tuple[str | None, str | None]] = {}
+        for part in _parts(list(ids)):
+            for item_id, text, origin in self.conn.execute(
+                    f"SELECT id, text, origin FROM items WHERE collection = ? AND chunk IN (0, 1) "
+                    f"AND id IN ({','.join('?' * len(part))})", [collection, *part]):
+                out[item_id] = (text, origin)
+        return out
 
     def _column(self, rowids: np.ndarray, *cols: str) -> Any:
         """Columns of the rows with these rowids, in the rowids' order (one list per column)."""

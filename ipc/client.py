@@ -164,16 +164,18 @@ class Client:
 
     def index_add(self, collection: str, items: list[dict[str, Any]], *, model: str | None = None,
                   dims: int | None = None, chunk: bool = False, truncate: bool = False,
-                  priority: str | None = None) -> dict[str, Any]:
+                  priority: str | None = None, store_text: bool | None = None) -> dict[str, Any]:
         """Embed and store ``items`` (``{"id", "text", "metadata"?}``) in ``collection``, upserting by id.
 
         A new collection is bound to ``model`` (default: the catalog default) and
         ``dims``. Texts the store already holds are not embedded again.
         ``chunk=True`` splits long texts into overlapping token windows (an item
         then scores as its best window); else over-long texts fail unless ``truncate``.
+        ``store_text=True`` makes a new collection keep the texts, so that
+        searches can return them (off by default: they are the user's data).
         """
         args: dict[str, Any] = {"collection": collection, "items": items, "chunk": chunk, "truncate": truncate}
-        for key, value in (("model", model), ("dims", dims), ("priority", priority)):
+        for key, value in (("model", model), ("dims", dims), ("priority", priority), ("store_text", store_text)):
             if value is not None:
                 args[key] = value
         return self.call("index.add", args, timeout=max(self.timeout, 120))
@@ -183,14 +185,18 @@ class Client:
         return self.call("index.delete", {"collection": collection, "ids": list(ids)})["deleted"]
 
     def search(self, collection: str, query: str, k: int = 10, rescore_multiplier: int | None = None,
-               filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               filter: dict[str, Any] | None = None, with_text: bool = False) -> list[dict[str, Any]]:
         """The ``k`` items nearest to ``query``, best first: ``[{"id", "score", "metadata"}, ...]``.
 
         Binary (Hamming) search takes ``k × rescore_multiplier`` candidates (default
         ×10), rescored against their int8 vectors. ``filter`` keeps items whose
-        metadata has all these key/values.
+        metadata has all these key/values. ``with_text`` adds each hit's ``text``
+        (kept by a ``store_text`` collection, or read back from the table a job
+        indexed; None when neither has it).
         """
         args: dict[str, Any] = {"collection": collection, "query": query, "k": k}
+        if with_text:
+            args["with_text"] = True
         if rescore_multiplier is not None:
             args["rescore_multiplier"] = rescore_multiplier
         if filter is not None:

@@ -17,16 +17,16 @@ from pocketembed import __version__, paths
 from pocketembed.errors import InvalidInput, PocketEmbedError
 
 EXIT_ERROR = 1
+DAEMON_MODULES = {"llama_cpp", "psutil", "sqlite_utils", "gguf"}
+"""What only the daemon side needs (the ``daemon`` extra); a client-only install lacks them."""
 
-SAMPLE_TEXTS = [
-    "Are we still on for dinner tonight? I can pick you up at 7",
-    "Running 10 mins late, save me a seat",
-    "Congratulations! You've won a free cruise. Reply WIN to claim your prize now",
-    "URGENT: your account has been suspended, call this number to verify",
-    "Can you grab milk and bread on your way home?",
-    "Don't forget mum's birthday on Sunday, I ordered flowers",
+DEMO_QUERIES = [
+    "are we still meeting for dinner tonight?",
+    "sorry, running late, stuck in traffic",
+    "you have won a cash prize, call now to claim it",
+    "happy birthday, hope you have a lovely day",
 ]
-SAMPLE_QUERIES = ["see you at the restaurant later", "you are a lucky prize winner", "shopping list for tonight"]
+DEMO_BATCH = 256
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args) or 0
     except PocketEmbedError as e:
         print(f"pocketembed: error[{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in DAEMON_MODULES:
+            raise
+        print(f"pocketembed: error[missing_dependency]: this command runs the daemon's code, which needs {missing}; "
+              "this is a client-only install: pip install 'pocketembed[daemon]'", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -139,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     srch.add_argument("--rescore-multiplier", type=int, help="binary candidates per result to rescore (default 10)")
     srch.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"address": "+4479"}\'')
-    srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata}")
+    srch.add_argument("--no-text", dest="text", action="store_false",
+                      help="do not show the messages' texts (they come from the collection or the indexed table)")
+    srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata, text}")
     _socket_option(srch)
     srch.set_defaults(func=cmd_search)
 
@@ -190,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--json", action="store_true", help="print JSON")
         ap.set_defaults(func=cmd_jobs, action=action)
 
-    demo = sub.add_parser("demo", help="embed sample messages through the daemon and print a similarity table",
-                          description="The quick check that everything works: embeds a few sample SMS and queries "
-                                      "through the running daemon, or through one it starts and stops again.")
+    demo = sub.add_parser("demo", help="index the bundled SMS through the daemon and search them",
+                          description="The main job end to end: indexes the bundled SMS corpus (5,574 real messages) "
+                                      "into a collection through the running daemon, or one it starts and stops again, "
+                                      "then answers a few queries with the messages it finds. A second run re-embeds "
+                                      "nothing (the texts are unchanged).")
     demo.add_argument("--model", help="model name (default: the catalog default)")
+    demo.add_argument("--limit", type=int, help="index only the first N messages (default: all)")
+    demo.add_argument("-k", type=int, default=3, help="messages shown per query (default 3)")
     _socket_option(demo)
     demo.set_defaults(func=cmd_demo)
     return p
@@ -403,15 +416,22 @@ def cmd_search(args: argparse.Namespace) -> int:
         flt = json.loads(args.filter) if args.filter else None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"--filter is not JSON: {e}") from None
-    hits = _ask_daemon(args.socket, lambda c: c.search(args.collection, args.query, k=args.k,
+    hits = _ask_daemon(args.socket, lambda c: c.search(args.collection, args.query, k=args.k, with_text=args.text,
                                                         rescore_multiplier=args.rescore_multiplier, filter=flt))
     if args.json:
         print(json.dumps(hits, ensure_ascii=False))
         return 0
-    _print_table(["SCORE", "ID", "METADATA"],
-                 [[f"{h['score']:.4f}", str(h["id"]), json.dumps(h["metadata"], ensure_ascii=False) if h["metadata"] else ""]
-                  for h in hits])
+    header = ["SCORE", "ID"] + (["TEXT"] if args.text else []) + ["METADATA"]
+    _print_table(header, [[f"{h['score']:.4f}", str(h["id"])]
+                          + ([_one_line(h.get("text")) if h.get("text") is not None else "-"] if args.text else [])
+                          + [json.dumps(h["metadata"], ensure_ascii=False) if h["metadata"] else ""] for h in hits])
     return 0
+
+
+def _one_line(text: str, width: int = 90) -> str:
+    """A message on one table line: whitespace folded, cut with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
@@ -528,60 +548,78 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job end to end: a daemon (the running one, else one started here), sample SMS through it."""
-    import subprocess
-    import time
-
+    """The main job end to end: a daemon (the running one, else one started here) indexes and searches the SMS."""
     from pocketembed.gguf_models.catalog import get
+    from pocketembed.sms import load_messages
 
     spec = get(args.model)
+    messages = load_messages()[: args.limit] if args.limit else load_messages()
+    if not messages:
+        raise InvalidInput("--limit must be at least 1")
     endpoint = paths.endpoint(args.socket)
-    proc = None
-    if not _answers(endpoint):
-        if not endpoint.startswith("ipc://"):
-            raise PocketEmbedError(f"no daemon answers on {endpoint}", code="no_daemon")
-        cmd = [sys.executable, "-m", "pocketembed.cli", "--home", str(paths.home(args.home)), "serve",
-               "--socket", endpoint[len("ipc://"):], "--model", spec.name]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
-        while not _answers(endpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                tail = (proc.communicate()[1] or "").strip().splitlines()[-3:]
-                raise PocketEmbedError("the daemon did not start: " + (" | ".join(tail) or "no output"), code="no_daemon")
-            time.sleep(0.1)
-        print(f"started `pocketembed serve` (pid {proc.pid}) on {endpoint}")
-    else:
+    proc = None if _answers(endpoint) else _start_daemon(endpoint, paths.home(args.home), spec.name)
+    if proc is None:
         print(f"using the daemon already running on {endpoint}")
-    def embed_samples(client):
-        docs = client.embed(SAMPLE_TEXTS, model=spec.name)
-        t = time.perf_counter()
-        queries = client.embed(SAMPLE_QUERIES, model=spec.name)
-        return docs, queries, (time.perf_counter() - t) * 1000
-
     try:
-        docs, queries, ms = _ask_daemon(endpoint, embed_samples, timeout=120)  # room for an on-demand model load
+        _ask_daemon(endpoint, lambda c: _demo(c, spec.name, messages, args.k), timeout=120)  # room for a model load
     finally:
         if proc is not None:
             proc.terminate()
             proc.communicate(timeout=60)
             print(f"stopped the daemon (exit {proc.returncode})")
-    sims = queries @ docs.T
-    print(f"model {spec.name} ({docs.shape[1]} dims, {spec.pooling} pooling); "
-          f"{len(SAMPLE_QUERIES)} queries embedded through the daemon in {ms:.1f} ms")
-    print("cosine similarity of each query with each message; best match marked *")
-    header = ["MESSAGE"] + [f"Q{i + 1}" for i in range(len(SAMPLE_QUERIES))]
-    rows = []
-    for j, text in enumerate(SAMPLE_TEXTS):
-        cells = []
-        for i in range(len(SAMPLE_QUERIES)):
-            mark = "*" if sims[i].argmax() == j else " "
-            cells.append(f"{sims[i, j]:+.3f}{mark}")
-        rows.append([text[:52] + ("…" if len(text) > 52 else "")] + cells)
-    _print_table(header, rows)
-    for i, q in enumerate(SAMPLE_QUERIES):
-        print(f"Q{i + 1}: {q}")
     return 0
+
+
+def _start_daemon(endpoint: str, home: os.PathLike, model: str):
+    """`pocketembed serve` on an ipc endpoint, in the background, once it answers pings."""
+    import subprocess
+    import time
+
+    if not endpoint.startswith("ipc://"):
+        raise PocketEmbedError(f"no daemon answers on {endpoint}", code="no_daemon")
+    cmd = [sys.executable, "-m", "pocketembed.cli", "--home", str(home), "serve", "--socket", endpoint[len("ipc://"):],
+           "--model", model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not _answers(endpoint):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = (proc.communicate()[1] or "").strip().splitlines()[-3:]
+            raise PocketEmbedError("the daemon did not start: " + (" | ".join(tail) or "no output"), code="no_daemon")
+        time.sleep(0.1)
+    print(f"started `pocketembed serve` (pid {proc.pid}) on {endpoint}")
+    return proc
+
+
+def _demo(client, model: str, messages: list, k: int) -> None:
+    import time
+
+    from tqdm import tqdm
+
+    collection = f"demo:{model}"
+    counts = {"embedded": 0, "unchanged": 0, "reused": 0}
+    started = time.perf_counter()
+    with tqdm(total=len(messages), unit="msg", desc="indexing the bundled SMS", file=sys.stderr,
+              mininterval=0.5, dynamic_ncols=True) as bar:
+        for at in range(0, len(messages), DEMO_BATCH):
+            batch = [{"id": at + i + 1, "text": m.text, "metadata": {"label": m.label}}
+                     for i, m in enumerate(messages[at : at + DEMO_BATCH])]
+            res = client.index_add(collection, batch, model=model, store_text=True)
+            for key in counts:
+                counts[key] += res[key]
+            bar.update(len(batch))
+    seconds = time.perf_counter() - started
+    print(f"indexed {len(messages):,} SMS into collection {collection!r} in {seconds:.1f} s "
+          f"({len(messages) / seconds:,.0f} msg/s): {counts['embedded']:,} embedded by {model}, "
+          f"{counts['unchanged']:,} unchanged, {counts['reused']:,} reused")
+    for query in DEMO_QUERIES:
+        t = time.perf_counter()
+        hits = client.search(collection, query, k=k, with_text=True)
+        ms = (time.perf_counter() - t) * 1000
+        print(f"\nsearch {query!r}: {ms:.1f} ms (query embedded, binary scan + int8 rescoring)")
+        for hit in hits:
+            label = (hit.get("metadata") or {}).get("label", "")
+            print(f"  {hit['score']:.3f}  #{hit['id']:<5} {label:<4}  {_one_line(hit.get('text') or '-', 100)}")
 
 
 def _answers(endpoint: str) -> bool:

@@ -13,6 +13,7 @@ from pocketembed.ipc import Client, DaemonError
 
 class DaemonProcess:
     def __init__(self, home: Path, socket_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.home = home
         self.socket_path = socket_path
         self.endpoint = f"ipc://{socket_path}"
         env = dict(os.environ, POCKETEMBED_HOME=str(home), **(env or {}))

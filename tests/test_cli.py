@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import fresh_home, run_cli
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import get
 
@@ -58,28 +58,49 @@ def test_embed_npy_from_stdin_with_dims(home, engines):
     assert np.allclose(arr, engines["q4_0"].embed(["first line", "second line", "third"], dims=32), atol=1e-6)
 
 
-def test_demo_starts_a_daemon_embeds_through_it_and_stops_it(home, tmp_path):
+def test_demo_indexes_the_sms_through_a_daemon_it_starts_and_shows_the_messages_found(home, tmp_path):
+    from pocketembed.cli import DEMO_QUERIES
+    from pocketembed.sms import load_sms
+
     sock = tmp_path / "pe.sock"
-    proc = run_cli("demo", home=home, env={"POCKETEMBED_SOCKET": str(sock)})
+    root = fresh_home(home, tmp_path / "home")
+    proc = run_cli("demo", "--limit", "400", home=root, env={"POCKETEMBED_SOCKET": str(sock)})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "started `pocketembed serve`" in out and f"on ipc://{sock}" in out and "stopped the daemon (exit 0)" in out
-    assert "embedded through the daemon" in out and "cosine similarity" in out
-    assert len(re.findall(r"\d\*", out)) == 3  # one best match marked per query
+    done = re.search(r"indexed 400 SMS .*: (\d+) embedded by .*, (\d+) unchanged, (\d+) reused", out)
+    assert done, out
+    embedded, unchanged, reused = map(int, done.groups())
+    assert embedded + reused == 400 and unchanged == 0 and embedded >= 390  # repeated texts are embedded once
+    texts = set(load_sms()[:400])
+    for query in DEMO_QUERIES:
+        block = out.split(f"search {query!r}: ", 1)[1].split("\nsearch ", 1)[0]
+        lines = [ln for ln in block.splitlines()[1:] if ln.strip()][:3]
+        assert len(lines) == 3, block
+        for line in lines:  # score, id, label, then the message itself
+            score, ident, label, text = line.split(maxsplit=3)
+            assert -1 <= float(score) <= 1 and ident.startswith("#") and label in ("ham", "spam")
+            assert any(t.startswith(text.rstrip("…")) or " ".join(t.split()).startswith(text.rstrip("…")) for t in texts)
     assert not sock.exists()  # the daemon it started is gone
+
+    again = run_cli("demo", "--limit", "400", home=root, env={"POCKETEMBED_SOCKET": str(sock)})
+    assert again.returncode == 0 and "0 embedded" in again.stdout and "400 unchanged" in again.stdout
 
 
 def test_demo_uses_a_running_daemon(home, tmp_path):
     from daemon_proc import DaemonProcess
 
     sock = tmp_path / "pe.sock"
-    daemon = DaemonProcess(home, sock).wait_ready()
+    root = fresh_home(home, tmp_path / "home")
+    daemon = DaemonProcess(root, sock).wait_ready()
     try:
-        proc = run_cli("demo", "--socket", str(sock), home=home)
+        proc = run_cli("demo", "--socket", str(sock), "--limit", "100", home=root)
         assert proc.returncode == 0, proc.stderr
         assert f"using the daemon already running on ipc://{sock}" in proc.stdout and "started" not in proc.stdout
         with daemon.client() as c:
-            assert c.stats()["by_op"]["embed"] == 2  # the demo's two embeds reached it
+            by_op = c.stats()["by_op"]
+            assert by_op["index.add"] == 1 and by_op["search"] == 4  # the demo's requests reached it
+            assert {x["name"]: x for x in c.collections()}["demo:all-minilm-l6-v2:q8_0"]["items"] == 100
     finally:
         assert daemon.stop() == 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import fresh_home, run_cli
 from daemon_proc import DaemonProcess
 from pocketembed.daemon.store import Store, connect, db_path
 from pocketembed.ipc import InvalidRequest
@@ -29,9 +29,7 @@ Q8 = "all-minilm-l6-v2:q8_0"
 
 @pytest.fixture
 def job_home(home, tmp_path) -> Path:
-    root = tmp_path / "home"
-    root.mkdir()
-    (root / "models").symlink_to(home / "models")
+    root = fresh_home(home, tmp_path / "home")
     return root
 
 

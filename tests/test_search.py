@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import fresh_home, run_cli
 from daemon_proc import DaemonProcess
 from pocketembed.ipc import InvalidRequest, ModelError
 from pocketembed.ipc import sqlite as pe_sqlite
@@ -27,9 +27,7 @@ Q4 = "all-minilm-l6-v2:q4_0"
 @pytest.fixture(scope="module")
 def indexed(home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    root = tmp / "home"
-    root.mkdir()
-    (root / "models").symlink_to(home / "models")
+    root = fresh_home(home, tmp / "home")
     db = make_sms_db(tmp / "sms.db")
     d = DaemonProcess(root, tmp / "pe.sock", "--model", Q8).wait_ready()
     with d.client() as c:
@@ -86,6 +84,38 @@ def test_sql_adapter_and_cli_give_the_clients_ids(indexed):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [h["id"] for h in out] == ids and all({"id", "score"} <= set(h) for h in out)
+
+
+def test_results_carry_the_messages_text_when_asked(indexed):
+    d, db = indexed
+    bodies = {r["id"]: r["body"] for r in sms_rows()}
+    with d.client() as c:
+        plain = c.search("sms", "are we meeting for dinner tonight?", k=5)
+        assert all("text" not in h for h in plain)  # only on request
+        hits = c.search("sms", "are we meeting for dinner tonight?", k=5, with_text=True)
+        assert [h["id"] for h in hits] == [h["id"] for h in plain]
+        assert all(h["text"] == bodies[h["id"]] for h in hits)  # read back from the job's source rows
+        # The texts of index.add items are kept only by a collection made with store_text.
+        items = [{"id": "a", "text": "The plumber comes on Tuesday morning"}, {"id": "b", "text": "Lunch at noon?"}]
+        c.index_add("private", items)
+        c.index_add("kept", items, store_text=True)
+        assert [h["text"] for h in c.search("private", "plumber visit", k=2, with_text=True)] == [None, None]
+        kept = c.search("kept", "plumber visit", k=2, with_text=True)
+        assert [(h["id"], h["text"]) for h in kept] == [("a", items[0]["text"]), ("b", items[1]["text"])]
+        info = {x["name"]: x for x in c.collections()}
+        assert (info["private"]["store_text"], info["kept"]["store_text"]) == (False, True)
+        with pytest.raises(InvalidRequest) as e:  # fixed when the collection is made
+            c.index_add("private", items, store_text=True)
+        assert e.value.code == "collection_mismatch"
+        c.drop_collection("private")
+        c.drop_collection("kept")
+    with sqlite3.connect(d.home / "index.db") as conn:  # nothing of the user's text stays behind unasked
+        assert conn.execute("SELECT COUNT(*) FROM items WHERE text IS NOT NULL").fetchone()[0] == 0
+    r = run_cli("search", "--socket", str(d.socket_path), "--collection", "sms", "-k", "3", "dinner tonight?")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split() == ["SCORE", "ID", "TEXT", "METADATA"]
+    shown = r.stdout.splitlines()[1:]
+    assert len(shown) == 3 and all(" ".join(bodies[int(line.split()[1])].split())[:40] in line for line in shown)
 
 
 def test_upsert_delete_readd_and_metadata_filter(indexed):
