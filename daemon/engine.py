@@ -114,7 +114,9 @@ class Engine:
         self.dims = int(llama.llama_model_n_embd(self._model))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.max_tokens = min(cfg.max_tokens, self.n_ctx_train)
-        self.batch_tokens = max(cfg.batch_tokens, self.max_tokens)
+        # llama.cpp aborts the process (GGML_ASSERT in ggml_mul_mat) at the first decode of a context
+        # whose size is not a multiple of 32 (seen: 272, 300, 400), so the size is rounded up to one.
+        self.batch_tokens = -(-max(cfg.batch_tokens, self.max_tokens) // 32) * 32
         self.max_seqs = max(1, cfg.max_seqs)
         n_contexts = max(1, min(cfg.contexts or 2, self.threads))
 

@@ -11,13 +11,15 @@ Two threads, so that a search never waits behind a write:
   ``collections.drop`` one at a time, in arrival order, so the last write to an
   id wins. ``index.add`` embeds only texts the store does not hold yet (same
   model, same text hash): the store doubles as the embedding cache.
+
+Both are executors (daemon/executors.py): bounded queues that answer ``busy``
+when full, and every failure answered instead of ending the thread.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,8 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, UnknownCollection
+from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection
 from pocketembed.gguf_models.catalog import get
+from pocketembed.ipc import ops
+
+from .executors import LATER, Executor, Reply
 
 from .jobs import source_texts
 from .models import ModelRegistry
@@ -36,10 +41,6 @@ from .store import CodeCache, Item, Store, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.index")
 
-Reply = Callable[[Any, Any, PocketEmbedError | None], None]
-"""reply(context, result, error): hands a finished request back to the server."""
-LATER = object()
-"""What an op returns when a callback will answer it (a search waiting for its query vector)."""
 
 
 class EmbeddingLRU:
@@ -80,74 +81,65 @@ class EmbeddingLRU:
 
 class IndexService:
     def __init__(self, db_path: Path, scheduler: Scheduler, models: ModelRegistry, reply: Reply,
-                 cache: CodeCache | None = None, lru_size: int = 1024) -> None:
+                 cache: CodeCache | None = None, lru_size: int = 1024, *, on_death: Callable[[str], None] | None = None,
+                 counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.models = models
         self.reply = reply
         self.cache = cache or CodeCache()
         self.lru = EmbeddingLRU(lru_size)
-        self._search_q: queue.Queue[tuple | None] = queue.Queue()
-        self._write_q: queue.Queue[tuple | None] = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self.max_collections = max_collections
         self.searches = 0
+        self._stores: dict[str, Store] = {}
+        self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
+        self._write = Executor("write", self._write_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
 
     def start(self) -> None:
-        for target, name in ((self._search_loop, "pe-search"), (self._write_loop, "pe-write")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._search.start()
+        self._write.start()
 
     def stop(self) -> None:
         """Finish what is queued, then stop (the scheduler must still be running)."""
-        for q, thread in zip((self._search_q, self._write_q), self._threads):
-            q.put(None)
-            thread.join(60)
+        self._search.stop()
+        self._write.stop()
+        for store in self._stores.values():
+            store.conn.close()
 
-    def submit(self, op: str, args: dict[str, Any], context: Any) -> None:
-        """From the I/O thread: queue an op (already type-checked)."""
-        (self._search_q if op in ("search", "collections.list") else self._write_q).put((op, args, context))
+    def submit(self, op: str, args: Any, context: Any) -> None:
+        """From the I/O thread: queue an op (decoded and validated); Busy when its thread's queue is full."""
+        (self._search if op in ("search", "collections.list") else self._write).submit(op, args, context)
 
     def stats(self) -> dict[str, Any]:
         return {"searches": self.searches, "query_cache": self.lru.stats(), "codes_in_memory": self.cache.stats()}
 
+    def executor_stats(self) -> dict[str, dict[str, Any]]:
+        return {ex.name: {"queued": ex.queued, "alive": ex.alive} for ex in (self._search, self._write)}
+
+    def _store(self, thread: str) -> Store:
+        """The calling thread's own connection to the store (made on first use, on that thread)."""
+        store = self._stores.get(thread)
+        if store is None:
+            store = self._stores[thread] = Store(connect(self.db_path), self.cache)
+        return store
+
     # -- search thread -----------------------------------------------------------------
 
-    def _answer(self, op: str, context: Any, work: Callable[[], Any]) -> None:
-        """Run one op; its result or its error is the reply (``LATER``: it answers by itself later)."""
-        try:
-            result = work()
-        except PocketEmbedError as e:
-            self.reply(context, None, e)
-            return
-        except Exception as e:  # a bug: answer it, keep serving
-            log.exception("%s failed", op)
-            self.reply(context, None, PocketEmbedError(f"internal error: {type(e).__name__}: {e}", code="internal"))
-            return
-        if result is not LATER:
-            self.reply(context, result, None)
+    def _search_op(self, op: str, args: Any, context: Any) -> Any:
+        store = self._store("search")
+        if op == "collections.list":
+            return store.collections()
+        if op == "search":
+            return self._start_search(store, args, context)
+        info, vec, request_args = args  # "search.run": the query vector is ready
+        return self._run_search(store, info, vec, request_args)
 
-    def _search_loop(self) -> None:
-        conn = connect(self.db_path)
-        store = Store(conn, self.cache)
-        while (job := self._search_q.get()) is not None:
-            op, args, context = job
-            if op == "collections.list":
-                self._answer(op, context, store.collections)
-            elif op == "search":
-                self._answer(op, context, lambda: self._start_search(store, args, context))
-            else:  # "search.run": the query vector is ready
-                (info, vec), (ctx, request_args) = args, context
-                self._answer(op, ctx, lambda: self._run_search(store, info, vec, request_args))
-        conn.close()
-
-    def _start_search(self, store: Store, args: dict[str, Any], context: Any) -> Any:
-        info = store.info(args["collection"])
-        model = args.get("model")
-        if model is not None and get(model).name != info.model:
-            raise PocketEmbedError(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
-                                   f"{get(model).name} cannot search it", code="collection_mismatch")
-        text = self.models.prefix(info.model, "query") + args["query"]
+    def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
+        info = store.info(args.collection)
+        if args.model is not None and get(args.model).name != info.model:
+            raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
+                                     f"{get(args.model).name} cannot search it")
+        text = self.models.prefix(info.model, "query") + args.query
         key = (info.model, info.dims, text)
         vec = self.lru.get(key)
         if vec is not None:
@@ -158,63 +150,58 @@ class IndexService:
                 self.reply(context, None, err)
                 return
             self.lru.put(key, vecs[0])
-            self._search_q.put(("search.run", (info, vecs[0]), (context, args)))
+            self._search.submit("search.run", (info, vecs[0], args), context, force=True)
 
         self.scheduler.submit(EmbedTask(texts=[text], model=info.model, on_done=embedded, lane=INTERACTIVE,
                                         dims=info.dims, truncate=True),
                               max_tokens=self.models.max_tokens(info.model))
         return LATER
 
-    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
-        hits = store.search(info.name, vec, k=args.get("k", 10), rescore_multiplier=args.get("rescore_multiplier"),
-                            filter=args.get("filter"), rescore=args.get("rescore", True),
-                            with_text=bool(args.get("with_text", False)),
+    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs) -> dict[str, Any]:
+        hits = store.search(info.name, vec, k=args.k, rescore_multiplier=args.rescore_multiplier,
+                            filter=args.filter, rescore=args.rescore, with_text=args.with_text,
                             source_text=lambda origin, ids: source_texts(store.conn, origin, ids))
         self.searches += 1
         return {"collection": info.name, "model": info.model, "hits": hits}
 
     # -- write thread ------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
-        conn = connect(self.db_path)
-        store = Store(conn, self.cache)
-        while (job := self._write_q.get()) is not None:
-            op, args, context = job
-            self._answer(op, context, lambda: self._write(store, conn, op, args))
-        conn.close()
-
-    def _write(self, store: Store, conn: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def _write_op(self, op: str, args: Any, context: Any) -> dict[str, Any]:
+        store = self._store("write")
         if op == "index.add":
-            return self._add(store, conn, args)
-        with transaction(conn):
+            return self._add(store, store.conn, args)
+        with transaction(store.conn):
             if op == "index.delete":
-                return {"deleted": store.delete(conn, args["collection"], args["ids"])}
-            return {"collection": args["collection"], "dropped": store.drop(conn, args["collection"])}
+                return {"deleted": store.delete(store.conn, args.collection, args.ids)}
+            return {"collection": args.collection, "dropped": store.drop(store.conn, args.collection)}
 
-    def _add(self, store: Store, conn: Any, args: dict[str, Any]) -> dict[str, Any]:
-        name = args["collection"]
-        items = args["items"]
+    def _add(self, store: Store, conn: Any, args: ops.IndexAddArgs) -> dict[str, Any]:
+        name = args.collection
+        items = args.items
         try:
             info = store.info(name)
         except UnknownCollection:
             info = None
         if info is not None:
             model, dims = info.model, info.dims
-            if args.get("model") is not None and get(args["model"]).name != model:
-                raise CollectionMismatch(f"collection {name!r} holds {model} vectors, not {get(args['model']).name}")
-            if args.get("dims") is not None and args["dims"] != dims:
-                raise CollectionMismatch(f"collection {name!r} holds {dims}-dim vectors, not {args['dims']}")
+            if args.model is not None and get(args.model).name != model:
+                raise CollectionMismatch(f"collection {name!r} holds {model} vectors, not {get(args.model).name}")
+            if args.dims is not None and args.dims != dims:
+                raise CollectionMismatch(f"collection {name!r} holds {dims}-dim vectors, not {args.dims}")
         else:
-            spec = get(args.get("model"))
-            model, dims = spec.name, args.get("dims") or spec.dims
+            spec = get(args.model)
+            model, dims = spec.name, args.dims or spec.dims
             if not 1 <= dims <= spec.dims:
                 raise InvalidInput(f"dims must be between 1 and {spec.dims} for {model}")
-        chunked = bool(args.get("chunk", False))
-        hashes = [text_hash(it["text"]) + (":c" if chunked else "") for it in items]
-        meta = [None if it.get("metadata") is None else json.dumps(it["metadata"], ensure_ascii=False) for it in items]
-        stored = store.hashes(conn, name, [it["id"] for it in items]) if info is not None else {}
-        unchanged = [k for k, it in enumerate(items) if stored.get(it["id"]) == hashes[k]]
-        todo = [k for k in range(len(items)) if stored.get(items[k]["id"]) != hashes[k]]
+            if store.count_collections() >= self.max_collections:
+                raise TooLarge(f"the daemon holds {self.max_collections} collections, its limit (max_collections); "
+                               "drop one or raise the limit")
+        chunked = args.chunk
+        hashes = [text_hash(it.text) + (":c" if chunked else "") for it in items]
+        meta = [None if it.metadata is None else json.dumps(it.metadata, ensure_ascii=False) for it in items]
+        stored = store.hashes(conn, name, [it.id for it in items]) if info is not None else {}
+        unchanged = [k for k, it in enumerate(items) if stored.get(it.id) == hashes[k]]
+        todo = [k for k in range(len(items)) if stored.get(items[k].id) != hashes[k]]
 
         # Texts to embed: whole texts (reusing the store and the LRU), or the windows of chunked ones.
         texts: list[str] = []
@@ -226,18 +213,18 @@ class IndexService:
             for k in todo:
                 vec = known.get(hashes[k])
                 if vec is None:
-                    vec = self.lru.get((model, dims, prefix + items[k]["text"]))
+                    vec = self.lru.get((model, dims, prefix + items[k].text))
                 if vec is not None:
                     reused[k] = vec
                     plan.append((k, 0, None))
                 else:
                     plan.append((k, 0, len(texts)))
-                    texts.append(prefix + items[k]["text"])
+                    texts.append(prefix + items[k].text)
         else:
             engine = self.models.acquire(model)
             try:
                 for k in todo:
-                    for c, window in enumerate(engine.windows(items[k]["text"]), start=1):
+                    for c, window in enumerate(engine.windows(items[k].text), start=1):
                         plan.append((k, c, len(texts)))
                         texts.append(prefix + window)
             finally:
@@ -247,17 +234,16 @@ class IndexService:
             for k, _, t in plan:
                 if t is not None:
                     self.lru.put((model, dims, texts[t]), vecs[t])
-        out = [Item(items[k]["id"], hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
-                    text=items[k]["text"]) for k, c, t in plan]
+        out = [Item(items[k].id, hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
+                    text=items[k].text) for k, c, t in plan]
         with transaction(conn):
-            store.ensure_collection(conn, name, model, dims, float_vectors=bool(args.get("float_vectors", False)),
-                                    store_text=args.get("store_text"))
+            store.ensure_collection(conn, name, model, dims, float_vectors=args.float_vectors, store_text=args.store_text)
             store.put(conn, name, out)
-            store.set_metadata(conn, name, [(items[k]["id"], meta[k]) for k in unchanged])
+            store.set_metadata(conn, name, [(items[k].id, meta[k]) for k in unchanged])
         return {"collection": name, "model": model, "added": len(todo), "unchanged": len(unchanged),
                 "embedded": len(texts), "reused": len(reused), "vectors": len(out)}
 
-    def _embed(self, texts: list[str], model: str, dims: int, args: dict[str, Any]) -> np.ndarray:
+    def _embed(self, texts: list[str], model: str, dims: int, args: ops.IndexAddArgs) -> np.ndarray:
         done = threading.Event()
         result: list[Any] = [None, None]
 
@@ -265,8 +251,8 @@ class IndexService:
             result[0], result[1] = vecs, err
             done.set()
 
-        self.scheduler.submit(EmbedTask(texts=texts, model=model, on_done=finished, lane=args.get("priority") or INTERACTIVE,
-                                        dims=dims, truncate=bool(args.get("truncate", False))),
+        self.scheduler.submit(EmbedTask(texts=texts, model=model, on_done=finished, lane=args.priority or INTERACTIVE,
+                                        dims=dims, truncate=args.truncate),
                               max_tokens=self.models.max_tokens(model))
         done.wait()
         if result[1] is not None:

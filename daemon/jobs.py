@@ -74,10 +74,17 @@ def _q(name: str) -> str:
 
 
 class SourceTable:
-    """The caller's table, read-only, in keyset chunks."""
+    """The caller's table, read-only, in keyset chunks.
 
-    def __init__(self, spec: JobSpec) -> None:
+    Every statement runs under a time budget (SQLite's progress handler): the
+    ``where`` is the caller's SQL, and one that never ends (a recursive CTE)
+    fails with ``bad_source`` instead of holding a daemon thread forever.
+    """
+
+    def __init__(self, spec: JobSpec, budget_s: float = 5.0) -> None:
         self.spec = spec
+        self.budget_s = budget_s
+        self._deadline = float("inf")
         path = Path(spec.db)
         if not path.is_absolute():
             raise SourceError(f"db must be an absolute path, got {spec.db!r}")
@@ -89,6 +96,7 @@ class SourceTable:
             tables = set(sqlite_utils.Database(self.conn).table_names()) | set(sqlite_utils.Database(self.conn).view_names())
         except sqlite3.Error as e:
             raise SourceError(f"cannot read {spec.db} as SQLite: {e}") from None
+        self.conn.set_progress_handler(lambda: time.monotonic() > self._deadline, 1000)
         if spec.table not in tables:
             raise SourceError(f"{spec.db} has no table {spec.table!r}; it has: {', '.join(sorted(tables)) or 'none'}")
         cols = {c.name for c in sqlite_utils.Database(self.conn)[spec.table].columns}
@@ -97,9 +105,24 @@ class SourceTable:
                 raise SourceError(f"table {spec.table!r} has no column {col!r}; it has: {', '.join(sorted(cols))}")
         self._from = f"FROM {_q(spec.table)} WHERE {_q(spec.id_column)} IS NOT NULL" + (f" AND ({spec.where})" if spec.where else "")
         try:
-            self.conn.execute(f"SELECT 1 {self._from} LIMIT 0")
+            self._execute(f"SELECT 1 {self._from} LIMIT 0")
+        except SourceError as e:
+            raise SourceError(f"bad --where {spec.where!r}: {e.message}") from None
+
+    def _execute(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        """The rows of one statement on the source, fully read within the time budget."""
+        self._deadline = time.monotonic() + self.budget_s
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if str(e) == "interrupted":
+                raise SourceError(f"a statement on {self.spec.table!r} took longer than {self.budget_s:g} s "
+                                  "(source_budget_s); simplify the where or add an index") from None
+            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
         except sqlite3.Error as e:
-            raise SourceError(f"bad --where {spec.where!r}: {e}") from None
+            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+        finally:
+            self._deadline = float("inf")
 
     def check_unique(self) -> None:
         n, distinct = self._one(f"SELECT COUNT(*), COUNT(DISTINCT {_q(self.spec.id_column)}) {self._from}")
@@ -114,29 +137,20 @@ class SourceTable:
         """Up to ``limit`` (id, text) rows with id > cursor, in id order; one short read."""
         i, t = _q(self.spec.id_column), _q(self.spec.text_column)
         sql = f"SELECT {i}, {t} {self._from}" + (f" AND {i} > ?" if cursor is not None else "") + f" ORDER BY {i} LIMIT ?"
-        try:
-            return self.conn.execute(sql, (cursor, limit) if cursor is not None else (limit,)).fetchall()
-        except sqlite3.Error as e:
-            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+        return self._execute(sql, (cursor, limit) if cursor is not None else (limit,))
 
     def texts(self, ids: list[Any]) -> dict[Any, str]:
         """id → text of these rows (search results ask for them back)."""
         i, t = _q(self.spec.id_column), _q(self.spec.text_column)
         out: dict[Any, str] = {}
-        try:
-            for start in range(0, len(ids), 500):
-                part = ids[start : start + 500]
-                sql = f"SELECT {i}, {t} FROM {_q(self.spec.table)} WHERE {i} IN ({','.join('?' * len(part))})"
-                out.update((row_id, text) for row_id, text in self.conn.execute(sql, part) if isinstance(text, str))
-        except sqlite3.Error as e:
-            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            sql = f"SELECT {i}, {t} FROM {_q(self.spec.table)} WHERE {i} IN ({','.join('?' * len(part))})"
+            out.update((row_id, text) for row_id, text in self._execute(sql, part) if isinstance(text, str))
         return out
 
     def _one(self, sql: str) -> tuple[Any, ...]:
-        try:
-            return self.conn.execute(sql).fetchone()
-        except sqlite3.Error as e:
-            raise SourceError(f"reading {self.spec.table!r} from {self.spec.db}: {e}") from None
+        return self._execute(sql)[0]
 
     def close(self) -> None:
         self.conn.close()
@@ -317,7 +331,8 @@ class JobRunner:
 
     def __init__(self, db_path: Path, scheduler: Scheduler, power: PowerMonitor,
                  prefix: Callable[[str], str], dims: Callable[[str], int], chunk_rows: int = 128,
-                 pipeline: int = 2) -> None:
+                 pipeline: int = 2, source_budget_s: float = 5.0,
+                 on_death: Callable[[str], None] | None = None) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.power = power
@@ -325,6 +340,8 @@ class JobRunner:
         self.dims = dims
         self.chunk_rows = chunk_rows
         self.pipeline = pipeline
+        self.source_budget_s = source_budget_s
+        self.on_death = on_death
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -351,6 +368,15 @@ class JobRunner:
         self._kick.clear()
 
     def _loop(self) -> None:
+        try:
+            self._work()
+        finally:
+            if not self._stop.is_set():
+                log.critical("the job runner's thread ended unexpectedly")
+                if self.on_death is not None:
+                    self.on_death("jobs")
+
+    def _work(self) -> None:
         conn = connect(self.db_path)
         queue = JobQueue(conn)
         store = Store(conn)
@@ -384,7 +410,7 @@ class JobRunner:
         spec = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"], job["where"],
                        job["collection"], job["model"], job["truncate"])
         try:
-            source = SourceTable(spec)
+            source = SourceTable(spec, budget_s=self.source_budget_s)
         except SourceError as e:
             queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
             return

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from pocketembed import paths
-from pocketembed.errors import InvalidInput, ModelNotLoaded, ModelUnloading, OverBudget
+from pocketembed.config import parse_duration
+from pocketembed.errors import ModelNotLoaded, ModelUnloading, OverBudget
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
@@ -46,27 +47,8 @@ def open_engine(name: str | None, root: Path | None = None, **overrides: object)
 CONTEXT_OVERHEAD = 8 << 20
 """Estimated bytes of one llama context (compute and batch buffers at 512 tokens)."""
 
-FOREVER = -1.0
-
-
-def parse_keep_alive(value: object) -> float:
-    """Seconds from an Ollama-style keep_alive: 300, "5m", "1h30m", "90s", 0, -1 (forever)."""
-    if isinstance(value, bool) or value is None:
-        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {value!r}")
-    if isinstance(value, (int, float)):
-        if value != value:  # NaN
-            raise InvalidInput("keep_alive must be a number of seconds or a duration string")
-        return FOREVER if value < 0 else float(value)
-    if not isinstance(value, str):
-        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {type(value).__name__}")
-    text = value.strip().lower()
-    if text.startswith("-"):
-        return FOREVER
-    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
-    if not text or m is None:
-        raise InvalidInput(f"keep_alive {value!r} is not a duration; use e.g. 300, '90s', '5m', '1h', 0 or -1")
-    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + sec
+parse_keep_alive = parse_duration
+"""Seconds from an Ollama-style keep_alive (see pocketembed.config.parse_duration)."""
 
 
 @dataclass
@@ -111,7 +93,7 @@ class ModelRegistry:
 
     def __init__(self, home: Path, *, threads: int | None = None, contexts: int | None = None,
                  on_demand: bool = True, keep_alive: float = 300.0, budget_bytes: int | None = None,
-                 settings: dict[str, ModelSettings] | None = None) -> None:
+                 settings: dict[str, ModelSettings] | None = None, on_death: Callable[[str], None] | None = None) -> None:
         self.home = home
         self.threads = threads
         self.contexts = contexts
@@ -119,6 +101,7 @@ class ModelRegistry:
         self.keep_alive = keep_alive
         self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget()
         self.settings = settings or {}
+        self.on_death = on_death
         self._models: dict[str, _Loaded] = {}
         self._holds: dict[str, int] = {}
         self._unloading: set[str] = set()
@@ -309,7 +292,16 @@ class ModelRegistry:
         self._reaper.start()
 
     def _reap(self) -> None:
-        """Unload models idle for longer than their keep_alive."""
+        """Unload models idle for longer than their keep_alive; a failed unload is logged and retried."""
+        try:
+            self._reap_loop()
+        finally:
+            if not self._stop:
+                log.critical("the keep-alive thread ended unexpectedly")
+                if self.on_death is not None:
+                    self.on_death("keepalive")
+
+    def _reap_loop(self) -> None:
         while True:
             with self._cv:
                 if self._stop:
@@ -324,7 +316,14 @@ class ModelRegistry:
                     continue
             for name in due:
                 log.info("unloading %s: idle past its keep_alive", name)
-                self._close(name, evicting=True)
+                try:
+                    self._close(name, evicting=True)
+                except Exception:
+                    log.exception("unloading %s failed", name)
+                    with self._cv:
+                        entry = self._models.get(name)
+                        if entry is not None:
+                            entry.last_used = time.monotonic()  # try again after another keep_alive
 
     # -- views -------------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ import numpy as np
 
 from pocketembed.errors import Busy, Expired, InvalidInput, PocketEmbedError, ShuttingDown, TooLarge
 
+from . import faults
 from .engine import Engine, postprocess
+from .executors import as_error
 
 log = logging.getLogger("pocketembed.scheduler")
 
@@ -113,6 +115,8 @@ class EmbedTask:
     finished: int = 0
     pooled: np.ndarray | None = None
     out_dims: int = 0
+    limits: tuple[int, int] = (1 << 30, 1 << 30)
+    """The engine's own tokens and sequences per decode (a model's batch_tokens may be below the lane's)."""
 
 
 class _LaneState:
@@ -132,9 +136,11 @@ class _LaneState:
 class Scheduler:
     """Batches embed requests from every client over a pool of decode workers."""
 
-    def __init__(self, engines: EngineSource, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, engines: EngineSource, config: SchedulerConfig | None = None,
+                 on_death: Callable[[str], None] | None = None) -> None:
         self.engines = engines
         self.config = config or SchedulerConfig()
+        self.on_death = on_death
         self._cv = threading.Condition()
         self._lanes = {INTERACTIVE: _LaneState(INTERACTIVE, self.config.interactive),
                        BACKGROUND: _LaneState(BACKGROUND, self.config.background)}
@@ -214,6 +220,15 @@ class Scheduler:
     # -- workers -----------------------------------------------------------------------
 
     def _worker(self, index: int) -> None:
+        try:
+            self._work(index)
+        finally:
+            if not self._stopping:
+                log.critical("decode worker %d ended unexpectedly", index)
+                if self.on_death is not None:
+                    self.on_death(f"decode-{index}")
+
+    def _work(self, index: int) -> None:
         while True:
             with self._cv:
                 job = self._next_job()
@@ -303,18 +318,20 @@ class Scheduler:
         model = None
         n_tokens = 0
         n_seqs = 0
+        max_tokens, max_seqs = lane.cfg.batch_tokens, self.config.max_seqs
         for task in lane.tasks:
             if task.state != "ready" or task.taken >= len(task.texts):
                 continue
             if model is None:
                 model = task.model
+                max_tokens, max_seqs = min(max_tokens, task.limits[0]), min(max_seqs, task.limits[1])
             elif task.model != model:
                 continue
             start = task.taken
             i = start
-            while i < len(task.texts) and n_seqs < self.config.max_seqs:
+            while i < len(task.texts) and n_seqs < max_seqs:
                 n = len(task.tokens[i])
-                if n_tokens + n > lane.cfg.batch_tokens and n_seqs:
+                if n_tokens + n > max_tokens and n_seqs:
                     break
                 n_tokens += n
                 n_seqs += 1
@@ -322,17 +339,18 @@ class Scheduler:
             if i > start:
                 task.taken = i
                 parts.append((task, start, i))
-            if n_seqs >= self.config.max_seqs or i < len(task.texts):
+            if n_seqs >= max_seqs or i < len(task.texts):
                 break
         return parts or None
 
     def _tokenize(self, lane: _LaneState, tasks: list[EmbedTask]) -> None:
         name = tasks[0].model
         try:
+            faults.check("scheduler", "tokenize")
             engine = self.engines.acquire(name)
-        except PocketEmbedError as e:
+        except Exception as e:  # e.g. an OSError loading the model on demand: these requests fail, the worker goes on
             for t in tasks:
-                self._fail(lane, t, e)
+                self._fail(lane, t, as_error(e, f"loading {name}"))
             return
         try:
             for t in tasks:
@@ -340,8 +358,9 @@ class Scheduler:
                     t.out_dims = engine.check_dims(t.dims)
                     t.tokens = [self._tok(engine, i, s, t.truncate) for i, s in enumerate(t.texts)]
                     t.pooled = np.empty((len(t.texts), engine.dims), dtype=np.float32)
-                except PocketEmbedError as e:
-                    self._fail(lane, t, e)
+                    t.limits = (engine.batch_tokens, engine.max_seqs)
+                except Exception as e:
+                    self._fail(lane, t, as_error(e, "tokenizing"))
                     continue
                 with self._cv:
                     t.state = "ready"
@@ -366,6 +385,7 @@ class Scheduler:
         error: PocketEmbedError | None = None
         vecs = None
         try:
+            faults.check("scheduler", "decode")
             engine = self.engines.acquire(name)
             try:
                 with self._cv:

@@ -1,25 +1,32 @@
-"""The daemon's server loop: one ROUTER socket, one I/O thread, workers behind it.
+"""The daemon's server loop: one ROUTER socket, one I/O thread, executors behind it.
 
-The I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe): it
-decodes, validates and routes, answers cheap ops itself (ping, stats,
-models.list), submits ``embed`` to the scheduler (whose decode workers batch
-it with other clients' texts) and hands model loads/unloads to a control
-thread. No worker touches the ROUTER; each hands finished replies back through
-its own inproc PUSH socket to a PULL socket the I/O thread polls next to the
-ROUTER. So a ``ping`` is answered while a long embed runs, and every request
-gets exactly one reply.
+The I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe). It
+decodes each request against the op table (ipc/ops.py: the argument schema,
+the executor, the permission), answers the inline ops itself (``ping``,
+``models.list``) and hands every other op to the executor the table names:
+the scheduler for ``embed``, the index service's search and write threads,
+the control thread (model loads), the aux thread (stats, jobs) and the source
+thread (``jobs.submit`` reads a caller's SQLite file). Each executor's queue is
+bounded: a full one answers ``busy``.
+
+The I/O thread holds every request it handed off, under a serial number, until
+its reply comes back through an inproc PUSH/PULL pair; so every request gets
+exactly one reply, and if an executor's thread dies anyway the I/O thread
+answers everything it still holds and the daemon exits non-zero (70) for its
+supervisor to restart it, instead of living on half-alive.
 """
 
 from __future__ import annotations
 
 import errno
-import json
+import fcntl
 import logging
 import os
-import queue
 import signal
 import socket
+import sqlite3
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -36,25 +43,26 @@ from pocketembed import __version__
 from pocketembed.errors import Busy, PocketEmbedError
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
+from pocketembed.ipc import ops
 from pocketembed.ipc import protocol as P
 
 from . import store
+from .executors import Executor, StorageError
 from .index import IndexService
 from .jobs import JobQueue, JobRunner, JobSpec, SourceTable
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
 from .power import PowerMonitor, PowerPolicy, sources
-from .scheduler import INTERACTIVE, LANES, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
+from .scheduler import INTERACTIVE, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pocketembed.server")
 
-INLINE_OPS = {"ping", "models.list"}
-CONTROL_OPS = {"models.load", "models.unload"}
-AUX_OPS = {"stats", "jobs.submit", "jobs.list", "jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"}
-"""Ops that touch SQLite or read sensors: off the I/O thread, on their own thread."""
-INDEX_OPS = {"search", "index.add", "index.delete", "collections.list", "collections.drop"}
-KNOWN_OPS = INLINE_OPS | CONTROL_OPS | AUX_OPS | INDEX_OPS | {"embed"}
-MAX_IDS = 10_000
-MAX_K = 1_000
+FRAME_CAP = 16 * 1024 * 1024
+"""ZeroMQ drops a peer whose frame is larger than this; up to it, an over-size request gets ``too_large``."""
+MAX_INFLIGHT_PER_CLIENT = 256
+"""Requests one connection may have waiting for replies; beyond it: ``busy``."""
+EXIT_THREAD_DIED = 70
+_DEATH = 0
+"""The serial number of the inproc message that says an executor's thread died."""
 
 
 class DaemonRunning(PocketEmbedError):
@@ -81,13 +89,19 @@ class ServeConfig:
     """auto (termux → sysfs → psutil), one of those, or file:PATH (injected readings)."""
     power_policy: PowerPolicy = field(default_factory=PowerPolicy)
     job_chunk_rows: int = 128
+    max_collections: int = 64
+    source_budget_s: float = 5.0
+    """Time a caller's SQL (a job's ``where``, its source reads) may take per statement."""
 
 
 @dataclass
-class _Job:
+class _Held:
+    """A request handed to an executor, until its reply goes out."""
+
     identity: list[bytes]
-    req: P.Request
-    received: float
+    req_id: Any
+    op: str
+    started: float
 
 
 class _Stats:
@@ -99,6 +113,8 @@ class _Stats:
         self.errors = 0
         self.by_op: dict[str, int] = {}
         self.latency_ms: deque[float] = deque(maxlen=2048)
+        self.counters: dict[str, int] = {"internal_errors": 0}
+        """Shared with the executors: ``internal_errors`` counts bugs answered ``internal``."""
         self.lock = threading.Lock()
 
     def record(self, op: str, ok: bool, started: float) -> None:
@@ -115,6 +131,7 @@ class _Stats:
                 "uptime_s": round(time.time() - self.started, 3),
                 "requests": self.requests,
                 "errors": self.errors,
+                "internal_errors": self.counters["internal_errors"],
                 "by_op": dict(self.by_op),
                 "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
             }
@@ -140,47 +157,113 @@ def check_socket_free(path: Path) -> None:
     raise DaemonRunning(f"another pocketembed daemon is serving on {path}; stop it first or use --socket")
 
 
+class DataDirLock:
+    """One daemon per data directory, whatever its socket: an flock held for the process's life.
+
+    Two daemons on one ``index.db`` would both run its jobs. The kernel drops the
+    lock when the process dies, so a kill -9 leaves nothing stale behind.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "daemon.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES):
+                raise
+            # A read-only data directory: nothing can be written, so a second daemon cannot clash.
+            log.warning("cannot create %s (%s); the data directory is read-only", self.path, e.strerror)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonRunning(f"another pocketembed daemon (pid {holder}) is using the data directory "
+                                f"{self.path.parent}; stop it first or use another --home") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.stats = _Stats()
+        self.lock = DataDirLock(config.home)
         self.models = ModelRegistry(config.home, threads=config.threads, contexts=config.scheduler.workers,
                                     on_demand=config.on_demand, keep_alive=config.keep_alive,
-                                    budget_bytes=config.memory_budget_bytes, settings=config.model_settings)
-        self.scheduler = Scheduler(self.models, config.scheduler)
+                                    budget_bytes=config.memory_budget_bytes, settings=config.model_settings,
+                                    on_death=self._died)
+        self.scheduler = Scheduler(self.models, config.scheduler, on_death=self._died)
         self.power = PowerMonitor(config.power_policy, sources(config.power_source),
                                   last_interactive=self.scheduler.last_interactive)
-        db = store.db_path(config.home)
-        self._db = store.connect(db)
-        self.store = store.Store(self._db)
-        self.jobs = JobQueue(self._db)
-        self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
-                                dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows)
-        self.index = IndexService(db, self.scheduler, self.models, reply=self._index_done)
         self.ctx = zmq.Context()
-        self._control: queue.Queue[_Job | None] = queue.Queue()
-        self._aux: queue.Queue[_Job | None] = queue.Queue()
+        """The inproc reply sockets' context (PUSH per worker thread, PULL on the I/O thread)."""
+        self.net_ctx = zmq.Context()
+        """The ROUTER's own context: terminating it flushes the replies queued on it, alone."""
         self._stop = threading.Event()
-        self._inflight = 0
+        self._fatal: str | None = None
+        self._held: dict[int, _Held] = {}
+        self._per_client: dict[bytes, int] = {}
+        self._serials = iter(range(1, 1 << 62))
         self._reply_addr = f"inproc://replies-{id(self)}"
         self._tls = threading.local()
         self._push_socks: list[zmq.Socket] = []
         self._push_lock = threading.Lock()
-        self._controller: threading.Thread | None = None
-        self._aux_thread: threading.Thread | None = None
         self._pull: zmq.Socket | None = None
         self.router: zmq.Socket | None = None
         self._bound_path: Path | None = None
 
+        counters = self.stats.counters
+        self.executors = {
+            "control": Executor("control", self._control_op, self._reply, max_queue=16, on_death=self._died, counters=counters),
+            "aux": Executor("aux", self._aux_op, self._reply, max_queue=64, on_death=self._died, counters=counters),
+            "source": Executor("source", self._source_op, self._reply, max_queue=8, on_death=self._died, counters=counters),
+        }
+        self.store_error: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self.index: IndexService | None = None
+        self.runner: JobRunner | None = None
+        db = store.db_path(config.home)
+        try:
+            self._db = store.connect(db)
+            self.store = store.Store(self._db)
+            self.jobs = JobQueue(self._db)
+        except sqlite3.Error as e:  # a corrupt or unreadable index.db: report it, keep embedding
+            self.store_error = f"{db}: {e}"
+            log.error("the index store is unavailable (%s); embedding still works, index and job ops fail "
+                      "with storage_error until it is repaired or removed", self.store_error)
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            return
+        self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
+                                dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows,
+                                source_budget_s=config.source_budget_s, on_death=self._died)
+        self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
+                                  counters=counters, max_collections=config.max_collections)
+
     # -- lifecycle --------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Bind the Unix socket (and TCP, if asked); on failure nothing is left behind."""
+        """Lock the data directory, bind the Unix socket (and TCP, if asked); on failure nothing is left behind."""
         tcp_host, tcp_port = _check_tcp(self.config.tcp, self.config.allow_remote) if self.config.tcp else (None, None)
+        self.lock.acquire()
         try:
             self._bind(tcp_host, tcp_port)
         except BaseException:
             self._close_sockets()
+            self.lock.release()
             raise
 
     def _bind(self, tcp_host: str | None, tcp_port: str | None) -> None:
@@ -188,10 +271,10 @@ class Server:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
         check_socket_free(path)
-        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router = self.net_ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES + 1024)
+        self.router.setsockopt(zmq.MAXMSGSIZE, FRAME_CAP)
         old = os.umask(0o177)
         try:
             self.router.bind(f"ipc://{path}")
@@ -212,51 +295,96 @@ class Server:
             except PocketEmbedError as e:
                 log.error("cannot load %s at start: error[%s] %s", name, e.code, e.message)
 
-    def serve_forever(self) -> None:
-        """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up."""
+    def serve_forever(self) -> int:
+        """Run the I/O loop until SIGTERM/SIGINT; then drain, reply and clean up. Returns the exit status."""
         self.scheduler.start()
         self.models.start()
-        self._controller = threading.Thread(target=self._offload_loop, args=(self._control,), name="pe-control", daemon=True)
-        self._controller.start()
-        self._aux_thread = threading.Thread(target=self._offload_loop, args=(self._aux,), name="pe-aux", daemon=True)
-        self._aux_thread.start()
-        self.runner.start()
-        self.index.start()
+        for ex in self.executors.values():
+            ex.start()
+        if self.runner is not None:
+            self.runner.start()
+        if self.index is not None:
+            self.index.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        # A signal may land on any thread; Python runs its handler on this one only once it is
+        # awake. The wake-up fd makes a signal wake the poll, so it needs no timeout.
+        signal_r, signal_w = socket.socketpair()
+        signal_r.setblocking(False)
+        signal_w.setblocking(False)
+        previous_fd = signal.set_wakeup_fd(signal_w.fileno(), warn_on_full_buffer=False)
+        poller.register(signal_r, zmq.POLLIN)
         log.info("serving on ipc://%s%s (pid %d)", self.config.socket_path,
                  f" and tcp://{self.config.tcp}" if self.config.tcp else "", os.getpid())
         try:
-            while True:
-                if self._stop.is_set() and self._inflight == 0:
-                    break
-                events = dict(poller.poll(100))
+            while not (self._stop.is_set() and not self._held):
+                # No timeout: the loop wakes for a request, a reply, a signal, or a thread's wake-up message.
+                events = dict(poller.poll())
+                if signal_r.fileno() in events:
+                    _drain_fd(signal_r)
                 if self._pull in events:
                     self._drain_replies()
+                if self._fatal is not None:
+                    return self._die()
                 if self.router in events:
                     self._read_requests()
         finally:
-            self._shutdown()
+            signal.set_wakeup_fd(previous_fd)
+            signal_r.close()
+            signal_w.close()
+            if self._fatal is None:
+                self._shutdown()
+        return 0
 
     def request_stop(self, *_: object) -> None:
         if not self._stop.is_set():
-            log.info("stopping: finishing %d in-flight request(s)", self._inflight)
+            log.info("stopping: finishing %d in-flight request(s)", len(self._held))
         self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the I/O loop look at its state now (from a signal handler or another thread)."""
+        try:
+            self._push_frames([struct.pack("<Q", _DEATH), b""])
+        except zmq.ZMQError:  # the sockets are already closed
+            pass
 
     def _shutdown(self) -> None:
-        self.runner.stop()  # commits the chunks in flight, so the scheduler must still run
-        self.index.stop()
+        if self.runner is not None:
+            self.runner.stop()  # commits the chunks in flight, so the scheduler must still run
+        if self.index is not None:
+            self.index.stop()
+        for ex in self.executors.values():
+            ex.stop(timeout=30)
         self.scheduler.stop()
-        for q, t in ((self._control, self._controller), (self._aux, self._aux_thread)):
-            q.put(None)
-            if t:
-                t.join(timeout=30)
         self._drain_replies()
         self.models.close()
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
         self._close_sockets()
+        self.lock.release()
         log.info("stopped")
+
+    def _died(self, name: str) -> None:
+        """From a thread that is ending unexpectedly: the I/O thread answers what it holds and exits."""
+        self._fatal = name
+        self._wake()
+
+    def _die(self) -> int:
+        """A thread died: answer every request held, then exit at once for the supervisor to restart us."""
+        log.critical("the daemon's %s thread died; answering %d held request(s) and exiting with status %d",
+                     self._fatal, len(self._held), EXIT_THREAD_DIED)
+        message = f"the daemon's {self._fatal} thread failed; the daemon is restarting, retry shortly"
+        for held in list(self._held.values()):
+            self._send(held.identity, P.error_reply(held.req_id, P.INTERNAL, message))
+        self._held.clear()
+        self.router.close(linger=2000)
+        self.net_ctx.term()  # returns once those replies are sent (or 2 s passed)
+        if self._bound_path is not None:
+            self._bound_path.unlink(missing_ok=True)
+        logging.shutdown()
+        os._exit(EXIT_THREAD_DIED)  # wedged threads cannot be joined; the kernel frees the data directory's lock
 
     def _close_sockets(self) -> None:
         with self._push_lock:
@@ -265,6 +393,7 @@ class Server:
             self._push_socks.clear()
         if self.router is not None:
             self.router.close(linger=1000)
+        self.net_ctx.term()
         if self._pull is not None:
             self._pull.close(linger=0)
         self.ctx.term()
@@ -288,58 +417,85 @@ class Server:
             return
         req_id = None
         try:
-            req = P.parse_request(payload)
+            req = ops.decode(payload)
             req_id = req.id
             if self._stop.is_set():
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the daemon is shutting down")
-            if req.op in INLINE_OPS:
-                result = self._inline(req)
-                self._send(identity, P.ok_reply(req.id, result))
-                self.stats.record(req.op, True, started)
-            elif req.op == "embed":
-                self._validate(req)
-                self._submit_embed(identity, req, started)
-            elif req.op in INDEX_OPS:
-                self._validate(req)
-                self._inflight += 1
-                self.index.submit(req.op, req.args, (identity, req, started))
-            elif req.op in CONTROL_OPS or req.op in AUX_OPS:
-                self._validate(req)
-                self._inflight += 1
-                (self._control if req.op in CONTROL_OPS else self._aux).put(_Job(identity, req, started))
-            else:
-                raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(sorted(KNOWN_OPS))}")
+            model = getattr(req.args, "model", None)
+            if model is not None:
+                get(model)  # unknown_model now, before anything is queued
+            executor = req.op.executor
+            if executor == "inline":
+                self._send(identity, P.ok_reply(req.id, self._inline(req.op.name)))
+                self.stats.record(req.op.name, True, started)
+                return
+            if executor != "scheduler" and (executor == "index" or req.op.name.startswith("jobs.")) and self.index is None:
+                raise StorageError(f"the index store is unavailable: {self.store_error}")
+            if self._per_client.get(identity[0], 0) >= MAX_INFLIGHT_PER_CLIENT:
+                raise Busy(f"this connection has {MAX_INFLIGHT_PER_CLIENT} requests waiting for replies; "
+                           "wait for some before sending more", retry_after_ms=200)
+            serial = self._hold(identity, req, started)
+            try:
+                self._hand_off(serial, req)
+            except BaseException:
+                self._release(serial)
+                raise
         except P.ProtocolError as e:
             extra = {k: v for k, v in e.extra.items() if k != "id"}
             self._send(identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message, **extra))
             self.stats.record("?", False, started)
+        except PocketEmbedError as e:
+            extra = {"retry_after_ms": e.retry_after_ms} if isinstance(e, Busy) else {}
+            self._send(identity, P.error_reply(req_id, e.code, e.message, **extra))
+            self.stats.record("?", False, started)
 
-    def _submit_embed(self, identity: list[bytes], req: P.Request, started: float) -> None:
-        a = req.args
-        spec = get(a.get("model"))
-        timeout_ms = a.get("timeout_ms")
-        texts = a["texts"]
-        prefix = self.models.prefix(spec.name, a.get("input_type"))
+    def _hand_off(self, serial: int, req: ops.Request) -> None:
+        name, args = req.op.name, req.args
+        if req.op.executor == "scheduler":
+            self._submit_embed(serial, args)
+        elif req.op.executor == "index":
+            self.index.submit(name, args, serial)
+        else:
+            self.executors[req.op.executor].submit(name, args, serial)
+
+    def _hold(self, identity: list[bytes], req: ops.Request, started: float) -> int:
+        serial = next(self._serials)
+        self._held[serial] = _Held(identity, req.id, req.op.name, started)
+        self._per_client[identity[0]] = self._per_client.get(identity[0], 0) + 1
+        return serial
+
+    def _release(self, serial: int) -> _Held | None:
+        held = self._held.pop(serial, None)
+        if held is not None:
+            left = self._per_client[held.identity[0]] - 1
+            if left:
+                self._per_client[held.identity[0]] = left
+            else:
+                del self._per_client[held.identity[0]]
+        return held
+
+    def _submit_embed(self, serial: int, a: ops.EmbedArgs) -> None:
+        spec = get(a.model)
+        texts = a.texts
+        prefix = self.models.prefix(spec.name, a.input_type)
         if prefix:
             texts = [prefix + t for t in texts]
         task = EmbedTask(
-            texts=texts, model=spec.name, keep_alive=_keep_alive(a), on_done=self._embed_done, lane=a.get("priority") or INTERACTIVE,
-            normalize=a.get("normalize", True), dims=a.get("dims"), truncate=a.get("truncate", False),
-            deadline=time.monotonic() + timeout_ms / 1000 if timeout_ms is not None else None,
-            context=(identity, req, started),
+            texts=texts, model=spec.name, keep_alive=_keep_alive(a.keep_alive), on_done=self._embed_done,
+            lane=a.priority or INTERACTIVE, normalize=a.normalize, dims=a.dims, truncate=a.truncate,
+            deadline=time.monotonic() + a.timeout_ms / 1000 if a.timeout_ms is not None else None,
+            context=(serial, a.dtype),
         )
-        try:
-            self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
-        except Busy as e:
-            raise P.ProtocolError(P.BUSY, e.message, retry_after_ms=e.retry_after_ms) from None
-        except PocketEmbedError as e:
-            raise P.ProtocolError(e.code, e.message) from None
-        self._inflight += 1
+        self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
 
     def _drain_replies(self) -> None:
-        for *identity, reply in _pending(self._pull):
-            self._send(identity, reply)
-            self._inflight -= 1
+        for serial_frame, reply in _pending(self._pull):
+            serial = struct.unpack("<Q", serial_frame)[0]
+            if serial == _DEATH:
+                continue  # a wake-up: the loop looks at _fatal and _stop next
+            held = self._release(serial)
+            if held is not None:
+                self._send(held.identity, reply)
 
     def _send(self, identity: list[bytes], reply: bytes) -> None:
         try:
@@ -347,8 +503,8 @@ class Server:
         except zmq.ZMQError as e:  # peer gone or its queue full: nothing else to do
             log.debug("reply dropped: %s", e)
 
-    def _push(self, identity: list[bytes], reply: bytes) -> None:
-        """From any worker thread: hand a finished reply to the I/O thread."""
+    def _push_frames(self, frames: list[bytes]) -> None:
+        """From any thread: hand frames to the I/O thread over this thread's own PUSH socket."""
         sock = getattr(self._tls, "push", None)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -356,12 +512,75 @@ class Server:
             self._tls.push = sock
             with self._push_lock:
                 self._push_socks.append(sock)
-        sock.send_multipart([*identity, reply])
+        sock.send_multipart(frames)
 
-    def _inline(self, req: P.Request) -> Any:
-        if req.op == "ping":
+    def _reply(self, serial: int, result: Any, error: PocketEmbedError | None) -> None:
+        """From an executor: the reply to the request held under ``serial``."""
+        held = self._held.get(serial)
+        req_id, op, started = (held.req_id, held.op, held.started) if held else (None, "?", time.perf_counter())
+        reply = P.ok_reply(req_id, result) if error is None else P.error_reply(req_id, error.code, error.message)
+        self.stats.record(op, error is None, started)
+        self._push_frames([struct.pack("<Q", serial), reply])
+
+    def _embed_done(self, task: EmbedTask, vecs: np.ndarray | None, error: PocketEmbedError | None) -> None:
+        """Called by a decode worker when a request is finished or failed."""
+        serial, dtype = task.context
+        if error is None:
+            out = P.encode_vectors(vecs, dtype)
+            out["model"] = task.model
+            self._reply(serial, out, None)
+        else:
+            self._reply(serial, None, error)
+
+    def _inline(self, op: str) -> Any:
+        if op == "ping":
             return {"pong": True, "version": __version__, "protocol": P.VERSION}
         return self._models_list()
+
+    # -- executors' handlers ----------------------------------------------------------
+
+    def _control_op(self, op: str, a: Any, _serial: int) -> Any:
+        name = get(a.model).name
+        if op == "models.load":
+            newly = self.models.load(name, keep_alive=_keep_alive(a.keep_alive))
+            return {"model": name, "loaded": True, "newly_loaded": newly, **self.models.describe().get(name, {})}
+        self.models.unload(name)
+        return {"model": name, "loaded": False}
+
+    def _aux_op(self, op: str, a: Any, _serial: int) -> Any:
+        if op == "stats":
+            return self._stats()
+        if op == "jobs.list":
+            return self.jobs.list(limit=a.limit)
+        if op == "jobs.status":
+            return {**self.jobs.get(a.job), "errors": self.jobs.errors(a.job)}
+        job = self.jobs.control(a.job, op.split(".", 1)[1])
+        self.runner.kick()
+        return job
+
+    def _source_op(self, op: str, a: ops.JobSubmitArgs, _serial: int) -> Any:
+        """``jobs.submit``: check the caller's source under a time budget, then queue the job."""
+        spec = JobSpec(db=a.db, table=a.table, id_column=a.id_column, text_column=a.text_column,
+                       where=a.where or None, collection=a.collection or a.table, model=get(a.model).name,
+                       truncate=a.truncate)
+        source = SourceTable(spec, budget_s=self.config.source_budget_s)
+        try:
+            source.check_unique()
+        finally:
+            source.close()
+        conn = self._source_conn()
+        with store.transaction(conn):
+            store.Store(conn, self.store.cache).ensure_collection(conn, spec.collection, spec.model, get(spec.model).dims)
+        job, created = JobQueue(conn).submit(spec)
+        self.runner.kick()
+        return {**job, "created": created}
+
+    def _source_conn(self) -> sqlite3.Connection:
+        """The source thread's own connection to index.db (a connection is never shared by two threads)."""
+        conn = getattr(self, "_source_db", None)
+        if conn is None:
+            conn = self._source_db = store.connect(store.db_path(self.config.home))
+        return conn
 
     def _stats(self) -> dict[str, Any]:
         snap = self.stats.snapshot()
@@ -372,9 +591,13 @@ class Server:
         snap["rss_bytes"] = psutil.Process().memory_info().rss
         snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
         snap["scheduler"] = sched
-        snap["index"] = self.index.stats()
+        snap["executors"] = {name: {"queued": ex.queued, "alive": ex.alive} for name, ex in self.executors.items()}
         snap["power"] = self.power.status()
-        snap["jobs"] = [j for j in self.jobs.list(limit=20) if j["state"] not in ("done", "failed", "cancelled")]
+        snap["store"] = {"ok": self.store_error is None, "error": self.store_error}
+        if self.index is not None:
+            snap["index"] = self.index.stats()
+            snap["executors"].update(self.index.executor_stats())
+            snap["jobs"] = [j for j in self.jobs.list(limit=20) if j["state"] not in ("done", "failed", "cancelled")]
         return snap
 
     def _models_list(self) -> list[dict[str, Any]]:
@@ -389,228 +612,17 @@ class Server:
             for s in MODELS.values()
         ]
 
-    def _validate(self, req: P.Request) -> None:
-        """Type and size checks that need no model, done before anything is queued."""
-        a = req.args
-        if req.op == "embed":
-            texts = a.get("texts")
-            if not isinstance(texts, list) or not texts:
-                raise P.ProtocolError(P.INVALID_ARGS, "texts must be a non-empty list of strings")
-            if len(texts) > P.MAX_TEXTS:
-                raise P.ProtocolError(P.TOO_LARGE, f"{len(texts)} texts, limit {P.MAX_TEXTS} per request")
-            for i, t in enumerate(texts):
-                if not isinstance(t, str):
-                    raise P.ProtocolError(P.INVALID_ARGS, f"texts[{i}] must be a string, not {type(t).__name__}")
-                if len(t.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
-                    raise P.ProtocolError(P.TOO_LARGE, f"texts[{i}] is over {P.MAX_TEXT_BYTES} bytes")
-                if not t.strip():
-                    raise P.ProtocolError(P.EMPTY_TEXT, f"texts[{i}] is empty")
-            _opt(a, "model", str)
-            _opt(a, "dims", int)
-            _opt(a, "normalize", bool)
-            _opt(a, "truncate", bool)
-            _opt(a, "priority", str)
-            if a.get("dtype", "float32") not in P.DTYPES:
-                raise P.ProtocolError(P.INVALID_ARGS, f"dtype must be one of {', '.join(P.DTYPES)}")
-            if a.get("priority") not in (None, *LANES):
-                raise P.ProtocolError(P.INVALID_ARGS, f"priority must be one of {', '.join(LANES)}")
-            if a.get("input_type") not in (None, "query", "document"):
-                raise P.ProtocolError(P.INVALID_ARGS, "input_type must be 'query' or 'document'")
-            t = a.get("timeout_ms")
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 86_400_000):
-                raise P.ProtocolError(P.INVALID_ARGS, "timeout_ms must be a positive number of milliseconds")
-        elif req.op in INDEX_OPS:
-            _validate_index(req.op, a)
-        elif req.op == "jobs.submit":
-            for key in ("db", "table", "id_column", "text_column"):
-                if not isinstance(a.get(key), str) or not a[key]:
-                    raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be a non-empty string")
-            if not os.path.isabs(a["db"]):
-                raise P.ProtocolError(P.INVALID_ARGS, "db must be an absolute path (the daemon has its own working directory)")
-            for key in ("where", "collection", "model"):
-                _opt(a, key, str)
-            _opt(a, "truncate", bool)
-        elif req.op in ("jobs.status", "jobs.cancel", "jobs.pause", "jobs.resume"):
-            if isinstance(a.get("job"), bool) or not isinstance(a.get("job"), int):
-                raise P.ProtocolError(P.INVALID_ARGS, "job must be an integer job id")
-        elif req.op == "jobs.list":
-            _opt(a, "limit", int)
-        elif req.op in CONTROL_OPS:
-            if not isinstance(a.get("model"), str):
-                raise P.ProtocolError(P.INVALID_ARGS, "model must be a string")
-        _keep_alive(a)
-        if "model" in a and a["model"] is not None:
-            try:
-                get(a["model"])
-            except PocketEmbedError as e:
-                raise P.ProtocolError(e.code, e.message) from None
 
-    # -- worker threads ---------------------------------------------------------------
-
-    def _embed_done(self, task: EmbedTask, vecs: np.ndarray | None, error: PocketEmbedError | None) -> None:
-        """Called by a decode worker when a request is finished or failed."""
-        identity, req, started = task.context
-        if error is None:
-            out = P.encode_vectors(vecs, req.args.get("dtype", "float32"))
-            out["model"] = task.model
-            reply = P.ok_reply(req.id, out)
-        else:
-            reply = P.error_reply(req.id, error.code, error.message)
-        self.stats.record(req.op, error is None, started)
-        self._push(identity, reply)
-
-    def _index_done(self, context: Any, result: Any, error: PocketEmbedError | None) -> None:
-        """Called by the index service's threads (or a decode worker) when an index op is finished."""
-        identity, req, started = context
-        reply = P.ok_reply(req.id, result) if error is None else P.error_reply(req.id, error.code, error.message)
-        self.stats.record(req.op, error is None, started)
-        self._push(identity, reply)
-
-    def _offload_loop(self, jobs: queue.Queue[_Job | None]) -> None:
-        """Ops that may take a while (model loads, SQLite, sensors), one at a time, off the I/O thread."""
-        while (job := jobs.get()) is not None:
-            ok = True
-            try:
-                reply = P.ok_reply(job.req.id, self._run_offloaded(job.req))
-            except (PocketEmbedError, P.ProtocolError) as e:
-                ok = False
-                reply = P.error_reply(job.req.id, e.code, e.message)
-            except Exception as e:  # a bug: answer it, log it, keep serving
-                ok = False
-                log.exception("request %r failed", job.req.op)
-                reply = P.error_reply(job.req.id, P.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-            self.stats.record(job.req.op, ok, job.received)
-            self._push(job.identity, reply)
-
-    def _run_offloaded(self, req: P.Request) -> Any:
-        a = req.args
-        if req.op == "stats":
-            return self._stats()
-        if req.op == "jobs.submit":
-            return self._submit_job(a)
-        if req.op == "jobs.list":
-            return self.jobs.list(limit=a.get("limit") or 50)
-        if req.op == "jobs.status":
-            return {**self.jobs.get(a["job"]), "errors": self.jobs.errors(a["job"])}
-        if req.op.startswith("jobs."):
-            job = self.jobs.control(a["job"], req.op.split(".", 1)[1])
-            self.runner.kick()
-            return job
-        name = get(a["model"]).name
-        if req.op == "models.load":
-            newly = self.models.load(name, keep_alive=_keep_alive(req.args))
-            return {"model": name, "loaded": True, "newly_loaded": newly, **self.models.describe().get(name, {})}
-        self.models.unload(name)
-        return {"model": name, "loaded": False}
+def _keep_alive(value: Any) -> float | None:
+    return None if value is None else parse_keep_alive(value)
 
 
-    def _submit_job(self, a: dict[str, Any]) -> dict[str, Any]:
-        spec = JobSpec(db=a["db"], table=a["table"], id_column=a["id_column"], text_column=a["text_column"],
-                       where=a.get("where") or None, collection=a.get("collection") or a["table"],
-                       model=get(a.get("model")).name, truncate=a.get("truncate", True))
-
-        source = SourceTable(spec)
-        try:
-            source.check_unique()
-        finally:
-            source.close()
-        with store.transaction(self._db):
-            self.store.ensure_collection(self._db, spec.collection, spec.model, get(spec.model).dims)
-        job, created = self.jobs.submit(spec)
-        self.runner.kick()
-        return {**job, "created": created}
-
-
-def _validate_index(op: str, a: dict[str, Any]) -> None:
-    """Types and limits of search / index.* / collections.* arguments."""
-    if op != "collections.list":
-        c = a.get("collection")
-        if not isinstance(c, str) or not c.strip() or len(c) > 128:
-            raise P.ProtocolError(P.INVALID_ARGS, "collection must be a non-empty string of at most 128 characters")
-    _opt(a, "model", str)
-    if op == "search":
-        q = a.get("query")
-        if not isinstance(q, str):
-            raise P.ProtocolError(P.INVALID_ARGS, "query must be a string")
-        if not q.strip():
-            raise P.ProtocolError(P.EMPTY_TEXT, "query is empty")
-        if len(q.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
-            raise P.ProtocolError(P.TOO_LARGE, f"query is over {P.MAX_TEXT_BYTES} bytes")
-        for key, top, default in (("k", MAX_K, 10), ("rescore_multiplier", 1000, 10)):
-            v = a.get(key, default)
-            if v is None and key == "rescore_multiplier":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
-                raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be an integer from 1 to {top}")
-        _opt(a, "rescore", bool)
-        _opt(a, "with_text", bool)
-        f = a.get("filter")
-        if f is not None and (not isinstance(f, dict) or len(f) > 16 or any(
-                not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))) for k, v in f.items())):
-            raise P.ProtocolError(P.INVALID_ARGS, "filter must map up to 16 metadata keys to plain values (str, number, bool, nil)")
-    elif op == "index.add":
-        items = a.get("items")
-        if not isinstance(items, list) or not items:
-            raise P.ProtocolError(P.INVALID_ARGS, "items must be a non-empty list of {id, text, metadata?} maps")
-        if len(items) > P.MAX_TEXTS:
-            raise P.ProtocolError(P.TOO_LARGE, f"{len(items)} items, limit {P.MAX_TEXTS} per request")
-        seen: set = set()
-        for i, it in enumerate(items):
-            if not isinstance(it, dict):
-                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}] must be a map with id and text")
-            _check_id(it.get("id"), f"items[{i}].id")
-            if it["id"] in seen:
-                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].id {it['id']!r} appears twice")
-            seen.add(it["id"])
-            t = it.get("text")
-            if not isinstance(t, str):
-                raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].text must be a string")
-            if not t.strip():
-                raise P.ProtocolError(P.EMPTY_TEXT, f"items[{i}].text is empty")
-            if len(t.encode("utf-8", "surrogatepass")) > P.MAX_TEXT_BYTES:
-                raise P.ProtocolError(P.TOO_LARGE, f"items[{i}].text is over {P.MAX_TEXT_BYTES} bytes")
-            m = it.get("metadata")
-            if m is not None:
-                try:
-                    ok = isinstance(m, dict) and len(json.dumps(m)) <= 65536
-                except (TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise P.ProtocolError(P.INVALID_ARGS, f"items[{i}].metadata must be a JSON-like map of at most 64 KiB")
-        for key in ("chunk", "truncate", "float_vectors", "store_text"):
-            _opt(a, key, bool)
-        _opt(a, "dims", int)
-        if a.get("priority") not in (None, *LANES):
-            raise P.ProtocolError(P.INVALID_ARGS, f"priority must be one of {', '.join(LANES)}")
-    elif op == "index.delete":
-        ids = a.get("ids")
-        if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS:
-            raise P.ProtocolError(P.INVALID_ARGS, f"ids must be a non-empty list of at most {MAX_IDS} ids")
-        for i, v in enumerate(ids):
-            _check_id(v, f"ids[{i}]")
-
-
-def _check_id(v: Any, where: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, int) and not -2**63 <= v < 2**63) \
-            or (isinstance(v, str) and (not v or len(v) > 512)):
-        raise P.ProtocolError(P.INVALID_ARGS, f"{where} must be a 64-bit integer or a string of 1 to 512 characters")
-
-
-def _keep_alive(args: dict[str, Any]) -> float | None:
-    if args.get("keep_alive") is None:
-        return None
+def _drain_fd(sock: socket.socket) -> None:
     try:
-        return parse_keep_alive(args["keep_alive"])
-    except PocketEmbedError as e:
-        raise P.ProtocolError(P.INVALID_ARGS, e.message) from None
-
-
-def _opt(args: dict[str, Any], key: str, typ: type) -> None:
-    v = args.get(key)
-    if v is None:
-        return
-    if typ is int and isinstance(v, bool) or not isinstance(v, typ):
-        raise P.ProtocolError(P.INVALID_ARGS, f"{key} must be {typ.__name__}, not {type(v).__name__}")
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _pending(sock: zmq.Socket) -> Iterator[list[bytes]]:
@@ -675,6 +687,8 @@ def model_settings(tables: dict[str, dict[str, Any]]) -> dict[str, ModelSettings
 
 def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:
     """Bind, preload, serve until a signal; the exit status of ``pocketembed serve``."""
+    # A write past RLIMIT_FSIZE must fail the write (storage_full), not kill the daemon.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = Server(config)
     server.bind()
     signal.signal(signal.SIGTERM, server.request_stop)
@@ -686,5 +700,4 @@ def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> int:
         raise
     if on_ready:
         on_ready()
-    server.serve_forever()
-    return 0
+    return server.serve_forever()

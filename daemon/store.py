@@ -63,14 +63,19 @@ def connect(path: Path) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception, a failed COMMIT included.
+
+    A COMMIT that fails (disk full) leaves SQLite inside the transaction; rolling
+    it back here keeps the connection usable and nothing of it half-committed.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def text_hash(text: str) -> str:
@@ -285,6 +290,9 @@ class Store:
                 "bytes_per_vector": (info.dims + 7) // 8 + info.dims + (4 * info.dims if info.float_vectors else 0),
                 "calibrated_on": info.calibration.count if info.calibration else 0,
                 "rotation": info.calibration is not None and info.calibration.rotation is not None}
+
+    def count_collections(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM collections").fetchone()[0]
 
     def collections(self) -> list[dict[str, Any]]:
         names = [r[0] for r in self.conn.execute("SELECT name FROM collections ORDER BY name")]

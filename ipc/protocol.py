@@ -1,12 +1,12 @@
 """Protocol v1: the msgpack envelope, vectors as raw bytes, limits, error codes.
 
 Written down for humans in ipc/PROTOCOL.md; this module is its executable form
-and is shared by the server and every Python client. It imports no llama.cpp.
+and is shared by the server and every Python client (the ops and their
+argument schemas are in ops.py). It imports no llama.cpp.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -56,13 +56,6 @@ class ProtocolError(Exception):
         self.extra = extra
 
 
-@dataclass
-class Request:
-    id: Any
-    op: str
-    args: dict[str, Any]
-
-
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -74,36 +67,6 @@ def unpack(frame: bytes) -> Any:
 
 def request(req_id: Any, op: str, args: dict[str, Any] | None = None) -> bytes:
     return pack({"v": VERSION, "id": req_id, "op": op, "args": args or {}})
-
-
-def parse_request(frame: bytes) -> Request:
-    """Decode and shape-check one request frame, or raise ProtocolError.
-
-    The id is recovered whenever the frame is a map, so even a bad request's
-    error reply can be matched by the client.
-    """
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(TOO_LARGE, f"frame has {len(frame)} bytes, limit {MAX_FRAME_BYTES}")
-    try:
-        msg = unpack(frame)
-    except Exception as e:
-        raise ProtocolError(BAD_FRAME, f"frame is not valid msgpack ({type(e).__name__})") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(BAD_FRAME, f"request must be a msgpack map, got {type(msg).__name__}")
-    req_id = msg.get("id")
-    if not isinstance(req_id, (int, str, type(None))) or isinstance(req_id, bool):
-        raise ProtocolError(BAD_FRAME, "id must be an integer or a string")
-    if msg.get("v") != VERSION:
-        raise ProtocolError(BAD_VERSION, f"protocol version must be {VERSION}, got {msg.get('v')!r}", id=req_id)
-    op = msg.get("op")
-    if not isinstance(op, str):
-        raise ProtocolError(INVALID_ARGS, "op must be a string", id=req_id)
-    args = msg.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise ProtocolError(INVALID_ARGS, "args must be a map", id=req_id)
-    return Request(id=req_id, op=op, args=args)
 
 
 def ok_reply(req_id: Any, result: Any) -> bytes:

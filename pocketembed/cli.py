@@ -350,6 +350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         power_source=settings.get("power_source") or "auto",
         power_policy=policy_from_settings(settings),
         job_chunk_rows=settings.get("job_chunk_rows") or 128,
+        max_collections=settings.get("max_collections") or 64,
+        source_budget_s=float(settings.get("source_budget_s") or 5.0),
     )
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
@@ -396,6 +398,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"daemon on {paths.endpoint(args.socket)}: up {stats['uptime_s']:.0f} s, {stats['requests']} requests, "
           f"{stats['errors']} errors, RSS {stats['rss_bytes'] / 1e6:.0f} MB")
     print(f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; loaded: {', '.join(stats['loaded_models']) or 'none'}")
+    store = stats.get("store") or {}
+    if store and not store.get("ok"):
+        print(f"index store: UNAVAILABLE ({store.get('error')}); embedding works, index and job ops fail")
     pw = stats.get("power") or {}
     if pw:
         battery = "no battery" if pw["battery_percent"] is None else \

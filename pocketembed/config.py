@@ -19,6 +19,8 @@ present. Keys (all optional)::
     keep_alive = "5m"             # idle time before a model unloads (0: at once, -1: never); POCKETEMBED_KEEP_ALIVE
     memory_budget_mb = 512        # default: a quarter of the memory available at start; POCKETEMBED_MEMORY_BUDGET_MB
     job_chunk_rows = 128          # rows per committed chunk of an index job; POCKETEMBED_JOB_CHUNK_ROWS
+    max_collections = 64          # collections the store may hold; POCKETEMBED_MAX_COLLECTIONS
+    source_budget_s = 5           # time one statement on a job's source (its where) may take; POCKETEMBED_SOURCE_BUDGET_S
 
     # The power policy for background jobs (POCKETEMBED_POWER_SOURCE, POCKETEMBED_POWER_BATTERY_MIN, ...)
     power_source = "auto"         # termux → sysfs → psutil; or one of them; or "file:/path.json" (injected readings)
@@ -46,16 +48,20 @@ present. Keys (all optional)::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pocketembed.errors import PocketEmbedError
+from pocketembed.errors import InvalidInput, PocketEmbedError
+
+FOREVER = -1.0
 
 KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "threads": int, "workers": int,
         "queue_texts": int, "queue_tokens": int, "background_queue_texts": int, "background_queue_tokens": int,
         "background_batch_tokens": int, "on_demand": bool, "keep_alive": (str, int, float),
         "memory_budget_mb": int, "model": dict, "job_chunk_rows": int, "power_source": str,
+        "max_collections": int, "source_budget_s": (int, float),
         "power_on_charger": bool,
         **{f"power_{k}": (int, float) for k in ("battery_floor", "battery_min", "idle_cpu_percent", "idle_s",
                                                "battery_hysteresis", "busy_cpu_percent", "settle_s",
@@ -67,6 +73,30 @@ MODEL_KEYS = {"threads": int, "batch_tokens": int, "max_tokens": int, "pooling":
 
 class ConfigError(PocketEmbedError):
     code = "invalid_config"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from an Ollama-style keep_alive: 300, "5m", "1h30m", "90s", 0, -1 (forever).
+
+    Shared by the config file and the wire protocol (``keep_alive`` args), so it lives
+    here rather than in the daemon: the protocol's schemas import it.
+    """
+    if isinstance(value, bool) or value is None:
+        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {value!r}")
+    if isinstance(value, (int, float)):
+        if value != value:  # NaN
+            raise InvalidInput("keep_alive must be a number of seconds or a duration string")
+        return FOREVER if value < 0 else float(value)
+    if not isinstance(value, str):
+        raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {type(value).__name__}")
+    text = value.strip().lower()
+    if text.startswith("-"):
+        return FOREVER
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or m is None:
+        raise InvalidInput(f"keep_alive {value!r} is not a duration; use e.g. 300, '90s', '5m', '1h', 0 or -1")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + sec
 
 
 def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,13 @@ def engines(home):
         e.close()
 
 
-def fresh_home(models_home: Path, root: Path) -> Path:
-    """A data directory of its own (index.db, jobs) that shares the prepared models read-only."""
+def fresh_home(models_home: Path, root: Path | None = None) -> Path:
+    """A data directory of its own (index.db, jobs, the daemon's lock) sharing the prepared models.
+
+    One daemon per data directory (the daemon locks it), so each daemon a test
+    starts gets its own unless the test means to share one.
+    """
+    root = root or Path(tempfile.mkdtemp(prefix="pe-test-home-"))
     root.mkdir(parents=True, exist_ok=True)
     (root / "models").symlink_to(models_home / "models")
     return root

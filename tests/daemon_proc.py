@@ -12,7 +12,8 @@ from pocketembed.ipc import Client, DaemonError
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, socket_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, socket_path: Path, *extra: str, env: dict[str, str] | None = None,
+                 preexec_fn=None) -> None:
         self.home = home
         self.socket_path = socket_path
         self.endpoint = f"ipc://{socket_path}"
@@ -20,7 +21,7 @@ class DaemonProcess:
         env.pop("POCKETEMBED_SOCKET", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, preexec_fn=preexec_fn,
         )
 
     def wait_ready(self, timeout: float = 60) -> DaemonProcess:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import assert_same_embedding, run_cli
+from conftest import fresh_home, assert_same_embedding, run_cli
 from daemon_proc import DaemonProcess
 from pocketembed.ipc import AsyncClient, Client, InvalidRequest, ModelError
 from pocketembed.ipc import protocol as P
@@ -24,7 +24,7 @@ SMS = ["Ok lar... Joking wif u oni...", "Free entry in 2 a wkly comp to win FA C
 
 @pytest.fixture(scope="module")
 def daemon(home, tmp_path_factory):
-    d = DaemonProcess(home, tmp_path_factory.mktemp("run") / "sock" / "pe.sock").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path_factory.mktemp("run") / "sock" / "pe.sock").wait_ready()
     yield d
     assert d.stop() == 0
 
@@ -192,9 +192,15 @@ def test_cli_embed_through_daemon(daemon, engines):
 
 
 def test_second_daemon_refuses_and_stale_socket_is_taken_over(home, daemon, tmp_path):
-    second = DaemonProcess(home, daemon.socket_path)
+    second = DaemonProcess(fresh_home(home), daemon.socket_path)  # another data directory, the same socket
     assert second.proc.wait(60) == 1
     assert "another pocketembed daemon is serving" in second.proc.stderr.read()
+    same_home = DaemonProcess(daemon.home, tmp_path / "other" / "pe.sock")  # the same data directory, another socket
+    assert same_home.proc.wait(60) == 1
+    err = same_home.proc.stderr.read()
+    assert "error[daemon_running]" in err and f"is using the data directory {daemon.home}" in err, err
+    with daemon.client() as c:
+        assert c.ping()["pong"]  # the first one is untouched
     # a socket file left by a crashed process (bound, never unlinked) is taken over
     stale = tmp_path / "s" / "pe.sock"
     stale.parent.mkdir(mode=0o700)
@@ -202,14 +208,14 @@ def test_second_daemon_refuses_and_stale_socket_is_taken_over(home, daemon, tmp_
     s.bind(str(stale))
     s.close()
     assert stale.exists()
-    d = DaemonProcess(home, stale).wait_ready()
+    d = DaemonProcess(fresh_home(home), stale).wait_ready()
     with d.client() as c:
         assert c.ping()["pong"]
     assert d.stop() == 0 and not stale.exists()
 
 
 def test_sigterm_answers_everything_sent_before_it(home, tmp_path):
-    d = DaemonProcess(home, tmp_path / "t" / "pe.sock").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "t" / "pe.sock").wait_ready()
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -231,13 +237,13 @@ def test_sigterm_answers_everything_sent_before_it(home, tmp_path):
 
 
 def test_tcp_is_loopback_only(home, tmp_path):
-    bad = DaemonProcess(home, tmp_path / "x" / "pe.sock", "--tcp", "0.0.0.0:45831")
+    bad = DaemonProcess(fresh_home(home), tmp_path / "x" / "pe.sock", "--tcp", "0.0.0.0:45831")
     assert bad.proc.wait(60) == 1
     assert "loopback-only" in bad.proc.stderr.read()
     assert not bad.socket_path.exists()  # nothing left behind by the refused start
-    malformed = DaemonProcess(home, tmp_path / "z" / "pe.sock", "--tcp", "45833")
+    malformed = DaemonProcess(fresh_home(home), tmp_path / "z" / "pe.sock", "--tcp", "45833")
     assert malformed.proc.wait(60) == 1 and "HOST:PORT" in malformed.proc.stderr.read()
-    d = DaemonProcess(home, tmp_path / "y" / "pe.sock", "--tcp", "127.0.0.1:45832").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "y" / "pe.sock", "--tcp", "127.0.0.1:45832").wait_ready()
     with Client("tcp://127.0.0.1:45832") as c:
         assert c.ping()["pong"]
     assert d.stop() == 0

@@ -11,13 +11,14 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import fresh_home
 from daemon_proc import DaemonProcess
 from pocketembed.ipc import protocol as P
 
 STABLE = {P.BAD_FRAME, P.BAD_VERSION, P.UNKNOWN_OP, P.INVALID_ARGS, P.TOO_LARGE, P.EMPTY_TEXT,
           P.TEXT_TOO_LONG, P.UNKNOWN_MODEL, P.MODEL_NOT_PREPARED, P.MODEL_NOT_LOADED, P.MODEL_UNLOADING,
           P.MEMORY_BUDGET, P.TIMEOUT, P.UNKNOWN_JOB, P.BAD_SOURCE, P.INVALID_STATE,
-          P.UNKNOWN_COLLECTION, P.COLLECTION_MISMATCH}
+          P.UNKNOWN_COLLECTION, P.COLLECTION_MISMATCH, P.BUSY, "storage_full", "storage_error"}
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
@@ -78,7 +79,7 @@ messages = st.one_of(
 
 @pytest.fixture(scope="module")
 def sock(home, tmp_path_factory):
-    d = DaemonProcess(home, tmp_path_factory.mktemp("fuzz") / "s" / "pe.sock").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path_factory.mktemp("fuzz") / "s" / "pe.sock").wait_ready()
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)

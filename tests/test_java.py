@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import fresh_home
 from daemon_proc import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_java_client_gets_bit_identical_vectors(home, tmp_path):
     subprocess.run(["javac", "-d", str(classes), "-cp", cp, *sources], check=True, capture_output=True)
 
     port = free_port()
-    d = DaemonProcess(home, tmp_path / "s" / "pe.sock", "--tcp", f"127.0.0.1:{port}").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "s" / "pe.sock", "--tcp", f"127.0.0.1:{port}").wait_ready()
     try:
         java = subprocess.run(["java", "-cp", f"{classes}:{cp}", "org.pocketembed.EmbedMain", f"tcp://127.0.0.1:{port}"],
                               input="\n".join(TEXTS).encode(), capture_output=True, timeout=120)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SAME_EMBEDDING_COS, assert_same_embedding, row_cosines, run_cli
+from conftest import fresh_home, SAME_EMBEDDING_COS, assert_same_embedding, row_cosines, run_cli
 from daemon_proc import DaemonProcess
 from pocketembed.daemon.models import parse_keep_alive
 from pocketembed.errors import InvalidInput
@@ -33,7 +33,7 @@ def test_keep_alive_parsing():
 
 @pytest.fixture(scope="module")
 def daemon(home, tmp_path_factory):
-    d = DaemonProcess(home, tmp_path_factory.mktemp("models") / "pe.sock", "--model", Q8, "--model", Q4).wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path_factory.mktemp("models") / "pe.sock", "--model", Q8, "--model", Q4).wait_ready()
     yield d
     assert d.stop() == 0
 
@@ -109,7 +109,7 @@ def test_bad_keep_alive_is_invalid_input(daemon):
 
 def test_eviction_under_a_small_budget(home, tmp_path):
     # q8_0 needs ~41 MB and q4_0 ~34 MB by the registry's estimate: a 60 MB budget holds one.
-    d = DaemonProcess(home, tmp_path / "pe.sock", "--model", Q8, "--memory-budget-mb", "60").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "pe.sock", "--model", Q8, "--memory-budget-mb", "60").wait_ready()
     try:
         with d.client() as c:
             assert loaded(c) == {Q8}
@@ -119,7 +119,7 @@ def test_eviction_under_a_small_budget(home, tmp_path):
             assert loaded(c) == {Q8}
     finally:
         assert d.stop() == 0
-    d = DaemonProcess(home, tmp_path / "pe2.sock", "--model", Q8, "--memory-budget-mb", "30").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "pe2.sock", "--model", Q8, "--memory-budget-mb", "30").wait_ready()
     try:
         with d.client() as c:
             assert loaded(c) == set()  # q8_0 does not fit at all; the daemon still runs
@@ -160,7 +160,7 @@ def test_corrupt_model_is_refused_and_the_daemon_keeps_serving(home, tmp_path, e
 def test_on_demand_off_and_per_model_settings(home, tmp_path, engines):
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[model."{Q4}"]\nquery_prefix = "search_query: "\nthreads = 1\nkeep_alive = -1\n')
-    d = DaemonProcess(home, tmp_path / "pe.sock", "--model", Q8, "--no-on-demand", "--config", str(cfg)).wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path / "pe.sock", "--model", Q8, "--no-on-demand", "--config", str(cfg)).wait_ready()
     try:
         with d.client() as c:
             with pytest.raises(ModelError) as e:

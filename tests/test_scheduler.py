@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from conftest import fresh_home
 from daemon_proc import DaemonProcess
 from pocketembed.ipc import AsyncClient, Busy, DaemonTimeout
 from pocketembed.sms import load_sms
@@ -19,7 +20,7 @@ def texts():
 
 @pytest.fixture(scope="module")
 def daemon(home, tmp_path_factory):
-    d = DaemonProcess(home, tmp_path_factory.mktemp("sched") / "pe.sock").wait_ready()
+    d = DaemonProcess(fresh_home(home), tmp_path_factory.mktemp("sched") / "pe.sock").wait_ready()
     yield d
     assert d.stop() == 0
 
@@ -107,7 +108,7 @@ def test_background_priority_is_validated(daemon):
 @pytest.fixture(scope="module")
 def small_daemon(home, tmp_path_factory):
     """A daemon with a tiny interactive queue (40 texts) and one worker."""
-    d = DaemonProcess(home, tmp_path_factory.mktemp("small") / "pe.sock", "--workers", "1",
+    d = DaemonProcess(fresh_home(home), tmp_path_factory.mktemp("small") / "pe.sock", "--workers", "1",
                       env={"POCKETEMBED_QUEUE_TEXTS": "40"}).wait_ready()
     yield d
     assert d.stop() == 0

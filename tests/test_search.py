@@ -179,7 +179,7 @@ def test_bad_search_input_gets_clear_errors(indexed):
         for k in (0, -1, 10**6):
             with pytest.raises(InvalidRequest) as e:
                 c.search("sms", "hello", k=k)
-            assert e.value.code == "invalid_input" and "k must be" in e.value.message
+            assert e.value.code == "invalid_input" and "$.k" in e.value.message  # names the argument
         with pytest.raises(InvalidRequest) as e:
             c.call("search", {"collection": "q4", "query": "hello", "model": Q8})
         assert e.value.code == "collection_mismatch"
