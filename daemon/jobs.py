@@ -35,6 +35,7 @@ from urllib.parse import quote
 import numpy as np
 import sqlite_utils
 
+from pocketembed.clients import Forbidden
 from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError, UnknownJob
 
 from .power import PowerMonitor
@@ -67,6 +68,21 @@ class JobSpec:
     def origin(self) -> str:
         """Names the source rows a sweep may delete: same db, table, id and text columns."""
         return f"{self.db}|{self.table}|{self.id_column}|{self.text_column}"
+
+
+def check_source_allowed(db: str, allowed: list[Path], home: Path) -> None:
+    """Forbidden unless ``db`` (symlinks resolved) lies under one of ``allowed``, and never in ``home``.
+
+    The refusal says nothing of what the file holds: a client that may submit
+    jobs must not learn the tables of files it was not given.
+    """
+    path = Path(db).resolve()
+    own = home.resolve()
+    if path == own or own in path.parents:
+        raise Forbidden("jobs cannot read the daemon's own data directory")
+    if not any(path.is_relative_to(Path(d).resolve()) for d in allowed):
+        raise Forbidden("db is not under a configured job source directory (job_sources); "
+                        + ("none is configured" if not allowed else "the daemon's owner chooses them"))
 
 
 def _q(name: str) -> str:
@@ -332,7 +348,8 @@ class JobRunner:
     def __init__(self, db_path: Path, scheduler: Scheduler, power: PowerMonitor,
                  prefix: Callable[[str], str], dims: Callable[[str], int], chunk_rows: int = 128,
                  pipeline: int = 2, source_budget_s: float = 5.0,
-                 on_death: Callable[[str], None] | None = None) -> None:
+                 on_death: Callable[[str], None] | None = None,
+                 allowed_source: Callable[[str], None] | None = None) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.power = power
@@ -342,6 +359,7 @@ class JobRunner:
         self.pipeline = pipeline
         self.source_budget_s = source_budget_s
         self.on_death = on_death
+        self.allowed_source = allowed_source or (lambda db: None)
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -410,8 +428,9 @@ class JobRunner:
         spec = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"], job["where"],
                        job["collection"], job["model"], job["truncate"])
         try:
+            self.allowed_source(spec.db)  # job_sources may have changed since it was submitted
             source = SourceTable(spec, budget_s=self.source_budget_s)
-        except SourceError as e:
+        except (SourceError, Forbidden) as e:
             queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
             return
         try:

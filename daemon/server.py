@@ -9,6 +9,13 @@ the control thread (model loads), the aux thread (stats, jobs) and the source
 thread (``jobs.submit`` reads a caller's SQLite file). Each executor's queue is
 bounded: a full one answers ``busy``.
 
+Authentication: requests on the TCP endpoint (which every app on a phone can
+reach) must carry a client token whose permissions cover the op (the op
+table's ``permission``; ``pocketembed/clients.py``); the token is checked
+before the arguments are even decoded. The Unix socket is private to the
+daemon's user, whose requests are admin unless ``require_auth_unix`` is set.
+TCP has its own ROUTER socket, so the transport of a request is never a guess.
+
 The I/O thread holds every request it handed off, under a serial number, until
 its reply comes back through an inproc PUSH/PULL pair; so every request gets
 exactly one reply, and if an executor's thread dies anyway the I/O thread
@@ -40,6 +47,7 @@ import psutil
 import zmq
 
 from pocketembed import __version__
+from pocketembed.clients import ClientStore, Forbidden, Unauthorized, allows
 from pocketembed.errors import Busy, PocketEmbedError
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
@@ -49,7 +57,7 @@ from pocketembed.ipc import protocol as P
 from . import store
 from .executors import Executor, StorageError
 from .index import IndexService
-from .jobs import JobQueue, JobRunner, JobSpec, SourceTable
+from .jobs import JobQueue, JobRunner, JobSpec, SourceTable, check_source_allowed
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
 from .power import PowerMonitor, PowerPolicy, sources
 from .scheduler import INTERACTIVE, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
@@ -61,6 +69,9 @@ FRAME_CAP = 16 * 1024 * 1024
 MAX_INFLIGHT_PER_CLIENT = 256
 """Requests one connection may have waiting for replies; beyond it: ``busy``."""
 EXIT_THREAD_DIED = 70
+BAD_TOKENS_BEFORE_BLOCK = 10
+"""Bad tokens a connection may send before it is refused outright for BLOCK_S."""
+BLOCK_S = 60.0
 _DEATH = 0
 """The serial number of the inproc message that says an executor's thread died."""
 
@@ -92,12 +103,17 @@ class ServeConfig:
     max_collections: int = 64
     source_budget_s: float = 5.0
     """Time a caller's SQL (a job's ``where``, its source reads) may take per statement."""
+    job_sources: list[Path] = field(default_factory=list)
+    """Directories whose SQLite files jobs may read (empty: no job can be submitted)."""
+    require_auth_unix: bool = False
+    """Also require client tokens on the Unix socket (else its peer, the owner, is admin)."""
 
 
 @dataclass
 class _Held:
     """A request handed to an executor, until its reply goes out."""
 
+    sock: zmq.Socket
     identity: list[bytes]
     req_id: Any
     op: str
@@ -114,6 +130,8 @@ class _Stats:
         self.by_op: dict[str, int] = {}
         self.latency_ms: deque[float] = deque(maxlen=2048)
         self.counters: dict[str, int] = {"internal_errors": 0}
+        self.auth = {"unauthorized": 0, "forbidden": 0, "blocked": 0}
+        """Refusals: no or unknown token, a token without the op's permission, a connection blocked for bad tokens."""
         """Shared with the executors: ``internal_errors`` counts bugs answered ``internal``."""
         self.lock = threading.Lock()
 
@@ -132,6 +150,7 @@ class _Stats:
                 "requests": self.requests,
                 "errors": self.errors,
                 "internal_errors": self.counters["internal_errors"],
+                "auth": dict(self.auth),
                 "by_op": dict(self.by_op),
                 "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
             }
@@ -222,7 +241,11 @@ class Server:
         self._push_lock = threading.Lock()
         self._pull: zmq.Socket | None = None
         self.router: zmq.Socket | None = None
+        self.tcp_router: zmq.Socket | None = None
         self._bound_path: Path | None = None
+        self.clients = ClientStore(config.home)
+        self._bad_tokens: dict[bytes, tuple[int, float]] = {}
+        """TCP connection identity → (bad tokens in a row, blocked until)."""
 
         counters = self.stats.counters
         self.executors = {
@@ -249,7 +272,8 @@ class Server:
             return
         self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
                                 dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows,
-                                source_budget_s=config.source_budget_s, on_death=self._died)
+                                source_budget_s=config.source_budget_s, on_death=self._died,
+                                allowed_source=self._check_source)
         self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
                                   counters=counters, max_collections=config.max_collections)
 
@@ -271,10 +295,7 @@ class Server:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
         check_socket_free(path)
-        self.router = self.net_ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 1000)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, FRAME_CAP)
+        self.router = self._router()
         old = os.umask(0o177)
         try:
             self.router.bind(f"ipc://{path}")
@@ -283,9 +304,17 @@ class Server:
         self._bound_path = path
         os.chmod(path, 0o600)
         if tcp_host is not None:
-            self.router.bind(f"tcp://{tcp_host}:{tcp_port}")
+            self.tcp_router = self._router()
+            self.tcp_router.bind(f"tcp://{tcp_host}:{tcp_port}")
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.bind(self._reply_addr)
+
+    def _router(self) -> zmq.Socket:
+        sock = self.net_ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, FRAME_CAP)
+        return sock
 
     def load_preloaded(self) -> None:
         """Load the start-up models; one that cannot load is logged, not fatal."""
@@ -307,6 +336,8 @@ class Server:
             self.index.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        if self.tcp_router is not None:
+            poller.register(self.tcp_router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
         # A signal may land on any thread; Python runs its handler on this one only once it is
         # awake. The wake-up fd makes a signal wake the poll, so it needs no timeout.
@@ -327,8 +358,9 @@ class Server:
                     self._drain_replies()
                 if self._fatal is not None:
                     return self._die()
-                if self.router in events:
-                    self._read_requests()
+                for sock in (self.router, self.tcp_router):
+                    if sock is not None and sock in events:
+                        self._read_requests(sock)
         finally:
             signal.set_wakeup_fd(previous_fd)
             signal_r.close()
@@ -377,9 +409,11 @@ class Server:
                      self._fatal, len(self._held), EXIT_THREAD_DIED)
         message = f"the daemon's {self._fatal} thread failed; the daemon is restarting, retry shortly"
         for held in list(self._held.values()):
-            self._send(held.identity, P.error_reply(held.req_id, P.INTERNAL, message))
+            self._send(held.sock, held.identity, P.error_reply(held.req_id, P.INTERNAL, message))
         self._held.clear()
         self.router.close(linger=2000)
+        if self.tcp_router is not None:
+            self.tcp_router.close(linger=2000)
         self.net_ctx.term()  # returns once those replies are sent (or 2 s passed)
         if self._bound_path is not None:
             self._bound_path.unlink(missing_ok=True)
@@ -391,8 +425,9 @@ class Server:
             for sock in self._push_socks:
                 sock.close(linger=1000)
             self._push_socks.clear()
-        if self.router is not None:
-            self.router.close(linger=1000)
+        for sock in (self.router, self.tcp_router):
+            if sock is not None:
+                sock.close(linger=1000)
         self.net_ctx.term()
         if self._pull is not None:
             self._pull.close(linger=0)
@@ -402,23 +437,29 @@ class Server:
 
     # -- I/O thread -------------------------------------------------------------------
 
-    def _read_requests(self) -> None:
-        for frames in _pending(self.router):
-            self._route(frames)
+    def _read_requests(self, sock: zmq.Socket) -> None:
+        for frames in _pending(sock):
+            self._route(sock, frames)
 
-    def _route(self, frames: list[bytes]) -> None:
+    def _route(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         started = time.perf_counter()
         identity, payload = _split_envelope(frames)
         if payload is None:
             # Wrong frame count: answer on the identity we have, if any.
             if identity:
-                self._send(identity, P.error_reply(None, P.BAD_FRAME, "expected one payload frame after the routing envelope"))
+                self._send(sock, identity, P.error_reply(None, P.BAD_FRAME, "expected one payload frame after the routing envelope"))
                 self.stats.record("?", False, started)
             return
         req_id = None
         try:
-            req = ops.decode(payload)
+            req = ops.decode_envelope(payload)
             req_id = req.id
+            granted = self._authenticate(sock, identity[0], req)
+            ops.decode_args(req)
+            needed = req.op.needs(req.args)
+            if not allows(granted, needed):
+                self.stats.auth["forbidden"] += 1
+                raise Forbidden(f"this client may not {req.op.name}" + (f" (needs {needed})" if needed else ""))
             if self._stop.is_set():
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the daemon is shutting down")
             model = getattr(req.args, "model", None)
@@ -426,7 +467,7 @@ class Server:
                 get(model)  # unknown_model now, before anything is queued
             executor = req.op.executor
             if executor == "inline":
-                self._send(identity, P.ok_reply(req.id, self._inline(req.op.name)))
+                self._send(sock, identity, P.ok_reply(req.id, self._inline(req.op.name)))
                 self.stats.record(req.op.name, True, started)
                 return
             if executor != "scheduler" and (executor == "index" or req.op.name.startswith("jobs.")) and self.index is None:
@@ -434,7 +475,7 @@ class Server:
             if self._per_client.get(identity[0], 0) >= MAX_INFLIGHT_PER_CLIENT:
                 raise Busy(f"this connection has {MAX_INFLIGHT_PER_CLIENT} requests waiting for replies; "
                            "wait for some before sending more", retry_after_ms=200)
-            serial = self._hold(identity, req, started)
+            serial = self._hold(sock, identity, req, started)
             try:
                 self._hand_off(serial, req)
             except BaseException:
@@ -442,12 +483,42 @@ class Server:
                 raise
         except P.ProtocolError as e:
             extra = {k: v for k, v in e.extra.items() if k != "id"}
-            self._send(identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message, **extra))
+            self._send(sock, identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message, **extra))
             self.stats.record("?", False, started)
         except PocketEmbedError as e:
             extra = {"retry_after_ms": e.retry_after_ms} if isinstance(e, Busy) else {}
-            self._send(identity, P.error_reply(req_id, e.code, e.message, **extra))
+            self._send(sock, identity, P.error_reply(req_id, e.code, e.message, **extra))
             self.stats.record("?", False, started)
+
+    def _authenticate(self, sock: zmq.Socket, conn: bytes, req: ops.Request) -> tuple[str, ...]:
+        """The permissions this request carries; Unauthorized without a known token where one is needed.
+
+        Never logs the token. A connection that sent BAD_TOKENS_BEFORE_BLOCK bad
+        tokens in a row is refused without a check for BLOCK_S: a flood of
+        guesses costs the daemon a dict lookup each.
+        """
+        if req.op.permission is None:
+            return ()
+        if sock is self.router and not self.config.require_auth_unix:
+            return ("admin",)  # the Unix socket is 0600 in a 0700 directory: the peer is the owner
+        bad, until = self._bad_tokens.get(conn, (0, 0.0))
+        now = time.monotonic()
+        if until > now:
+            self.stats.auth["blocked"] += 1
+            raise Unauthorized(f"too many bad tokens from this connection; refused for {until - now:.0f} s")
+        client = self.clients.authenticate(req.auth) if req.auth else None
+        if client is None:
+            self.stats.auth["unauthorized"] += 1
+            if req.auth:
+                bad += 1
+                if len(self._bad_tokens) > 10_000:
+                    self._bad_tokens.clear()
+                self._bad_tokens[conn] = (bad, now + BLOCK_S if bad >= BAD_TOKENS_BEFORE_BLOCK else 0.0)
+            raise Unauthorized("this endpoint needs a client token in the request's auth"
+                               + (" (this one is unknown or revoked)" if req.auth else "")
+                               + "; the phone's owner creates one with `pocketembed clients add`")
+        self._bad_tokens.pop(conn, None)
+        return client.allow
 
     def _hand_off(self, serial: int, req: ops.Request) -> None:
         name, args = req.op.name, req.args
@@ -458,9 +529,9 @@ class Server:
         else:
             self.executors[req.op.executor].submit(name, args, serial)
 
-    def _hold(self, identity: list[bytes], req: ops.Request, started: float) -> int:
+    def _hold(self, sock: zmq.Socket, identity: list[bytes], req: ops.Request, started: float) -> int:
         serial = next(self._serials)
-        self._held[serial] = _Held(identity, req.id, req.op.name, started)
+        self._held[serial] = _Held(sock, identity, req.id, req.op.name, started)
         self._per_client[identity[0]] = self._per_client.get(identity[0], 0) + 1
         return serial
 
@@ -495,11 +566,11 @@ class Server:
                 continue  # a wake-up: the loop looks at _fatal and _stop next
             held = self._release(serial)
             if held is not None:
-                self._send(held.identity, reply)
+                self._send(held.sock, held.identity, reply)
 
-    def _send(self, identity: list[bytes], reply: bytes) -> None:
+    def _send(self, sock: zmq.Socket, identity: list[bytes], reply: bytes) -> None:
         try:
-            self.router.send_multipart([*identity, reply], zmq.NOBLOCK)
+            sock.send_multipart([*identity, reply], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # peer gone or its queue full: nothing else to do
             log.debug("reply dropped: %s", e)
 
@@ -560,6 +631,7 @@ class Server:
 
     def _source_op(self, op: str, a: ops.JobSubmitArgs, _serial: int) -> Any:
         """``jobs.submit``: check the caller's source under a time budget, then queue the job."""
+        self._check_source(a.db)
         spec = JobSpec(db=a.db, table=a.table, id_column=a.id_column, text_column=a.text_column,
                        where=a.where or None, collection=a.collection or a.table, model=get(a.model).name,
                        truncate=a.truncate)
@@ -574,6 +646,10 @@ class Server:
         job, created = JobQueue(conn).submit(spec)
         self.runner.kick()
         return {**job, "created": created}
+
+    def _check_source(self, db: str) -> None:
+        """Forbidden unless ``db`` lies under a configured job source directory (never the daemon's own)."""
+        check_source_allowed(db, self.config.job_sources, self.config.home)
 
     def _source_conn(self) -> sqlite3.Connection:
         """The source thread's own connection to index.db (a connection is never shared by two threads)."""

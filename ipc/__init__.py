@@ -4,6 +4,7 @@ This package must stay importable without llama-cpp-python: an app that only
 talks to the daemon installs no inference stack. (tests/test_package.py checks it.)
 """
 
-from .client import AsyncClient, Busy, Client, DaemonError, DaemonTimeout, InvalidRequest, ModelError
+from .client import AccessDenied, AsyncClient, Busy, Client, DaemonError, DaemonTimeout, InvalidRequest, ModelError
 
-__all__ = ["AsyncClient", "Busy", "Client", "DaemonError", "DaemonTimeout", "InvalidRequest", "ModelError"]
+__all__ = ["AccessDenied", "AsyncClient", "Busy", "Client", "DaemonError", "DaemonTimeout", "InvalidRequest",
+           "ModelError"]

@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from pocketembed import paths
+from pocketembed.clients import ENV_TOKEN
 
 from . import protocol as P
 
@@ -49,6 +50,10 @@ class DaemonTimeout(DaemonError):
     """No reply in time (client side) or the request's deadline passed (server side)."""
 
 
+class AccessDenied(DaemonError):
+    """``unauthorized`` (no or unknown token) or ``forbidden`` (the token does not allow this)."""
+
+
 _BY_CODE: dict[str, type[DaemonError]] = {
     P.BUSY: Busy, P.TIMEOUT: DaemonTimeout,
     P.UNKNOWN_MODEL: ModelError, P.MODEL_NOT_PREPARED: ModelError, P.MODEL_CORRUPT: ModelError,
@@ -57,6 +62,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
     P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
     P.TEXT_TOO_LONG: InvalidRequest, P.UNKNOWN_JOB: InvalidRequest, P.INVALID_STATE: InvalidRequest,
     P.BAD_SOURCE: InvalidRequest, P.UNKNOWN_COLLECTION: InvalidRequest, P.COLLECTION_MISMATCH: InvalidRequest,
+    P.UNAUTHORIZED: AccessDenied, P.FORBIDDEN: AccessDenied,
 }
 
 
@@ -94,12 +100,16 @@ class Client:
 
     ``endpoint`` is a ZeroMQ endpoint (``ipc:///path/pe.sock``, ``tcp://127.0.0.1:5555``)
     or a socket path; default ``$POCKETEMBED_SOCKET`` or the daemon's default socket.
-    Not thread-safe: use one Client per thread (or the AsyncClient).
+    ``token`` (default ``$POCKETEMBED_TOKEN``) is the client token a TCP endpoint
+    requires (``pocketembed clients add``). Not thread-safe: use one Client per
+    thread (or the AsyncClient).
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, context: zmq.Context | None = None,
+                 token: str | None = None) -> None:
         self.endpoint = paths.endpoint(endpoint)
         self.timeout = timeout
+        self.token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -109,7 +119,7 @@ class Client:
     def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         """Send one request and wait for its reply (the protocol's raw form)."""
         req_id = next(self._ids)
-        self._sock.send(P.request(req_id, op, args))
+        self._sock.send(P.request(req_id, op, args, self.token))
         deadline = timeout if timeout is not None else self.timeout
         remaining_ms = int(deadline * 1000)
         while True:
@@ -253,9 +263,10 @@ class Client:
 class AsyncClient:
     """asyncio client: many requests in flight on one connection, each with a timeout."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, token: str | None = None) -> None:
         self.endpoint = paths.endpoint(endpoint)
         self.timeout = timeout
+        self.token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -277,7 +288,7 @@ class AsyncClient:
         req_id = next(self._ids)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        await self._sock.send(P.request(req_id, op, args))
+        await self._sock.send(P.request(req_id, op, args, self.token))
         deadline = timeout if timeout is not None else self.timeout
         try:
             reply = await asyncio.wait_for(fut, deadline)

@@ -294,12 +294,19 @@ _DECODERS = {name: msgspec.msgpack.Decoder(op.args) for name, op in OPS.items()}
 class Request:
     id: Any
     op: Op
-    args: Args
+    args: Args | None
+    """None until ``decode_args``: the daemon authenticates a request before it reads its args."""
     auth: str | None = None
+    raw_args: bytes = b"\x80"
 
 
 def decode(frame: bytes) -> Request:
-    """One request frame → a validated Request, or ProtocolError with a stable code.
+    """One request frame → a validated Request, or ProtocolError with a stable code."""
+    return decode_args(decode_envelope(frame))
+
+
+def decode_envelope(frame: bytes) -> Request:
+    """The envelope only (version, id, op, auth); ``args`` stays raw until ``decode_args``.
 
     The id is recovered whenever the frame is a map, so even a bad request's
     error reply can be matched by the client.
@@ -318,7 +325,7 @@ def decode(frame: bytes) -> Request:
         raise P.ProtocolError(P.TOO_LARGE, f"frame has {len(frame)} bytes, limit {P.MAX_FRAME_BYTES}", id=req_id)
     if env.v != P.VERSION or isinstance(env.v, bool):
         raise P.ProtocolError(P.BAD_VERSION, f"protocol version must be {P.VERSION}, got {_short_repr(env.v)}", id=req_id)
-    if env.auth is not None and not isinstance(env.auth, str):
+    if env.auth is not None and (not isinstance(env.auth, str) or len(env.auth) > 256):
         raise P.ProtocolError(P.INVALID_ARGS, "auth must be a string (a client token)", id=req_id)
     if not isinstance(env.op, str):
         raise P.ProtocolError(P.INVALID_ARGS, "op must be a string", id=req_id)
@@ -326,18 +333,21 @@ def decode(frame: bytes) -> Request:
     if op is None:
         raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {_short_repr(env.op)}; known: {', '.join(sorted(OPS))}", id=req_id)
     raw = bytes(env.args)
-    if raw == b"\xc0":  # args: nil, as the empty map
-        raw = b"\x80"
+    return Request(req_id, op, None, env.auth, b"\x80" if raw == b"\xc0" else raw)  # args: nil, as the empty map
+
+
+def decode_args(req: Request) -> Request:
+    """Decode and validate ``args`` into the op's Struct (in place)."""
     try:
-        args = _DECODERS[op.name].decode(raw)
+        req.args = _DECODERS[req.op.name].decode(req.raw_args)
     except P.ProtocolError as e:
-        e.extra["id"] = req_id
+        e.extra["id"] = req.id
         raise
     except msgspec.ValidationError as e:
-        raise P.ProtocolError(P.INVALID_ARGS, f"{op.name} args: {e}", id=req_id) from None
+        raise P.ProtocolError(P.INVALID_ARGS, f"{req.op.name} args: {e}", id=req.id) from None
     except (msgspec.DecodeError, RecursionError) as e:
-        raise P.ProtocolError(P.INVALID_ARGS, f"{op.name} args cannot be decoded ({_short(e)})", id=req_id) from None
-    return Request(req_id, op, args, env.auth)
+        raise P.ProtocolError(P.INVALID_ARGS, f"{req.op.name} args cannot be decoded ({_short(e)})", id=req.id) from None
+    return req
 
 
 def _short(e: BaseException) -> str:
@@ -399,7 +409,7 @@ def args_table(op: Op) -> str:
 
 def op_table() -> str:
     """The table of every op: executor and permission."""
-    rows = ["| op | runs on | permission (TCP) | what it does |", "| --- | --- | --- | --- |"]
+    rows = ["| op | runs on | permission | what it does |", "| --- | --- | --- | --- |"]
     for op in OPS.values():
         rows.append(f"| `{op.name}` | {op.executor} | {f'`{op.permission}`' if op.permission else 'none'} | {op.summary} |")
     return "\n".join(rows)

@@ -41,6 +41,8 @@ INVALID_STATE = "invalid_state"      # e.g. resume a job that is not paused
 BAD_SOURCE = "bad_source"            # an index job's database/table/columns/where cannot be read
 UNKNOWN_COLLECTION = "unknown_collection"
 COLLECTION_MISMATCH = "collection_mismatch"  # a collection is bound to one model and dims
+UNAUTHORIZED = "unauthorized"        # no client token, or an unknown or revoked one
+FORBIDDEN = "forbidden"              # the token's permissions do not cover the op (or the job's path)
 INTERNAL = "internal"
 
 DTYPES = ("float32", "int8", "binary")
@@ -65,8 +67,12 @@ def unpack(frame: bytes) -> Any:
                            max_str_len=MAX_FRAME_BYTES, max_array_len=1 << 20, max_map_len=1 << 16)
 
 
-def request(req_id: Any, op: str, args: dict[str, Any] | None = None) -> bytes:
-    return pack({"v": VERSION, "id": req_id, "op": op, "args": args or {}})
+def request(req_id: Any, op: str, args: dict[str, Any] | None = None, auth: str | None = None) -> bytes:
+    """One request frame; ``auth`` is the client token the TCP endpoint requires."""
+    msg = {"v": VERSION, "id": req_id, "op": op, "args": args or {}}
+    if auth is not None:
+        msg["auth"] = auth
+    return pack(msg)
 
 
 def ok_reply(req_id: Any, result: Any) -> bytes:

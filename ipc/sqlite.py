@@ -36,16 +36,18 @@ class SQLFunctions:
         self.last_error: DaemonError | None = None
 
 
-def register(conn: sqlite3.Connection, client: Client | None = None, *, model: str | None = None) -> SQLFunctions:
+def register(conn: sqlite3.Connection, client: Client | None = None, *, model: str | None = None,
+             endpoint: str | None = None, token: str | None = None) -> SQLFunctions:
     """Add ``pe_embed(text [, model])``, ``pe_cosine(blob, blob)`` and ``pe_search(collection, query, k)``.
 
     ``pe_search`` returns the hits as JSON text, a list of ``{"id", "score",
     "metadata"}`` best first, for ``json_each``.
 
     A daemon error makes the statement fail (sqlite3.OperationalError) and is kept
-    in the returned object's ``last_error``; NULL text gives NULL.
+    in the returned object's ``last_error``; NULL text gives NULL. Without a
+    ``client``, one is made for ``endpoint`` with ``token`` (a TCP endpoint needs one).
     """
-    funcs = SQLFunctions(client or Client())
+    funcs = SQLFunctions(client or Client(endpoint, token=token))
 
     def pe_embed(text: str | None, name: str | None = None) -> bytes | None:
         if text is None:

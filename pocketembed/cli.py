@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pocketembed import __version__, paths
 from pocketembed.errors import InvalidInput, PocketEmbedError
@@ -135,8 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-on-demand", dest="on_demand", action="store_false", default=None,
                        help="do not load models on their first request; they must be loaded with `models load`")
     serve.add_argument("--power-source", help="battery/CPU readings: auto (termux, sysfs, psutil), one of those, or file:PATH")
+    serve.add_argument("--job-source", dest="job_sources", action="append", metavar="DIR",
+                       help="a directory whose SQLite files index jobs may read (repeatable; default: none)")
+    serve.add_argument("--require-auth-unix", action="store_true", default=None,
+                       help="require client tokens on the Unix socket too (TCP always requires them)")
     serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
     serve.set_defaults(func=cmd_serve)
+
+    clients = sub.add_parser(
+        "clients", help="create, list and revoke client tokens (what an app may do over TCP)",
+        description="Client tokens for the daemon's TCP endpoint, which every app on a phone can reach: a request "
+        "there must carry a token whose permissions cover it. Permissions: embed; search:COLLECTION; "
+        "index:COLLECTION (add, delete, queued indexing); admin (models, jobs, collections.drop, everything). "
+        "COLLECTION may be *. Changes act at once in the running daemon.")
+    csub = clients.add_subparsers(title="actions", metavar="ACTION")
+    cadd = csub.add_parser("add", help="create a client; prints its token (once) as the last line",
+                           description="Create a client with these permissions. Its token is printed once, as the "
+                           "last line of stdout, and stored only as a hash: paste it into the app now.")
+    cadd.add_argument("name", metavar="NAME")
+    cadd.add_argument("--allow", action="append", required=True, metavar="PERM",
+                      help="embed, search:COLLECTION, index:COLLECTION or admin (repeatable)")
+    cadd.set_defaults(func=cmd_clients, action="add")
+    cls = csub.add_parser("list", help="list the clients and their permissions")
+    cls.add_argument("--json", action="store_true", help="print JSON")
+    cls.set_defaults(func=cmd_clients, action="list")
+    crev = csub.add_parser("revoke", help="revoke a client: its token is refused from its next request on")
+    crev.add_argument("name", metavar="NAME")
+    crev.set_defaults(func=cmd_clients, action="revoke")
+    clients.set_defaults(func=lambda a: (clients.print_help(), 2)[1])
 
     srch = sub.add_parser("search", help="search a collection in the running daemon",
                           description="Embed QUERY (with the model's query prefix) and print the k nearest items of the "
@@ -333,7 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                 "models": args.models, "threads": args.threads,
                                                 "workers": args.workers, "keep_alive": args.keep_alive,
                                                 "memory_budget_mb": args.memory_budget_mb, "on_demand": args.on_demand,
-                                                "power_source": args.power_source})
+                                                "power_source": args.power_source, "job_sources": args.job_sources,
+                                                "require_auth_unix": args.require_auth_unix})
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cfg = ServeConfig(
         socket_path=paths.socket_path(settings.get("socket")),
@@ -352,6 +380,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         job_chunk_rows=settings.get("job_chunk_rows") or 128,
         max_collections=settings.get("max_collections") or 64,
         source_budget_s=float(settings.get("source_budget_s") or 5.0),
+        job_sources=[Path(d).expanduser() for d in settings.get("job_sources") or []],
+        require_auth_unix=bool(settings.get("require_auth_unix", False)),
     )
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
@@ -367,12 +397,44 @@ def _ask_daemon(socket: str | None, call, timeout: float = 30.0):
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
         raise PocketEmbedError(f"no daemon on {endpoint}: start one with `pocketembed serve`", code="no_daemon")
     try:
-        with Client(endpoint, timeout=timeout) as client:
+        with Client(endpoint, timeout=timeout, token=_client_token()) as client:
             return call(client)
     except DaemonTimeout as e:
         raise PocketEmbedError(f"no reply from a daemon on {endpoint} ({e.message})", code="no_daemon") from None
     except DaemonError as e:
         raise PocketEmbedError(e.message, code=e.code) from None
+
+
+def _client_token() -> str | None:
+    """The CLI's token for a daemon that requires one: $POCKETEMBED_TOKEN, else ``token`` in the config file."""
+    from pocketembed import config
+    from pocketembed.clients import ENV_TOKEN
+
+    return os.environ.get(ENV_TOKEN) or config.load(paths.home()).get("token")
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    from pocketembed.clients import ClientStore
+
+    store = ClientStore(paths.home(args.home))
+    if args.action == "add":
+        token = store.add(args.name, args.allow)
+        print(f"client {args.name} may: {', '.join(sorted(set(args.allow)))}")
+        print("its token (shown only now; give it to the app, e.g. in its settings):")
+        print(token)
+        return 0
+    if args.action == "revoke":
+        store.revoke(args.name)
+        print(f"revoked {args.name}: its token is refused from its next request on")
+        return 0
+    rows = store.list()
+    if args.json:
+        print(json.dumps([{"name": c.name, "allow": list(c.allow), "created": c.created} for c in rows], indent=2))
+    elif not rows:
+        print("no clients: `pocketembed clients add NAME --allow PERM` makes one")
+    else:
+        _print_table(["CLIENT", "PERMISSIONS"], [[c.name, ", ".join(c.allow)] for c in rows])
+    return 0
 
 
 def cmd_models_load(args: argparse.Namespace) -> int:

@@ -20,6 +20,10 @@ present. Keys (all optional)::
     memory_budget_mb = 512        # default: a quarter of the memory available at start; POCKETEMBED_MEMORY_BUDGET_MB
     job_chunk_rows = 128          # rows per committed chunk of an index job; POCKETEMBED_JOB_CHUNK_ROWS
     max_collections = 64          # collections the store may hold; POCKETEMBED_MAX_COLLECTIONS
+    job_sources = ["/data/data/com.termux/files/home/sms"]  # dirs whose SQLite files jobs may read (default: none);
+                                  # POCKETEMBED_JOB_SOURCES=dir1:dir2
+    require_auth_unix = false     # client tokens on the Unix socket too (TCP always needs them)
+    token = "pe_..."              # the CLI's own client token, for a daemon that requires one; POCKETEMBED_TOKEN
     source_budget_s = 5           # time one statement on a job's source (its where) may take; POCKETEMBED_SOURCE_BUDGET_S
 
     # The power policy for background jobs (POCKETEMBED_POWER_SOURCE, POCKETEMBED_POWER_BATTERY_MIN, ...)
@@ -61,7 +65,8 @@ KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "thread
         "queue_texts": int, "queue_tokens": int, "background_queue_texts": int, "background_queue_tokens": int,
         "background_batch_tokens": int, "on_demand": bool, "keep_alive": (str, int, float),
         "memory_budget_mb": int, "model": dict, "job_chunk_rows": int, "power_source": str,
-        "max_collections": int, "source_budget_s": (int, float),
+        "max_collections": int, "source_budget_s": (int, float), "job_sources": list, "require_auth_unix": bool,
+        "token": str,
         "power_on_charger": bool,
         **{f"power_{k}": (int, float) for k in ("battery_floor", "battery_min", "idle_cpu_percent", "idle_s",
                                                "battery_hysteresis", "busy_cpu_percent", "settle_s",
@@ -126,7 +131,8 @@ def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = Non
         if KEYS[key] is bool:
             settings[key] = raw.lower() in ("1", "true", "yes")
         elif KEYS[key] is list:
-            settings[key] = [m.strip() for m in raw.split(",") if m.strip()]
+            sep = os.pathsep if key == "job_sources" else ","  # paths may hold commas
+            settings[key] = [m.strip() for m in raw.split(sep) if m.strip()]
         elif KEYS[key] is int:
             try:
                 settings[key] = int(raw)

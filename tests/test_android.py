@@ -64,7 +64,8 @@ def test_service_run_script_starts_and_stops_the_daemon_and_the_reindex_script_s
     data.mkdir()
     (data / "models").symlink_to(home / "models")
     sock = tmp_path / "run" / "pe.sock"
-    (service / "env").write_text(f"POCKETEMBED_HOME={data}\nPOCKETEMBED_SOCKET={sock}\nPOCKETEMBED_MODELS=all-minilm-l6-v2:q4_0\n")
+    (service / "env").write_text(f"POCKETEMBED_HOME={data}\nPOCKETEMBED_SOCKET={sock}\nPOCKETEMBED_MODELS=all-minilm-l6-v2:q4_0\n"
+                                 f"POCKETEMBED_JOB_SOURCES={tmp_path}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETEMBED_")}
     env.update(PREFIX=str(prefix), HOME=str(termux_home))
     proc = subprocess.Popen(["sh", "./run"], cwd=service, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

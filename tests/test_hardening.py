@@ -61,7 +61,7 @@ def assert_fully_working(endpoint: str) -> None:
 def daemon(home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hard")
     d = DaemonProcess(fresh_home(home, tmp / "home"), tmp / "pe.sock", "--model", Q8,
-                      env={"POCKETEMBED_SOURCE_BUDGET_S": "1"}).wait_ready()
+                      env={"POCKETEMBED_SOURCE_BUDGET_S": "1", "POCKETEMBED_JOB_SOURCES": str(tmp)}).wait_ready()
     yield d
     assert d.stop() == 0
 
@@ -107,8 +107,8 @@ def test_oversize_frames_up_to_the_cap_get_too_large_and_other_requests_survive(
         s.close()
 
 
-def test_a_never_ending_where_fails_on_its_budget_and_never_blocks_stats(daemon, tmp_path):
-    db = make_sms_db(tmp_path / "sms.db", limit=50)
+def test_a_never_ending_where_fails_on_its_budget_and_never_blocks_stats(daemon):
+    db = make_sms_db(daemon.socket_path.parent / "sms.db", limit=50)
     forever = "id IN (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c WHERE x < 0)"
     results: list = []
 

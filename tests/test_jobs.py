@@ -59,6 +59,11 @@ def wait_job(client, job_id: int, until, timeout: float = 240) -> dict:
     raise AssertionError(f"job never reached the expected state: {job}")
 
 
+def sources(directory) -> dict[str, str]:
+    """The daemon's environment allowing jobs to read SQLite files under ``directory``."""
+    return {"POCKETEMBED_JOB_SOURCES": str(directory)}
+
+
 def done(job: dict) -> bool:
     assert job["state"] not in ("failed", "cancelled"), job
     return job["state"] == "done"
@@ -66,7 +71,7 @@ def done(job: dict) -> bool:
 
 def test_whole_sms_table_then_rerun_picks_up_new_changed_and_deleted_rows(job_home, tmp_path, engines):
     db = make_sms_db(tmp_path / "sms.db")
-    d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8).wait_ready()
+    d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8, env=sources(tmp_path)).wait_ready()
     try:
         r = run_cli("index", "--socket", str(d.socket_path), "--db", str(db), "--table", "messages", "--id", "id",
                     "--text", "body", "--collection", "sms", "--wait", home=job_home)
@@ -108,7 +113,7 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
-    d = DaemonProcess(job_home, sock, "--model", Q8).wait_ready()
+    d = DaemonProcess(job_home, sock, "--model", Q8, env=sources(tmp_path)).wait_ready()
     with d.client() as c:
         job_id = c.index_table(str(db), "messages", "id", "body", collection="sms")["id"]
     kills = []
@@ -119,7 +124,7 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         assert sock.exists()  # a crashed daemon leaves its socket: the next one takes it over
-        d = DaemonProcess(job_home, sock, "--model", Q8).wait_ready()
+        d = DaemonProcess(job_home, sock, "--model", Q8, env=sources(tmp_path)).wait_ready()
     try:
         with d.client() as c:
             job = wait_job(c, job_id, done)
@@ -143,7 +148,7 @@ def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
 
     plug(False)
     env = {"POCKETEMBED_POWER_POLL_S": "0.1", "POCKETEMBED_POWER_SETTLE_S": "0.3", "POCKETEMBED_POWER_BATTERY_MIN": "50",
-           "POCKETEMBED_JOB_CHUNK_ROWS": "32"}
+           "POCKETEMBED_JOB_CHUNK_ROWS": "32", **sources(tmp_path)}
     d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8, "--power-source", f"file:{sensors}", env=env).wait_ready()
     try:
         with d.client() as c:
@@ -201,7 +206,7 @@ def test_bad_rows_are_recorded_and_bad_sources_refused(job_home, tmp_path):
         ])
         conn.execute("CREATE TABLE dup (k, t)")
         conn.executemany("INSERT INTO dup VALUES (?, ?)", [(1, "x"), (1, "y")])
-    d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8).wait_ready()
+    d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8, env=sources(tmp_path)).wait_ready()
     try:
         with d.client() as c:
             job = c.index_table(str(db), "notes", "key", "body", truncate=False)

@@ -29,7 +29,7 @@ def indexed(home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     root = fresh_home(home, tmp / "home")
     db = make_sms_db(tmp / "sms.db")
-    d = DaemonProcess(root, tmp / "pe.sock", "--model", Q8).wait_ready()
+    d = DaemonProcess(root, tmp / "pe.sock", "--model", Q8, env={"POCKETEMBED_JOB_SOURCES": str(tmp)}).wait_ready()
     with d.client() as c:
         job = c.index_table(str(db), "messages", "id", "body", collection="sms")
         deadline = time.monotonic() + 300

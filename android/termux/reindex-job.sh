@@ -3,6 +3,8 @@
 # when the phone is charging and idle (constraints given when scheduling, below); it asks the
 # running daemon to re-index each table listed in $POCKETEMBED_HOME/reindex.conf, one per line:
 #     DB TABLE ID_COLUMN TEXT_COLUMN [COLLECTION]
+# Each DB must lie under a directory of the daemon's job_sources setting (e.g.
+# POCKETEMBED_JOB_SOURCES=$HOME/data in the service's env file); others are refused.
 # A re-run embeds only new and changed rows, so running it often is cheap.
 #
 # Schedule (every 6 h at most, only on the charger and idle, kept across reboots):

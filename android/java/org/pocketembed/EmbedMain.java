@@ -11,7 +11,7 @@ import java.util.List;
  * Command-line check of the client: reads texts (one per line) from stdin,
  * embeds them and writes the vectors to stdout as raw little-endian float32.
  *
- * <pre>java -cp ... org.pocketembed.EmbedMain tcp://127.0.0.1:5555 &lt; texts.txt &gt; vectors.f32</pre>
+ * <pre>POCKETEMBED_TOKEN=pe_... java -cp ... org.pocketembed.EmbedMain tcp://127.0.0.1:5555 &lt; texts.txt &gt; vectors.f32</pre>
  */
 public final class EmbedMain {
     public static void main(String[] args) throws Exception {
@@ -20,7 +20,7 @@ public final class EmbedMain {
         for (String line; (line = in.readLine()) != null; ) {
             texts.add(line);
         }
-        try (PocketEmbedClient client = new PocketEmbedClient(args[0], 30000)) {
+        try (PocketEmbedClient client = new PocketEmbedClient(args[0], 30000, System.getenv("POCKETEMBED_TOKEN"))) {
             float[][] vecs = client.embed(texts, args.length > 1 ? args[1] : null);
             DataOutputStream out = new DataOutputStream(System.out);
             for (float[] v : vecs) {
