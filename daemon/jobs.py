@@ -381,7 +381,7 @@ class JobRunner:
         if self._thread:
             self._thread.join(timeout)
 
-    def _sleep(self, seconds: float) -> None:
+    def _sleep(self, seconds: float | None) -> None:
         self._kick.wait(seconds)
         self._kick.clear()
 
@@ -402,7 +402,7 @@ class JobRunner:
             try:
                 job = queue.next_runnable()
                 if job is None:
-                    self._sleep(5.0)
+                    self._sleep(None)  # until a job is submitted or resumed (kick): no polling
                     continue
                 self._run(queue, store, job)
             except Exception:  # a bug: log it, keep the daemon serving, try again later
@@ -420,7 +420,7 @@ class JobRunner:
                 queue.set_state(job_id, "running")
                 return True
             queue.set_state(job_id, "waiting", d.reason)
-            self._sleep(min(1.0, max(0.05, self.power.policy.poll_s)))
+            self._sleep(self.power.next_check_s())
         return False
 
     def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:

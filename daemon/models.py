@@ -166,8 +166,8 @@ class ModelRegistry:
                 self._cv.notify_all()
 
     def _idle_check(self, name: str, entry: _Loaded) -> None:
-        """Under the lock: wake the reaper only for a model that is due now (keep_alive 0)."""
-        if entry.keep_alive == 0 and self._evictable(name, entry):
+        """Under the lock: a model that just went idle gives the reaper a new deadline to sleep until."""
+        if entry.keep_alive >= 0 and self._evictable(name, entry):
             self._reap_cv.notify()
 
     def prefix(self, name: str, input_type: str | None) -> str:
@@ -217,6 +217,7 @@ class ModelRegistry:
             with self._cv:
                 self._models[name] = _Loaded(spec, engine, need, ka, load_ms)
                 self._cv.notify_all()
+                self._reap_cv.notify()
         log.info("loaded %s in %.0f ms (%d threads, ~%.0f MB, keep_alive %s)", name, load_ms, engine.threads,
                  need / 1e6, "forever" if ka < 0 else f"{ka:g}s")
         return True
@@ -310,9 +311,11 @@ class ModelRegistry:
                 due = [n for n, e in self._models.items()
                        if self._evictable(n, e) and e.keep_alive >= 0 and now - e.last_used >= e.keep_alive]
                 if not due:
+                    # Sleep until the next idle model is due; with none, until a model goes idle
+                    # (``_idle_check``) or is loaded: no wake-ups while nothing can expire.
                     waits = [e.keep_alive - (now - e.last_used) for n, e in self._models.items()
                              if self._evictable(n, e) and e.keep_alive >= 0]
-                    self._reap_cv.wait(min(waits + [1.0]) if waits else 1.0)
+                    self._reap_cv.wait(min(waits) if waits else None)
                     continue
             for name in due:
                 log.info("unloading %s: idle past its keep_alive", name)

@@ -10,6 +10,12 @@ Every source implements the same two-method interface (``battery``,
 ``cpu_busy_percent``); :class:`FileSource` implements it over a JSON file so that
 tests (and a phone owner trying a policy) can inject readings.
 
+Readings never raise out of the monitor. Android denies apps ``/proc/stat``
+(psutil then raises), Termux:API calls can hang, SELinux hides sysfs: a source
+that fails for any reason is reported as unavailable (``status`` says why) and
+the policy decides on what it has: the charger and the battery alone when the
+CPU load cannot be read.
+
 The policy (:class:`PowerPolicy`) runs background work when charging, or on
 battery above a threshold with the CPU idle for a while; never below a floor;
 never right after interactive traffic. Thresholds have hysteresis bands and a
@@ -68,13 +74,17 @@ class _OwnCpu:
     """System CPU busy time minus this process's, as a share of all cores, between calls."""
 
     def __init__(self) -> None:
-        self._proc = psutil.Process()
+        self._proc: psutil.Process | None = None  # made on first use: even that reads /proc
         self._last: tuple[float, float, float] | None = None
 
     def busy_percent(self) -> float | None:
-        t = psutil.cpu_times()
+        try:
+            t = psutil.cpu_times()
+            self._proc = self._proc or psutil.Process()
+            own = sum(self._proc.cpu_times()[:2])
+        except Exception as e:  # no /proc/stat on Android (PermissionError), a missing procfs, ...
+            raise SourceUnavailable(f"CPU load cannot be read ({type(e).__name__}: {e})") from None
         busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
-        own = sum(self._proc.cpu_times()[:2])
         now = time.monotonic()
         last, self._last = self._last, (now, busy, own)
         if last is None or now - last[0] < 0.05:
@@ -108,17 +118,29 @@ class TermuxSource(PsutilSource):
 
     name = "termux"
 
-    def __init__(self, command: str = "termux-battery-status", timeout: float = 10.0) -> None:
+    HANG_BACKOFF_S = 600.0
+    """After a call that hung, the command is not tried again for this long."""
+
+    def __init__(self, command: str = "termux-battery-status", timeout: float = 3.0) -> None:
         super().__init__()
         self.command = command
         self.timeout = timeout
+        self._hung_until = 0.0
 
     def battery(self) -> Battery | None:
+        if time.monotonic() < self._hung_until:
+            raise SourceUnavailable(f"{self.command} hung (over {self.timeout:g} s) at its last call; "
+                                    f"not tried again for {self._hung_until - time.monotonic():.0f} s")
         exe = shutil.which(self.command)
         if exe is None:
             raise SourceUnavailable(f"{self.command} not found (install termux-api and the Termux:API app)")
         try:
             out = subprocess.run([exe], capture_output=True, text=True, timeout=self.timeout, check=True).stdout
+        except subprocess.TimeoutExpired:
+            self._hung_until = time.monotonic() + self.HANG_BACKOFF_S
+            raise SourceUnavailable(f"{self.command} did not answer within {self.timeout:g} s "
+                                    "(is the Termux:API app installed and allowed to run?)") from None
+        try:
             data = json.loads(out)
             percent = float(data["percentage"])
         except (subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError) as e:
@@ -204,8 +226,13 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def sources(spec: str = "auto") -> list[PowerSource]:
-    """The sources named by a config value: auto, termux, sysfs, psutil or file:PATH."""
+def sources(spec: str = "auto", procfs: str | None = None) -> list[PowerSource]:
+    """The sources named by a config value: auto, termux, sysfs, psutil or file:PATH.
+
+    ``procfs`` moves psutil's /proc (``psutil.PROCFS_PATH``: a chroot, or a test's fake one).
+    """
+    if procfs:
+        psutil.PROCFS_PATH = procfs
     if spec.startswith("file:"):
         return [FileSource(spec[len("file:"):])]
     named = {"termux": TermuxSource, "sysfs": SysfsSource, "psutil": PsutilSource}
@@ -239,8 +266,8 @@ class PowerPolicy:
     """A change to "allowed" must hold this long (a change to "not allowed" acts at once)."""
     interactive_pause_s: float = 2.0
     """Pause background work this long after interactive traffic."""
-    poll_s: float = 10.0
-    """Readings older than this are taken again when a decision is asked for."""
+    poll_s: float = 30.0
+    """Readings older than this are taken again when a decision is asked for; a waiting job re-asks this often."""
 
 
 @dataclass
@@ -281,19 +308,39 @@ class PowerMonitor:
         self._power_reason = "no reading yet"
         self._pending_since: float | None = None
         self._idle_since: float | None = None
+        self._cpu_unreadable = False
         self._changed = time.time()
 
     def decide(self, force: bool = False) -> Decision:
-        """Whether background work may run now, with the reason."""
+        """Whether background work may run now, with the reason. Never raises."""
         with self._lock:
             now = time.monotonic()
             settled = self._pending_since is not None and now - self._pending_since >= self.policy.settle_s
             if force or settled or self._reading is None or now - self._reading.at >= self.policy.poll_s:
-                self._sample(now)
+                try:
+                    self._sample(now)
+                except Exception as e:  # a bug in a source or the policy: no background work, and say why
+                    log.exception("power readings failed")
+                    self._power_ok, self._power_reason = False, f"power readings failed ({type(e).__name__}: {e})"
+                    self._reading = Reading("none", None, False, "", None, now, {"monitor": str(e)})
             since_interactive = now - self._last_interactive()
             if self._power_ok and since_interactive < self.policy.interactive_pause_s:
                 return Decision(False, f"interactive traffic {since_interactive:.1f} s ago", time.time())
             return Decision(self._power_ok, self._power_reason, self._changed)
+
+    def next_check_s(self) -> float:
+        """How long a job waiting for the policy should sleep before asking again.
+
+        The end of an interactive pause when that is the reason, else ``poll_s``
+        (while waiting for the charger the daemon wakes this rarely).
+        """
+        since = time.monotonic() - self._last_interactive()
+        if since < self.policy.interactive_pause_s:
+            return max(0.05, self.policy.interactive_pause_s - since)
+        pending = self._pending_since
+        if pending is not None:  # settling towards "allowed": look again when it has held long enough
+            return max(0.05, min(self.policy.poll_s, self.policy.settle_s - (time.monotonic() - pending)))
+        return max(0.05, self.policy.poll_s)
 
     def status(self) -> dict[str, Any]:
         """Readings and the current decision, for ``stats``/``pocketembed status``."""
@@ -322,17 +369,18 @@ class PowerMonitor:
         for s in self.sources:
             try:
                 battery = s.battery()
-            except SourceUnavailable as e:
-                tried[s.name] = str(e)
+            except Exception as e:  # SourceUnavailable, or anything a broken source raises
+                tried[s.name] = str(e) if isinstance(e, SourceUnavailable) else f"{type(e).__name__}: {e}"
                 continue
             source = s.name
             self._cpu_source = s
             break
         try:
             cpu = self._cpu_source.cpu_busy_percent()
-        except SourceUnavailable as e:
-            tried[f"{self._cpu_source.name} (cpu)"] = str(e)
+        except Exception as e:
+            tried[f"{self._cpu_source.name} (cpu)"] = str(e) if isinstance(e, SourceUnavailable) else f"{type(e).__name__}: {e}"
             cpu = None
+        self._cpu_unreadable = f"{self._cpu_source.name} (cpu)" in tried
         previous = self._reading
         if battery is None:
             source = f"{source}: no battery (mains)" if source != "none" else "none: no battery (mains)"
@@ -362,6 +410,8 @@ class PowerMonitor:
         if pct < need:
             return False, f"on battery at {pct:.0f}% (needs {p.battery_min:.0f}% or the charger)"
         if cpu is None:
+            if self._cpu_unreadable:
+                return False, f"on battery at {pct:.0f}% and the CPU load cannot be read: waiting for the charger"
             return False, f"on battery at {pct:.0f}%: measuring CPU load"
         if running and cpu <= p.busy_cpu_percent:
             return True, f"on battery at {pct:.0f}%, CPU {cpu:.0f}% (under {p.busy_cpu_percent:.0f}%)"

@@ -251,10 +251,12 @@ class Scheduler:
                 self._decode(index, lane, payload)
 
     def _wait_timeout(self) -> float | None:
-        # Background work held back for a free worker becomes runnable when the
-        # interactive grace period ends; wake up then.
+        """How long an idle worker may sleep: background work held back by the interactive grace
+        period becomes runnable when it ends; anything else that frees work notifies the workers."""
         if self._lanes[BACKGROUND].tasks:
-            return max(0.01, self._last_interactive + self.config.interactive_grace_s - time.monotonic())
+            left = self._last_interactive + self.config.interactive_grace_s - time.monotonic()
+            if left > 0:
+                return left
         return None
 
     def _next_job(self) -> tuple[str, _LaneState, Any] | None:
@@ -412,6 +414,7 @@ class Scheduler:
             self._busy_workers -= 1
             if lane.name == BACKGROUND:
                 self._background_running -= 1
+                self._cv.notify()  # background work held back for this decode may run now
             if error is None:
                 self._decodes += 1
                 self._decoded_texts += len(token_lists)

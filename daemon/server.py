@@ -99,6 +99,8 @@ class ServeConfig:
     power_source: str = "auto"
     """auto (termux → sysfs → psutil), one of those, or file:PATH (injected readings)."""
     power_policy: PowerPolicy = field(default_factory=PowerPolicy)
+    power_procfs: str | None = None
+    """psutil's /proc (``psutil.PROCFS_PATH``); None: the real one."""
     job_chunk_rows: int = 128
     max_collections: int = 64
     source_budget_s: float = 5.0
@@ -224,7 +226,7 @@ class Server:
                                     budget_bytes=config.memory_budget_bytes, settings=config.model_settings,
                                     on_death=self._died)
         self.scheduler = Scheduler(self.models, config.scheduler, on_death=self._died)
-        self.power = PowerMonitor(config.power_policy, sources(config.power_source),
+        self.power = PowerMonitor(config.power_policy, sources(config.power_source, config.power_procfs),
                                   last_interactive=self.scheduler.last_interactive)
         self.ctx = zmq.Context()
         """The inproc reply sockets' context (PUSH per worker thread, PULL on the I/O thread)."""
@@ -664,7 +666,11 @@ class Server:
         snap["loaded_models"] = self.models.loaded()
         snap["models"] = self.models.describe()
         snap["memory"] = self.models.memory()
-        snap["rss_bytes"] = psutil.Process().memory_info().rss
+        try:
+            snap["rss_bytes"] = psutil.Process().memory_info().rss
+        except Exception:  # a restricted /proc
+            snap["rss_bytes"] = None
+        snap["threads"] = [{"name": t.name, "native_id": t.native_id} for t in threading.enumerate()]
         snap["queue_depth"] = {lane: s["queued_requests"] for lane, s in sched["lanes"].items()}
         snap["scheduler"] = sched
         snap["executors"] = {name: {"queued": ex.queued, "alive": ex.alive} for name, ex in self.executors.items()}

@@ -377,6 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_settings=model_settings(settings.get("model", {})),
         power_source=settings.get("power_source") or "auto",
         power_policy=policy_from_settings(settings),
+        power_procfs=settings.get("power_procfs"),
         job_chunk_rows=settings.get("job_chunk_rows") or 128,
         max_collections=settings.get("max_collections") or 64,
         source_budget_s=float(settings.get("source_budget_s") or 5.0),
@@ -458,7 +459,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     lat = stats["latency_ms"]
     print(f"daemon on {paths.endpoint(args.socket)}: up {stats['uptime_s']:.0f} s, {stats['requests']} requests, "
-          f"{stats['errors']} errors, RSS {stats['rss_bytes'] / 1e6:.0f} MB")
+          f"{stats['errors']} errors, RSS " + (f"{stats['rss_bytes'] / 1e6:.0f} MB" if stats.get("rss_bytes") else "?"))
     print(f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; loaded: {', '.join(stats['loaded_models']) or 'none'}")
     store = stats.get("store") or {}
     if store and not store.get("ok"):

@@ -37,7 +37,8 @@ present. Keys (all optional)::
     power_busy_cpu_percent = 60   # once running on battery, stop above this CPU load
     power_settle_s = 5            # a change to "allowed" must hold this long
     power_interactive_pause_s = 2 # pause background work after interactive traffic
-    power_poll_s = 10             # re-read the sensors at most this often
+    power_poll_s = 30             # re-read the sensors at most this often (a waiting job wakes this often)
+    power_procfs = "/proc"        # psutil's procfs (psutil.PROCFS_PATH), e.g. in a chroot; POCKETEMBED_POWER_PROCFS
 
     [model."all-minilm-l6-v2:q4_0"]      # per-model settings, all optional
     threads = 2
@@ -66,7 +67,7 @@ KEYS = {"socket": str, "tcp": str, "allow_remote": bool, "models": list, "thread
         "background_batch_tokens": int, "on_demand": bool, "keep_alive": (str, int, float),
         "memory_budget_mb": int, "model": dict, "job_chunk_rows": int, "power_source": str,
         "max_collections": int, "source_budget_s": (int, float), "job_sources": list, "require_auth_unix": bool,
-        "token": str,
+        "token": str, "power_procfs": str,
         "power_on_charger": bool,
         **{f"power_{k}": (int, float) for k in ("battery_floor", "battery_min", "idle_cpu_percent", "idle_s",
                                                "battery_hysteresis", "busy_cpu_percent", "settle_s",

@@ -8,6 +8,7 @@ this machine in the last test.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -174,3 +175,83 @@ def test_policy_settings_are_checked():
         policy_from_settings({"power_idle_s": -1})
     with pytest.raises(PocketEmbedError, match="power_source"):
         sources("battery-please")
+
+
+def fake_procfs(root: Path, stat: str) -> Path:
+    """A /proc as Android shows it to an app: no readable /proc/stat (missing, or not a file)."""
+    root.mkdir()
+    for name in ("meminfo", "cpuinfo", "self"):
+        (root / name).symlink_to(Path("/proc") / name)
+    if stat == "directory":
+        (root / "stat").mkdir()
+    return root
+
+
+class BatteryFromFile(PsutilSource):
+    """Battery readings from a JSON file, CPU load from psutil: what a phone's sources give."""
+
+    name = "battery-file + psutil"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = FileSource(path)
+
+    def battery(self):
+        return self._file.battery()
+
+
+@pytest.mark.parametrize("stat", ["missing", "directory"])
+def test_unreadable_proc_stat_never_raises_and_the_policy_uses_the_battery(sensors, tmp_path, monkeypatch, stat):
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(fake_procfs(tmp_path / "proc", stat)))
+    with pytest.raises(SourceUnavailable, match="CPU load cannot be read"):
+        PsutilSource().cpu_busy_percent()
+    m = PowerMonitor(PowerPolicy(**FAST), [BatteryFromFile(sensors.path)])
+    sensors.set(90, plugged=False)
+    d = m.decide()
+    assert not d.allowed and "CPU load cannot be read" in d.reason
+    status = m.status()
+    assert status["cpu_busy_percent"] is None and "battery-file + psutil (cpu)" in status["unavailable_sources"]
+    sensors.set(40, plugged=True)
+    assert m.decide().allowed  # charging: the battery alone decides
+
+
+def test_a_hanging_battery_command_is_cut_short_and_skipped(tmp_path, monkeypatch):
+    exe = tmp_path / "termux-battery-status"
+    exe.write_text("#!/bin/sh\nsleep 60\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    source = TermuxSource(timeout=0.5)
+    t = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="did not answer within"):
+        source.battery()
+    assert time.monotonic() - t < 5
+    t = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="hung"):  # not waited for again
+        source.battery()
+    assert time.monotonic() - t < 0.1
+
+
+@pytest.mark.parametrize("stat", ["missing", "directory"])
+def test_the_daemons_status_answers_without_proc_stat_and_with_a_hanging_battery_command(home, tmp_path, stat):
+    from conftest import fresh_home, run_cli
+    from daemon_proc import DaemonProcess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "termux-battery-status").write_text("#!/bin/sh\nsleep 120\n")
+    (bin_dir / "termux-battery-status").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "POCKETEMBED_POWER_PROCFS": str(fake_procfs(tmp_path / "proc", stat))}
+    d = DaemonProcess(fresh_home(home), tmp_path / "pe.sock", "--model", "none", env=env).wait_ready()
+    try:
+        for _ in range(2):
+            t = time.monotonic()
+            r = run_cli("status", "--json", "--socket", str(d.socket_path), env=env)
+            assert r.returncode == 0, r.stderr
+            assert time.monotonic() - t < 15
+        power = json.loads(r.stdout)["power"]
+        unavailable = power["unavailable_sources"]
+        assert "did not answer" in unavailable["termux"] or "hung" in unavailable["termux"]
+        assert any("CPU load cannot be read" in why for src, why in unavailable.items() if src.endswith("(cpu)"))
+        assert power["cpu_busy_percent"] is None and isinstance(power["allowed"], bool) and power["reason"]
+    finally:
+        assert d.stop() == 0
