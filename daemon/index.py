@@ -34,7 +34,7 @@ from pocketembed.ipc import ops
 
 from .executors import LATER, Executor, Reply
 
-from .jobs import source_texts
+from .jobs import JobQueue, source_texts
 from .models import ModelRegistry
 from .scheduler import INTERACTIVE, EmbedTask, Scheduler
 from .store import CodeCache, Item, Store, connect, text_hash, transaction
@@ -82,7 +82,8 @@ class EmbeddingLRU:
 class IndexService:
     def __init__(self, db_path: Path, scheduler: Scheduler, models: ModelRegistry, reply: Reply,
                  cache: CodeCache | None = None, lru_size: int = 1024, *, on_death: Callable[[str], None] | None = None,
-                 counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256) -> None:
+                 counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256,
+                 kick_jobs: Callable[[], None] | None = None) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.models = models
@@ -90,6 +91,7 @@ class IndexService:
         self.cache = cache or CodeCache()
         self.lru = EmbeddingLRU(lru_size)
         self.max_collections = max_collections
+        self.kick_jobs = kick_jobs or (lambda: None)
         self.searches = 0
         self._stores: dict[str, Store] = {}
         self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
@@ -170,32 +172,49 @@ class IndexService:
         store = self._store("write")
         if op == "index.add":
             return self._add(store, store.conn, args)
+        if op == "index.enqueue":
+            return self._enqueue(store, args)
         with transaction(store.conn):
             if op == "index.delete":
                 return {"deleted": store.delete(store.conn, args.collection, args.ids)}
             return {"collection": args.collection, "dropped": store.drop(store.conn, args.collection)}
 
-    def _add(self, store: Store, conn: Any, args: ops.IndexAddArgs) -> dict[str, Any]:
-        name = args.collection
-        items = args.items
+    def _target(self, store: Store, name: str, model_name: str | None, dims_asked: int | None) -> tuple[Any, str, int]:
+        """The collection's info (None if new), model and dims; a mismatch or a new collection over the limit fails."""
         try:
             info = store.info(name)
         except UnknownCollection:
             info = None
         if info is not None:
-            model, dims = info.model, info.dims
-            if args.model is not None and get(args.model).name != model:
-                raise CollectionMismatch(f"collection {name!r} holds {model} vectors, not {get(args.model).name}")
-            if args.dims is not None and args.dims != dims:
-                raise CollectionMismatch(f"collection {name!r} holds {dims}-dim vectors, not {args.dims}")
-        else:
-            spec = get(args.model)
-            model, dims = spec.name, args.dims or spec.dims
-            if not 1 <= dims <= spec.dims:
-                raise InvalidInput(f"dims must be between 1 and {spec.dims} for {model}")
-            if store.count_collections() >= self.max_collections:
-                raise TooLarge(f"the daemon holds {self.max_collections} collections, its limit (max_collections); "
-                               "drop one or raise the limit")
+            if model_name is not None and get(model_name).name != info.model:
+                raise CollectionMismatch(f"collection {name!r} holds {info.model} vectors, not {get(model_name).name}")
+            if dims_asked is not None and dims_asked != info.dims:
+                raise CollectionMismatch(f"collection {name!r} holds {info.dims}-dim vectors, not {dims_asked}")
+            return info, info.model, info.dims
+        spec = get(model_name)
+        dims = dims_asked or spec.dims
+        if not 1 <= dims <= spec.dims:
+            raise InvalidInput(f"dims must be between 1 and {spec.dims} for {spec.name}")
+        if store.count_collections() >= self.max_collections:
+            raise TooLarge(f"the daemon holds {self.max_collections} collections, its limit (max_collections); "
+                           "drop one or raise the limit")
+        return None, spec.name, dims
+
+    def _enqueue(self, store: Store, args: ops.IndexEnqueueArgs) -> dict[str, Any]:
+        """Commit the items to the collection's queue job and return it; the runner embeds them later."""
+        _, model, dims = self._target(store, args.collection, args.model, args.dims)
+        with transaction(store.conn):
+            store.ensure_collection(store.conn, args.collection, model, dims, store_text=args.store_text)
+        items = [(it.id, it.text, None if it.metadata is None else json.dumps(it.metadata, ensure_ascii=False))
+                 for it in args.items]
+        job, created = JobQueue(store.conn).enqueue(args.collection, model, args.truncate, items, list(args.delete))
+        self.kick_jobs()
+        return {**job, "created": created, "enqueued": len(items), "deletions": len(args.delete)}
+
+    def _add(self, store: Store, conn: Any, args: ops.IndexAddArgs) -> dict[str, Any]:
+        name = args.collection
+        items = args.items
+        info, model, dims = self._target(store, name, args.model, args.dims)
         chunked = args.chunk
         hashes = [text_hash(it.text) + (":c" if chunked else "") for it in items]
         meta = [None if it.metadata is None else json.dumps(it.metadata, ensure_ascii=False) for it in items]

@@ -17,6 +17,13 @@ and one runner thread works through the jobs in order:
 
 Rows with NULL or empty text are skipped (counted, not failed); a row that
 cannot be embedded is recorded in ``job_errors`` and the job goes on.
+
+A **queue** job is the same for data the daemon cannot open: an app hands its
+rows over with ``index.enqueue``, which commits them to ``queue_items`` and
+returns at once; the runner embeds them in the background lane while the
+policy allows, and each chunk's vectors, deletions and the removal of its
+queue rows are one transaction, so every item is applied exactly once across
+kill -9. One active queue job per collection collects what is enqueued.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+
 import numpy as np
 import sqlite_utils
 
@@ -40,7 +48,7 @@ from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError
 
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
-from .store import Item, Store, connect, text_hash, transaction
+from .store import Item, Store, add_missing_columns, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.jobs")
 
@@ -218,6 +226,40 @@ class JobQueue:
             defaults={"phase": "scan", "active_s": 0.0, **{c: 0 for c in _COUNTERS}}, if_not_exists=True)
         db["job_errors"].create({"job": int, "row_id": bytes, "code": str, "message": str, "at": float},
                                 pk=("job", "row_id"), foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
+        add_missing_columns(db, "jobs", {"kind": (str, "table")})
+        # What index.enqueue handed over and no chunk has applied yet, in arrival order.
+        db["queue_items"].create({"seq": int, "job": int, "id": bytes, "op": str, "text": str, "metadata": str},
+                                 pk="seq", foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
+        db["queue_items"].create_index(["job", "seq"], if_not_exists=True)
+
+    def enqueue(self, collection: str, model: str, truncate: bool, items: list[tuple[Any, str, str | None]],
+                deletes: list[Any]) -> tuple[dict[str, Any], bool]:
+        """Commit items ((id, text, metadata JSON)) and deletions to the collection's active queue job.
+
+        Returns the job and whether it was created. Nothing is embedded here: the
+        runner does it when the policy allows.
+        """
+        with self._lock, transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT id FROM jobs WHERE kind = 'queue' AND collection = ? AND model = ? "
+                "AND state IN ('queued','running','waiting','paused') ORDER BY id LIMIT 1", (collection, model)).fetchone()
+            created = row is None
+            if created:
+                now = time.time()
+                job_id = self.conn.execute(
+                    "INSERT INTO jobs (kind, state, db, table_name, id_column, text_column, collection, model, truncate, "
+                    "created, updated, total) VALUES ('queue', 'queued', '', '', '', '', ?, ?, ?, ?, ?, 0)",
+                    (collection, model, int(truncate), now, now)).lastrowid
+            else:
+                job_id = row[0]
+            self.conn.executemany("INSERT INTO queue_items (job, id, op, text, metadata) VALUES (?, ?, 'put', ?, ?)",
+                                  [(job_id, i, t, m) for i, t, m in items])
+            self.conn.executemany("INSERT INTO queue_items (job, id, op) VALUES (?, ?, 'delete')",
+                                  [(job_id, i) for i in deletes])
+            self.conn.execute("UPDATE jobs SET total = total + ?, updated = ?, phase = 'scan', "
+                              "state = CASE WHEN state = 'paused' THEN state ELSE 'queued' END WHERE id = ?",
+                              (len(items) + len(deletes), time.time(), job_id))
+        return self.get(job_id), created
 
     def submit(self, spec: JobSpec) -> tuple[dict[str, Any], bool]:
         """A new queued job, or the active one for the same source and collection (second value False)."""
@@ -312,10 +354,13 @@ def _describe(row: dict[str, Any]) -> dict[str, Any]:
     total, scanned, active = row["total"], row["scanned"], row["active_s"] or 0.0
     rate = scanned / active if active > 0 and scanned else None
     remaining = max(0, (total or 0) - scanned)
+    queue = row.get("kind") == "queue"
     return {
-        "id": row["id"], "state": row["state"], "reason": row["reason"], "error": row["error"],
-        "db": row["db"], "table": row["table_name"], "id_column": row["id_column"], "text_column": row["text_column"],
-        "where": row["where_sql"], "collection": row["collection"], "model": row["model"], "truncate": bool(row["truncate"]),
+        "id": row["id"], "kind": row.get("kind") or "table", "state": row["state"], "reason": row["reason"],
+        "error": row["error"],
+        **({} if queue else {"db": row["db"], "table": row["table_name"], "id_column": row["id_column"],
+                             "text_column": row["text_column"]}),
+        **({} if queue else {"where": row["where_sql"]}), "collection": row["collection"], "model": row["model"], "truncate": bool(row["truncate"]),
         "created": row["created"], "started": row["started"], "finished": row["finished"], "updated": row["updated"],
         "phase": row["phase"], "total": total, **{c: row[c] for c in _COUNTERS},
         "progress": (scanned / total if total else (1.0 if row["state"] == "done" else 0.0)),
@@ -424,6 +469,15 @@ class JobRunner:
         return False
 
     def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
+        if job["kind"] == "queue":
+            try:
+                self._drain(queue, store, job)
+            except ShuttingDown:
+                pass  # resumes at the next start: the queue rows of uncommitted chunks are still there
+            except PocketEmbedError as e:
+                log.error("job %d failed: error[%s] %s", job["id"], e.code, e.message)
+                queue.set_state(job["id"], "failed", error=f"error[{e.code}]: {e.message}")
+            return
         job_id = job["id"]
         spec = JobSpec(job["db"], job["table"], job["id_column"], job["text_column"], job["where"],
                        job["collection"], job["model"], job["truncate"])
@@ -486,6 +540,72 @@ class JobRunner:
             log.info("job %d done: %d rows, %d embedded, %d unchanged, %d skipped, %d failed, %d deleted",
                      job_id, final["scanned"], final["embedded"], final["unchanged"], final["skipped"],
                      final["failed"], final["deleted"])
+
+    def _drain(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
+        """Apply a queue job's items chunk by chunk, up to ``pipeline`` chunks in the scheduler at once."""
+        job_id, collection, model = job["id"], job["collection"], job["model"]
+        conn = queue.conn
+        last_seq = 0
+        inflight: deque[tuple[_Chunk, list[tuple], list[Any], dict[Any, str | None], int]] = deque()
+        while True:
+            while len(inflight) < self.pipeline and not self._stop.is_set():
+                if queue.state(job_id) not in ACTIVE:
+                    break
+                if not self.power.decide().allowed:
+                    if inflight:
+                        break
+                    if not self._wait_for_power(queue, job_id):
+                        break
+                    continue
+                queue.set_state(job_id, "running")
+                rows = conn.execute("SELECT seq, id, op, text, metadata FROM queue_items WHERE job = ? AND seq > ? "
+                                    "ORDER BY seq LIMIT ?", (job_id, last_seq, self.chunk_rows)).fetchall()
+                if not rows:
+                    break
+                last_seq = rows[-1][0]
+                latest: dict[Any, tuple] = {}  # within a chunk the last operation on an id wins
+                for r in rows:
+                    latest[r[1]] = r
+                puts = [(i, r[3]) for i, r in latest.items() if r[2] == "put"]
+                deletes = [i for i, r in latest.items() if r[2] == "delete"]
+                metadata = {i: r[4] for i, r in latest.items() if r[2] == "put"}
+                chunk = self._prepare(store, conn, collection, model, puts, job) if puts else \
+                    _Chunk(0, None, [], [], 0, [])
+                if not puts:
+                    chunk.done.set()
+                inflight.append((chunk, rows, deletes, metadata, last_seq))
+            if not inflight:
+                break
+            chunk, rows, deletes, metadata, seq = inflight.popleft()
+            self._finish(chunk, model, job)
+            self._commit_queued(queue, store, job_id, collection, chunk, rows, deletes, metadata, seq)
+        with transaction(conn):  # done only if nothing arrived meanwhile: enqueue's transaction waits for this one
+            left = conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
+            if not left and queue.state(job_id) in ACTIVE:
+                conn.execute("UPDATE jobs SET phase = 'done' WHERE id = ?", (job_id,))
+                queue.set_state(job_id, "done")
+
+    def _commit_queued(self, queue: JobQueue, store: Store, job_id: int, collection: str, chunk: _Chunk,
+                       rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int) -> None:
+        """A chunk's vectors, metadata, deletions, errors, counters and the removal of its queue rows: one transaction."""
+        info = store.info(collection, queue.conn)
+        text_of = {row_id: text for row_id, text, _ in chunk.todo}
+        items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text_of[row_id] if info.store_text else None)
+                 for row_id, _, h in chunk.todo]
+        now = time.monotonic()
+        active, self._mark = now - max(chunk.started, self._mark), now
+        with transaction(queue.conn) as conn:
+            store.put(conn, collection, items)
+            store.set_metadata(conn, collection, [(i, metadata.get(i)) for i in chunk.unchanged])
+            deleted = store.delete(conn, collection, deletes) if deletes else 0
+            conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
+                             [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
+            conn.execute("DELETE FROM queue_items WHERE job = ? AND seq <= ?", (job_id, seq))
+            conn.execute(
+                "UPDATE jobs SET scanned = scanned + ?, embedded = embedded + ?, unchanged = unchanged + ?, "
+                "skipped = skipped + ?, failed = failed + ?, deleted = deleted + ?, active_s = active_s + ?, updated = ? "
+                "WHERE id = ?", (len(rows), len(items), len(chunk.unchanged), chunk.skipped, len(chunk.errors), deleted,
+                                 active, time.time(), job_id))
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
                  rows: list[tuple[Any, Any]], job: dict[str, Any]) -> _Chunk:

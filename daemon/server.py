@@ -277,7 +277,8 @@ class Server:
                                 source_budget_s=config.source_budget_s, on_death=self._died,
                                 allowed_source=self._check_source)
         self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
-                                  counters=counters, max_collections=config.max_collections)
+                                  counters=counters, max_collections=config.max_collections,
+                                  kick_jobs=self.runner.kick)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -114,8 +114,8 @@ def create_schema(conn: sqlite3.Connection) -> None:
         "metadata": str, "origin": str, "seen": int, "ver": int, "text": str,
     }, pk=("collection", "id", "chunk"), not_null={"text_hash", "bin", "i8"},
         foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
-    _add_missing_columns(db, "collections", {"store_text": (int, 0)})
-    _add_missing_columns(db, "items", {"text": (str, None)})
+    add_missing_columns(db, "collections", {"store_text": (int, 0)})
+    add_missing_columns(db, "items", {"text": (str, None)})
     db["items"].create_index(["collection", "origin", "seen"], if_not_exists=True)
     db["items"].create_index(["collection", "ver"], if_not_exists=True)
     db["items"].create_index(["text_hash"], if_not_exists=True)
@@ -128,7 +128,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
                  "SELECT old.collection, old.rowid, version FROM collections WHERE name = old.collection; END")
 
 
-def _add_missing_columns(db: sqlite_utils.Database, table: str, columns: dict[str, tuple[type, Any]]) -> None:
+def add_missing_columns(db: sqlite_utils.Database, table: str, columns: dict[str, tuple[type, Any]]) -> None:
     """Columns added after a data directory was first made (an older index.db gains them empty)."""
     have = db[table].columns_dict
     for name, (typ, default) in columns.items():

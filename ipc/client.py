@@ -190,6 +190,22 @@ class Client:
                 args[key] = value
         return self.call("index.add", args, timeout=max(self.timeout, 120))
 
+    def index_enqueue(self, collection: str, items: list[dict[str, Any]], *, delete: list[Any] | None = None,
+                      model: str | None = None, dims: int | None = None, truncate: bool = True,
+                      store_text: bool | None = None) -> dict[str, Any]:
+        """Queue ``items`` (``{"id", "text", "metadata"?}``) and deletions for background embedding; returns the job.
+
+        Returns as soon as they are committed to the daemon's queue: they are
+        embedded in the background lane while the power policy allows (the
+        charger), each exactly once across restarts; follow with :meth:`job`.
+        An item whose text the collection already holds costs no embedding.
+        """
+        args: dict[str, Any] = {"collection": collection, "items": items, "truncate": truncate}
+        for key, value in (("delete", delete), ("model", model), ("dims", dims), ("store_text", store_text)):
+            if value is not None:
+                args[key] = list(value) if key == "delete" else value
+        return self.call("index.enqueue", args)
+
     def index_delete(self, collection: str, ids: list[Any]) -> int:
         """Delete items by id; returns how many stored vectors went."""
         return self.call("index.delete", {"collection": collection, "ids": list(ids)})["deleted"]

@@ -178,6 +178,25 @@ class IndexAddArgs(Args):
                 raise P.ProtocolError(P.TOO_LARGE, f"items[{i}].metadata is over {MAX_METADATA_BYTES} bytes as JSON")
 
 
+class IndexEnqueueArgs(Args):
+    collection: D(Collection, "created on first use")
+    items: D(Annotated[list[Item], Meta(max_length=P.MAX_TEXTS)], "0–1,024 items `{id, text, metadata?}` to embed and store") = []
+    delete: D(Annotated[list[ItemId], Meta(max_length=MAX_IDS)], "ids to delete, in order with the items") = []
+    model: D(ModelName | None, "the collection's model; a new collection is bound to it (default: the default model)") = None
+    dims: D(Annotated[int, Meta(ge=1, le=65_536)] | None, "Matryoshka dims of a new collection") = None
+    truncate: D(bool, "embed the first `max_tokens` of a long text (false: such items are recorded as the job's errors)") = True
+    store_text: D(bool | None, "as for `index.add`") = None
+
+    def __post_init__(self) -> None:
+        _collection(self.collection)
+        if not self.items and not self.delete:
+            raise P.ProtocolError(P.INVALID_ARGS, "give items to add or ids to delete")
+        for i, it in enumerate(self.items):
+            _text(it.text, f"items[{i}].text")
+            if it.metadata is not None and len(msgspec.json.encode(it.metadata)) > MAX_METADATA_BYTES:
+                raise P.ProtocolError(P.TOO_LARGE, f"items[{i}].metadata is over {MAX_METADATA_BYTES} bytes as JSON")
+
+
 class IndexDeleteArgs(Args):
     collection: D(Collection, "the collection")
     ids: D(Annotated[list[ItemId], Meta(min_length=1, max_length=MAX_IDS)], "ids to delete; unknown ids are ignored")
@@ -262,6 +281,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("search", SearchArgs, "index", "search:{collection}", "the k nearest items of a collection"),
     Op("index.add", IndexAddArgs, "index", "index:{collection}", "embed and store items now"),
     Op("index.delete", IndexDeleteArgs, "index", "index:{collection}", "delete items by id"),
+    Op("index.enqueue", IndexEnqueueArgs, "index", "index:{collection}",
+       "queue items (and deletions) to embed in the background while the power policy allows"),
     Op("collections.list", NoArgs, "index", "admin", "the collections"),
     Op("collections.drop", CollectionArgs, "index", "admin", "delete a collection"),
     Op("jobs.submit", JobSubmitArgs, "source", "admin", "queue a job indexing a SQLite table"),
@@ -401,7 +422,8 @@ def args_table(op: Op) -> str:
         return "No arguments."
     rows = ["| arg | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in info.fields:
-        default = "required" if f.required else ("none" if f.default is None else f"`{msgspec.json.encode(f.default).decode()}`")
+        value = f.default_factory() if f.default is msgspec.NODEFAULT and f.default_factory is not msgspec.NODEFAULT else f.default
+        default = "required" if f.required else ("none" if value is None else f"`{msgspec.json.encode(value).decode()}`")
         meaning = (f.type.extra_json_schema or {}).get("description", "") if isinstance(f.type, msgspec.inspect.Metadata) else ""
         rows.append(f"| `{f.name}` | {_type_name(f.type)} | {default} | {meaning} |")
     return "\n".join(rows)
