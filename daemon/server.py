@@ -480,7 +480,7 @@ class Server:
                            "wait for some before sending more", retry_after_ms=200)
             serial = self._hold(sock, identity, req, started)
             try:
-                self._hand_off(serial, req)
+                self._hand_off(serial, req, granted)
             except BaseException:
                 self._release(serial)
                 raise
@@ -523,12 +523,14 @@ class Server:
         self._bad_tokens.pop(conn, None)
         return client.allow
 
-    def _hand_off(self, serial: int, req: ops.Request) -> None:
+    def _hand_off(self, serial: int, req: ops.Request, granted: tuple[str, ...]) -> None:
         name, args = req.op.name, req.args
         if req.op.executor == "scheduler":
             self._submit_embed(serial, args)
         elif req.op.executor == "index":
             self.index.submit(name, args, serial)
+        elif req.op.by_executor:  # its permission depends on stored state: the executor checks it
+            self.executors[req.op.executor].submit(name, (args, granted), serial)
         else:
             self.executors[req.op.executor].submit(name, args, serial)
 
@@ -627,7 +629,12 @@ class Server:
         if op == "jobs.list":
             return self.jobs.list(limit=a.limit)
         if op == "jobs.status":
-            return {**self.jobs.get(a.job), "errors": self.jobs.errors(a.job)}
+            a, granted = a
+            job = self.jobs.get(a.job)
+            if not allows(granted, f"index:{job['collection']}"):
+                self.stats.auth["forbidden"] += 1
+                raise Forbidden(f"this client may not read job {a.job} (needs index:{job['collection']} or admin)")
+            return {**job, "errors": self.jobs.errors(a.job)}
         job = self.jobs.control(a.job, op.split(".", 1)[1])
         self.runner.kick()
         return job

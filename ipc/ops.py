@@ -264,8 +264,13 @@ class Op:
     """What a client's token must allow: ``embed``, ``search:{collection}``, ``index:{collection}``
     or ``admin``, formatted with the args; None for anyone (``ping``)."""
     summary: str
+    by_executor: bool = False
+    """The permission depends on stored state (a job's collection): the executor checks it with the
+    caller's permissions; the router only requires an authenticated caller."""
 
     def needs(self, args: Args) -> str | None:
+        if self.by_executor:
+            return None
         if self.permission is None or "{" not in self.permission:
             return self.permission
         return self.permission.format(collection=getattr(args, "collection", ""))
@@ -287,7 +292,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("collections.drop", CollectionArgs, "index", "admin", "delete a collection"),
     Op("jobs.submit", JobSubmitArgs, "source", "admin", "queue a job indexing a SQLite table"),
     Op("jobs.list", JobsListArgs, "aux", "admin", "jobs, newest first"),
-    Op("jobs.status", JobArgs, "aux", "admin", "one job with its row errors"),
+    Op("jobs.status", JobArgs, "aux", "index:{the job's collection}", "one job with its row errors (an app follows "
+       "its queue job)", by_executor=True),
     Op("jobs.pause", JobArgs, "aux", "admin", "pause a job"),
     Op("jobs.resume", JobArgs, "aux", "admin", "resume a job"),
     Op("jobs.cancel", JobArgs, "aux", "admin", "cancel a job"),

@@ -153,7 +153,20 @@ def test_jobs_read_only_the_configured_source_directories(served):
             assert e.value.code == "forbidden" and "messages" not in e.value.message  # says nothing of the file
 
 
-def test_tokens_never_reach_the_log(served):
+def test_an_app_follows_its_own_queue_job_and_no_one_elses(served):
+    d, root, tcp, _ = served
+    sms_app = add_client(root, "queue-app", "index:inbox")
+    other = add_client(root, "other-app", "index:notes", "search:inbox")
+    with Client(tcp, token=sms_app) as c:
+        job = c.index_enqueue("inbox", [{"id": 1, "text": "see you at the station at six"}])
+        assert c.job(job["id"])["collection"] == "inbox"  # index:inbox reads the job of inbox
+    with Client(tcp, token=other) as c:
+        with pytest.raises(AccessDenied) as e:
+            c.job(job["id"])
+        assert e.value.code == "forbidden"
+
+
+def test_tokens_never_reach_the_log(served):  # last of the module's tests: it stops the shared daemon
     d, root, tcp, _ = served
     token = add_client(root, "logged", "embed")
     with Client(tcp, token=token) as c:
@@ -190,3 +203,4 @@ def test_clients_cli_prints_the_token_last_and_refuses_bad_input(home, tmp_path)
                          (["revoke", "nobody"], "no client")):
         r = run_cli("clients", *args, home=root)
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+

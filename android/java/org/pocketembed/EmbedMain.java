@@ -21,7 +21,7 @@ public final class EmbedMain {
             texts.add(line);
         }
         try (PocketEmbedClient client = new PocketEmbedClient(args[0], 30000, System.getenv("POCKETEMBED_TOKEN"))) {
-            float[][] vecs = client.embed(texts, args.length > 1 ? args[1] : null);
+            float[][] vecs = client.embedFloats(texts, args.length > 1 ? args[1] : null);
             DataOutputStream out = new DataOutputStream(System.out);
             for (float[] v : vecs) {
                 for (float x : v) {
@@ -29,7 +29,7 @@ public final class EmbedMain {
                 }
             }
             out.flush();
-        } catch (PocketEmbedClient.DaemonException e) {
+        } catch (DaemonException e) {
             System.err.println("pocketembed: error[" + e.code + "]: " + e.getMessage());
             System.exit(1);
         }

@@ -14,7 +14,7 @@ public final class SearchMain {
             for (PocketEmbedClient.Hit h : hits) {
                 System.out.println(h.id + "\t" + h.score + "\t" + (h.text == null ? "" : h.text));
             }
-        } catch (PocketEmbedClient.DaemonException e) {
+        } catch (DaemonException e) {
             System.err.println("pocketembed: error[" + e.code + "]: " + e.getMessage());
             System.exit(1);
         }

@@ -1,0 +1,103 @@
+package org.pocketembed;
+
+import java.io.IOException;
+import java.util.Collections;
+import java.util.Map;
+
+/** An error reply from the daemon, carrying its stable code (ipc/PROTOCOL.md "Error codes"). */
+public class DaemonException extends IOException {
+    public final String code;
+    /** Extra fields of the error map, e.g. {@code retry_after_ms} of {@code busy}. */
+    public final Map<String, Object> details;
+
+    public DaemonException(String code, String message, Map<String, Object> details) {
+        super("[" + code + "] " + message);
+        this.code = code;
+        this.details = details == null ? Collections.emptyMap() : details;
+    }
+
+    /** Bad input: the request can be fixed by the caller. */
+    public static final class InvalidRequest extends DaemonException {
+        InvalidRequest(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** The model named cannot be used (unknown, not prepared, corrupt, not loaded, over budget). */
+    public static final class ModelError extends DaemonException {
+        ModelError(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** A queue is full: retry after {@link #retryAfterMs()}. */
+    public static final class Busy extends DaemonException {
+        Busy(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+
+        public long retryAfterMs() {
+            Object v = details.get("retry_after_ms");
+            return v instanceof Number ? ((Number) v).longValue() : 500;
+        }
+    }
+
+    /** No reply in time (client side), or the request's deadline passed in the daemon. */
+    public static final class Timeout extends DaemonException {
+        Timeout(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** {@code unauthorized} (no or unknown token) or {@code forbidden} (the token does not allow it). */
+    public static final class AccessDenied extends DaemonException {
+        AccessDenied(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** The daemon's store cannot be written or read ({@code storage_full}, {@code storage_error}). */
+    public static final class Storage extends DaemonException {
+        Storage(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** The exception class for a code; unknown codes are plain DaemonExceptions. */
+    static DaemonException of(String code, String message, Map<String, Object> details) {
+        switch (code) {
+            case "busy":
+                return new Busy(code, message, details);
+            case "timeout":
+                return new Timeout(code, message, details);
+            case "unauthorized":
+            case "forbidden":
+                return new AccessDenied(code, message, details);
+            case "storage_full":
+            case "storage_error":
+                return new Storage(code, message, details);
+            case "unknown_model":
+            case "model_not_prepared":
+            case "model_corrupt":
+            case "model_not_loaded":
+            case "model_unloading":
+            case "memory_budget":
+                return new ModelError(code, message, details);
+            case "bad_frame":
+            case "bad_version":
+            case "unknown_op":
+            case "invalid_input":
+            case "too_large":
+            case "empty_text":
+            case "text_too_long":
+            case "unknown_job":
+            case "invalid_state":
+            case "bad_source":
+            case "unknown_collection":
+            case "collection_mismatch":
+                return new InvalidRequest(code, message, details);
+            default:
+                return new DaemonException(code, message, details);
+        }
+    }
+}
