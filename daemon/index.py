@@ -36,7 +36,8 @@ from .executors import LATER, Executor, Reply
 
 from .jobs import JobQueue, source_texts
 from .models import ModelRegistry
-from .scheduler import INTERACTIVE, EmbedTask, Scheduler
+from .scheduler import INTERACTIVE, EmbedTask, Scheduler, embed_sync
+from .store import Ranges
 from .store import CodeCache, Item, Store, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.index")
@@ -83,7 +84,7 @@ class IndexService:
     def __init__(self, db_path: Path, scheduler: Scheduler, models: ModelRegistry, reply: Reply,
                  cache: CodeCache | None = None, lru_size: int = 1024, *, on_death: Callable[[str], None] | None = None,
                  counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256,
-                 kick_jobs: Callable[[], None] | None = None) -> None:
+                 kick_jobs: Callable[[], None] | None = None, ranges: Ranges | None = None) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.models = models
@@ -92,6 +93,7 @@ class IndexService:
         self.lru = EmbeddingLRU(lru_size)
         self.max_collections = max_collections
         self.kick_jobs = kick_jobs or (lambda: None)
+        self.ranges = ranges
         self.searches = 0
         self._stores: dict[str, Store] = {}
         self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
@@ -122,7 +124,7 @@ class IndexService:
         """The calling thread's own connection to the store (made on first use, on that thread)."""
         store = self._stores.get(thread)
         if store is None:
-            store = self._stores[thread] = Store(connect(self.db_path), self.cache)
+            store = self._stores[thread] = Store(connect(self.db_path), self.cache, self.ranges)
         return store
 
     # -- search thread -----------------------------------------------------------------
@@ -255,6 +257,8 @@ class IndexService:
                     self.lru.put((model, dims, texts[t]), vecs[t])
         out = [Item(items[k].id, hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
                     text=items[k].text) for k, c, t in plan]
+        if (info is None or info.calibration is None) and self.ranges is not None:
+            self.ranges(model, dims)  # the model's int8 ranges, measured now if new: not inside the transaction
         with transaction(conn):
             store.ensure_collection(conn, name, model, dims, float_vectors=args.float_vectors, store_text=args.store_text)
             store.put(conn, name, out)
@@ -263,18 +267,6 @@ class IndexService:
                 "embedded": len(texts), "reused": len(reused), "vectors": len(out)}
 
     def _embed(self, texts: list[str], model: str, dims: int, args: ops.IndexAddArgs) -> np.ndarray:
-        done = threading.Event()
-        result: list[Any] = [None, None]
-
-        def finished(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
-            result[0], result[1] = vecs, err
-            done.set()
-
-        self.scheduler.submit(EmbedTask(texts=texts, model=model, on_done=finished, lane=args.priority or INTERACTIVE,
-                                        dims=dims, truncate=args.truncate),
-                              max_tokens=self.models.max_tokens(model))
-        done.wait()
-        if result[1] is not None:
-            raise result[1]
-        return result[0]
+        return embed_sync(self.scheduler, texts, model, lane=args.priority or INTERACTIVE, dims=dims,
+                          truncate=args.truncate, max_tokens=self.models.max_tokens(model))
 

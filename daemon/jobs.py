@@ -48,7 +48,7 @@ from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError
 
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
-from .store import Item, Store, add_missing_columns, connect, text_hash, transaction
+from .store import Item, Ranges, Store, add_missing_columns, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.jobs")
 
@@ -394,7 +394,7 @@ class JobRunner:
                  prefix: Callable[[str], str], dims: Callable[[str], int], chunk_rows: int = 128,
                  pipeline: int = 2, source_budget_s: float = 5.0,
                  on_death: Callable[[str], None] | None = None,
-                 allowed_source: Callable[[str], None] | None = None) -> None:
+                 allowed_source: Callable[[str], None] | None = None, ranges: Ranges | None = None) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.power = power
@@ -405,6 +405,7 @@ class JobRunner:
         self.source_budget_s = source_budget_s
         self.on_death = on_death
         self.allowed_source = allowed_source or (lambda db: None)
+        self.ranges = ranges
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -442,7 +443,7 @@ class JobRunner:
     def _work(self) -> None:
         conn = connect(self.db_path)
         queue = JobQueue(conn)
-        store = Store(conn)
+        store = Store(conn, ranges=self.ranges)
         while not self._stop.is_set():
             try:
                 job = queue.next_runnable()
@@ -469,6 +470,12 @@ class JobRunner:
         return False
 
     def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
+        if self.ranges is not None:  # a new collection's int8 ranges, measured before any chunk's transaction
+            try:
+                info = store.info(job["collection"])
+                self.ranges(info.model, info.dims)
+            except PocketEmbedError:
+                pass  # no collection yet (made at the scan's start, with the model's dims)
         if job["kind"] == "queue":
             try:
                 self._drain(queue, store, job)
@@ -504,6 +511,8 @@ class JobRunner:
         with transaction(queue.conn):
             store.ensure_collection(queue.conn, spec_collection, model, self.dims(model))
             queue.conn.execute("UPDATE jobs SET total = ? WHERE id = ?", (source.count(), job_id))
+        if self.ranges is not None:
+            self.ranges(model, self.dims(model))  # measured now if new, not inside a chunk's transaction
         cursor = queue.cursor(job_id)
         inflight: deque[_Chunk] = deque()
         exhausted = job["phase"] != "scan"

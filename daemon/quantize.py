@@ -3,7 +3,8 @@
 A collection keeps two codes per vector:
 
 * **int8**, per-dimension ranges: dimension j is mapped linearly from
-  [lo_j, hi_j] to 256 levels. Dequantized codes score a float query within
+  [lo_j, hi_j] to 256 levels; the ranges are the model's (calibration.py),
+  fixed for the life of a collection. Dequantized codes score a float query within
   ~4e-4 of the float dot product, enough to rescore (int8 alone finds
   recall@10 0.996 on the SMS corpus, scripts/eval_search.py).
 * **binary**, 1 bit per dimension after centring on the collection's mean and

@@ -537,6 +537,24 @@ class Scheduler:
             }
 
 
+def embed_sync(scheduler: Scheduler, texts: list[str], model: str, *, lane: str = INTERACTIVE, dims: int | None = None,
+               truncate: bool = False, max_tokens: int = 512) -> np.ndarray:
+    """Embed through the scheduler and wait (for threads that need the vectors to go on: writes, jobs)."""
+    done = threading.Event()
+    result: list[Any] = [None, None]
+
+    def finished(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
+        result[0], result[1] = vecs, err
+        done.set()
+
+    scheduler.submit(EmbedTask(texts=texts, model=model, on_done=finished, lane=lane, dims=dims, truncate=truncate),
+                     max_tokens=max_tokens)
+    done.wait()
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
+
+
 def _percentiles(values: np.ndarray | None, qs: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
     if values is None or not len(values):
         return {}

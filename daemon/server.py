@@ -56,11 +56,12 @@ from pocketembed.ipc import protocol as P
 
 from . import store
 from .executors import Executor, StorageError
+from .calibration import ModelRanges
 from .index import IndexService
 from .jobs import JobQueue, JobRunner, JobSpec, SourceTable, check_source_allowed
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
 from .power import PowerMonitor, PowerPolicy, sources
-from .scheduler import INTERACTIVE, EmbedTask, LaneConfig, Scheduler, SchedulerConfig
+from .scheduler import INTERACTIVE, EmbedTask, LaneConfig, Scheduler, SchedulerConfig, embed_sync
 
 log = logging.getLogger("pocketembed.server")
 
@@ -272,13 +273,15 @@ class Server:
                 self._db.close()
                 self._db = None
             return
+        self.model_ranges = ModelRanges(lambda texts, model: embed_sync(self.scheduler, texts, model, truncate=True,
+                                                                        max_tokens=self.models.max_tokens(model)))
         self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
                                 dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows,
                                 source_budget_s=config.source_budget_s, on_death=self._died,
-                                allowed_source=self._check_source)
+                                allowed_source=self._check_source, ranges=self.model_ranges.get)
         self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
                                   counters=counters, max_collections=config.max_collections,
-                                  kick_jobs=self.runner.kick)
+                                  kick_jobs=self.runner.kick, ranges=self.model_ranges.get)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -38,9 +38,11 @@ from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollecti
 from .quantize import Calibration, calibrate, nearest, words
 
 RECALIBRATE_UNTIL = 65_536
-"""Ranges and rotation are recomputed each time a collection doubles, up to this size."""
-RANGE_MARGIN = 0.02
-"""int8 ranges are widened by this share of the range on each side, so later vectors clip less."""
+"""The binary code's centring and rotation are refitted each time a collection doubles, up to this size."""
+RANGE_MARGIN = 0.5
+"""Without a model's ranges (a store used on its own), the first batch's ranges widened by this share a side."""
+Ranges = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+"""(model, dims) → int8 lo/hi per dimension (daemon/calibration.py: measured once per model)."""
 DEFAULT_RESCORE = 10
 SourceText = Callable[[str, list[Any]], dict[Any, str]]
 """(origin, ids) → id → text: reads items' texts back from the job source that wrote them."""
@@ -247,9 +249,10 @@ def _word_rows(blobs: list[bytes], dims: int) -> np.ndarray:
 class Store:
     """Collections bound to a model and dims; items keyed by (collection, id, chunk)."""
 
-    def __init__(self, conn: sqlite3.Connection, cache: CodeCache | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, cache: CodeCache | None = None, ranges: Ranges | None = None) -> None:
         self.conn = conn
         self.cache = cache or CodeCache()
+        self.ranges = ranges
         create_schema(conn)
 
     # -- collections -----------------------------------------------------------------
@@ -376,21 +379,34 @@ class Store:
         )
 
     def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int) -> Calibration:
-        """New ranges/mean/rotation from every vector so far; every stored code re-encoded."""
+        """The binary code's mean and rotation refitted to every vector so far; binary codes rewritten.
+
+        The int8 ranges are fixed when a collection is first calibrated (the
+        model's, see calibration.py), so int8 codes never change and the vectors
+        the fit reads back from them are as good as the first time: no error of
+        an early, small fit is baked in, whatever the order and batch size of
+        the writes.
+        """
         rows = conn.execute("SELECT rowid, i8, f32 FROM items WHERE collection = ?", (info.name,)).fetchall()
+        if info.calibration is not None:
+            lo, hi = info.calibration.lo, info.calibration.hi
+        elif self.ranges is not None:
+            lo, hi = self.ranges(info.model, info.dims)
+        else:
+            lo, hi = new.min(axis=0), new.max(axis=0)
+            lo, hi = lo - (hi - lo) * RANGE_MARGIN, hi + (hi - lo) * RANGE_MARGIN
         old = np.zeros((0, info.dims), np.float32)
         if rows:
             if info.float_vectors:
                 old = np.stack([np.frombuffer(r[2], "<f4") for r in rows])
             else:
                 old = info.calibration.dequantize(np.stack([np.frombuffer(r[1], np.int8) for r in rows]))
-        cal = calibrate(np.vstack([old, new]))
-        margin = (cal.hi - cal.lo) * RANGE_MARGIN
-        cal.lo, cal.hi = cal.lo - margin, cal.hi + margin
+        fit = calibrate(np.vstack([old, new]))
+        cal = Calibration(np.asarray(lo, np.float32), np.asarray(hi, np.float32), fit.mean, fit.rotation, fit.count)
         if rows:
-            codes, bits = cal.encode(old)
-            conn.executemany("UPDATE items SET i8 = ?, bin = ?, ver = ? WHERE rowid = ?",
-                             [(codes[k].tobytes(), bits[k].tobytes(), version, r[0]) for k, r in enumerate(rows)])
+            _, bits = cal.encode(old)  # int8 codes are unchanged: the ranges are
+            conn.executemany("UPDATE items SET bin = ?, ver = ? WHERE rowid = ?",
+                             [(bits[k].tobytes(), version, r[0]) for k, r in enumerate(rows)])
         blobs = cal.to_blobs()
         conn.execute("UPDATE collections SET lo = ?, hi = ?, mean = ?, rotation = ?, calib_count = ?, "
                      "calib_version = calib_version + 1 WHERE name = ?",
