@@ -469,6 +469,22 @@ class JobRunner:
             self._sleep(self.power.next_check_s())
         return False
 
+    def _may_read(self, queue: JobQueue, job_id: int, busy: bool) -> bool:
+        """Whether to read another chunk now: the job is still active and the policy allows it.
+
+        With chunks in flight (``busy``) it does not wait: those are finished first.
+        With none, it waits for the policy (the job shows ``waiting`` and why).
+        """
+        while not self._stop.is_set():
+            if queue.state(job_id) not in ACTIVE:
+                return False
+            if self.power.decide().allowed:
+                queue.set_state(job_id, "running")
+                return True
+            if busy or not self._wait_for_power(queue, job_id):
+                return False
+        return False
+
     def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
         if self.ranges is not None:  # a new collection's int8 ranges, measured before any chunk's transaction
             try:
@@ -518,17 +534,7 @@ class JobRunner:
         exhausted = job["phase"] != "scan"
         while True:
             # Keep up to `pipeline` chunks in the scheduler so that no worker idles between chunks.
-            while not exhausted and len(inflight) < self.pipeline and not self._stop.is_set():
-                if queue.state(job_id) not in ACTIVE:
-                    break
-                decision = self.power.decide()
-                if not decision.allowed:
-                    if inflight:
-                        break
-                    if not self._wait_for_power(queue, job_id):
-                        break
-                    continue
-                queue.set_state(job_id, "running")
+            while not exhausted and len(inflight) < self.pipeline and self._may_read(queue, job_id, bool(inflight)):
                 rows = source.after(cursor, self.chunk_rows)
                 if not rows:
                     exhausted = True
@@ -557,16 +563,7 @@ class JobRunner:
         last_seq = 0
         inflight: deque[tuple[_Chunk, list[tuple], list[Any], dict[Any, str | None], int]] = deque()
         while True:
-            while len(inflight) < self.pipeline and not self._stop.is_set():
-                if queue.state(job_id) not in ACTIVE:
-                    break
-                if not self.power.decide().allowed:
-                    if inflight:
-                        break
-                    if not self._wait_for_power(queue, job_id):
-                        break
-                    continue
-                queue.set_state(job_id, "running")
+            while len(inflight) < self.pipeline and self._may_read(queue, job_id, bool(inflight)):
                 rows = conn.execute("SELECT seq, id, op, text, metadata FROM queue_items WHERE job = ? AND seq > ? "
                                     "ORDER BY seq LIMIT ?", (job_id, last_seq, self.chunk_rows)).fetchall()
                 if not rows:
