@@ -73,8 +73,8 @@ EXIT_THREAD_DIED = 70
 BAD_TOKENS_BEFORE_BLOCK = 10
 """Bad tokens a connection may send before it is refused outright for BLOCK_S."""
 BLOCK_S = 60.0
-_DEATH = 0
-"""The serial number of the inproc message that says an executor's thread died."""
+_WAKE = 0
+"""The serial number of an inproc message that only wakes the I/O loop (a signal, a thread that died)."""
 
 
 class DaemonRunning(PocketEmbedError):
@@ -384,7 +384,7 @@ class Server:
     def _wake(self) -> None:
         """Make the I/O loop look at its state now (from a signal handler or another thread)."""
         try:
-            self._push_frames([struct.pack("<Q", _DEATH), b""])
+            self._push_frames([struct.pack("<Q", _WAKE), b""])
         except zmq.ZMQError:  # the sockets are already closed
             pass
 
@@ -570,7 +570,7 @@ class Server:
     def _drain_replies(self) -> None:
         for serial_frame, reply in _pending(self._pull):
             serial = struct.unpack("<Q", serial_frame)[0]
-            if serial == _DEATH:
+            if serial == _WAKE:
                 continue  # a wake-up: the loop looks at _fatal and _stop next
             held = self._release(serial)
             if held is not None:
