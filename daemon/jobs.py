@@ -58,6 +58,8 @@ STATES = (*ACTIVE, "paused", *FINISHED)
 MAX_TEXT_CHARS = 65_536
 """Longer texts are cut to this before tokenizing (with truncate) or refused: a row cannot stall the runner."""
 ROW_ERRORS = {"too_large", "text_too_long", "invalid_input", "empty_text", "invalid_args"}
+MAX_QUEUED = 200_000
+"""Items (and deletions) waiting in one collection's queue: a client cannot fill the disk with index.enqueue."""
 """Error codes that belong to one row; any other error stops the job."""
 
 
@@ -252,6 +254,10 @@ class JobQueue:
                     (collection, model, int(truncate), now, now)).lastrowid
             else:
                 job_id = row[0]
+            waiting = self.conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
+            if waiting + len(items) + len(deletes) > MAX_QUEUED:
+                raise Busy(f"{waiting} items of collection {collection!r} wait in its queue (at most {MAX_QUEUED}); "
+                           "retry once the charger has worked through them", retry_after_ms=60_000)
             self.conn.executemany("INSERT INTO queue_items (job, id, op, text, metadata) VALUES (?, ?, 'put', ?, ?)",
                                   [(job_id, i, t, m) for i, t, m in items])
             self.conn.executemany("INSERT INTO queue_items (job, id, op) VALUES (?, ?, 'delete')",

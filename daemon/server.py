@@ -597,7 +597,11 @@ class Server:
         """From an executor: the reply to the request held under ``serial``."""
         held = self._held.get(serial)
         req_id, op, started = (held.req_id, held.op, held.started) if held else (None, "?", time.perf_counter())
-        reply = P.ok_reply(req_id, result) if error is None else P.error_reply(req_id, error.code, error.message)
+        if error is None:
+            reply = P.ok_reply(req_id, result)
+        else:
+            extra = {"retry_after_ms": error.retry_after_ms} if isinstance(error, Busy) else {}
+            reply = P.error_reply(req_id, error.code, error.message, **extra)
         self.stats.record(op, error is None, started)
         self._push_frames([struct.pack("<Q", serial), reply])
 

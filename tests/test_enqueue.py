@@ -85,3 +85,22 @@ def test_enqueued_sms_wait_for_the_charger_survive_kill_9_and_land_once(home, tm
             assert e.value.code == "invalid_input"
     finally:
         assert d.stop() == 0
+
+
+def test_a_collections_queue_is_bounded(home, tmp_path, monkeypatch):
+    """Busy beyond MAX_QUEUED waiting items: checked in-process on a real store, the daemon's own code path."""
+    from pocketembed.daemon import jobs
+    from pocketembed.daemon.store import Store, connect
+
+    monkeypatch.setattr(jobs, "MAX_QUEUED", 5)
+    conn = connect(tmp_path / "index.db")
+    Store(conn)
+    queue = jobs.JobQueue(conn)
+    job, created = queue.enqueue("sms", Q8, True, [(i, f"text {i}", None) for i in range(3)], [99])
+    assert created and job["total"] == 4
+    from pocketembed.errors import Busy
+    with pytest.raises(Busy) as e:
+        queue.enqueue("sms", Q8, True, [(10, "one too many", None), (11, "two", None)], [])
+    assert "wait in its queue" in e.value.message and e.value.retry_after_ms > 0
+    assert queue.get(job["id"])["total"] == 4  # the refused call added nothing
+    conn.close()
