@@ -96,6 +96,8 @@ class IndexService:
         self.ranges = ranges
         self.searches = 0
         self._stores: dict[str, Store] = {}
+        self._queue: JobQueue | None = None
+        """The write thread's job queue (its schema checked once, not per index.enqueue)."""
         self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
         self._write = Executor("write", self._write_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
 
@@ -209,7 +211,8 @@ class IndexService:
             store.ensure_collection(store.conn, args.collection, model, dims, store_text=args.store_text)
         items = [(it.id, it.text, None if it.metadata is None else json.dumps(it.metadata, ensure_ascii=False))
                  for it in args.items]
-        job, created = JobQueue(store.conn).enqueue(args.collection, model, args.truncate, items, list(args.delete))
+        self._queue = self._queue or JobQueue(store.conn)
+        job, created = self._queue.enqueue(args.collection, model, args.truncate, items, list(args.delete))
         self.kick_jobs()
         return {**job, "created": created, "enqueued": len(items), "deletions": len(args.delete)}
 

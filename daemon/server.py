@@ -258,6 +258,9 @@ class Server:
         }
         self.store_error: str | None = None
         self._db: sqlite3.Connection | None = None
+        self._source: tuple[store.Store, JobQueue] | None = None
+        """The source thread's own store and job queue (made on that thread's first job; a connection
+        is never shared by two threads)."""
         self.index: IndexService | None = None
         self.runner: JobRunner | None = None
         db = store.db_path(config.home)
@@ -398,8 +401,9 @@ class Server:
         self.scheduler.stop()
         self._drain_replies()
         self.models.close()
-        if self._db is not None:
-            self._db.close()
+        for conn in (self._db, self._source[0].conn if self._source else None):
+            if conn is not None:
+                conn.close()
         self._close_sockets()
         self.lock.release()
         log.info("stopped")
@@ -476,7 +480,7 @@ class Server:
                 self._send(sock, identity, P.ok_reply(req.id, self._inline(req.op.name)))
                 self.stats.record(req.op.name, True, started)
                 return
-            if executor != "scheduler" and (executor == "index" or req.op.name.startswith("jobs.")) and self.index is None:
+            if self.index is None and (executor == "index" or req.op.name.startswith("jobs.")):
                 raise StorageError(f"the index store is unavailable: {self.store_error}")
             if self._per_client.get(identity[0], 0) >= MAX_INFLIGHT_PER_CLIENT:
                 raise Busy(f"this connection has {MAX_INFLIGHT_PER_CLIENT} requests waiting for replies; "
@@ -657,23 +661,19 @@ class Server:
             source.check_unique()
         finally:
             source.close()
-        conn = self._source_conn()
-        with store.transaction(conn):
-            store.Store(conn, self.store.cache).ensure_collection(conn, spec.collection, spec.model, get(spec.model).dims)
-        job, created = JobQueue(conn).submit(spec)
+        if self._source is None:
+            conn = store.connect(store.db_path(self.config.home))
+            self._source = (store.Store(conn, self.store.cache), JobQueue(conn))
+        source_store, jobs = self._source
+        with store.transaction(source_store.conn):
+            source_store.ensure_collection(source_store.conn, spec.collection, spec.model, get(spec.model).dims)
+        job, created = jobs.submit(spec)
         self.runner.kick()
         return {**job, "created": created}
 
     def _check_source(self, db: str) -> None:
         """Forbidden unless ``db`` lies under a configured job source directory (never the daemon's own)."""
         check_source_allowed(db, self.config.job_sources, self.config.home)
-
-    def _source_conn(self) -> sqlite3.Connection:
-        """The source thread's own connection to index.db (a connection is never shared by two threads)."""
-        conn = getattr(self, "_source_db", None)
-        if conn is None:
-            conn = self._source_db = store.connect(store.db_path(self.config.home))
-        return conn
 
     def _stats(self) -> dict[str, Any]:
         snap = self.stats.snapshot()
