@@ -116,9 +116,13 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
     d = DaemonProcess(job_home, sock, "--model", Q8, env=sources(tmp_path)).wait_ready()
     with d.client() as c:
         job_id = c.index_table(str(db), "messages", "id", "body", collection="sms")["id"]
-    kills = []
+    kills = [0]
     for _ in range(3):
-        time.sleep(rng.uniform(2.0, 7.0))
+        # Kill only once this daemon has committed progress of its own (a slow CI machine may take
+        # seconds to load the model), then after a random extra delay: a random point mid-chunk.
+        with d.client() as c:
+            wait_job(c, job_id, lambda j, last=kills[-1]: j["scanned"] > last, timeout=120)
+        time.sleep(rng.uniform(0.0, 3.0))
         with d.client() as c:
             kills.append(c.job(job_id)["scanned"])
         d.proc.send_signal(signal.SIGKILL)
@@ -130,7 +134,7 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
             job = wait_job(c, job_id, done)
     finally:
         assert d.stop() == 0
-    assert 0 < kills[0] < 5574 and kills[-1] < 5574, (seed, kills)
+    assert 0 < kills[1] < kills[2] < kills[3] < 5574, (seed, kills)
     ids = collection_ids(job_home, "sms")
     assert len(ids) == len(set(ids)) == 5574 and set(ids) == source_ids(db), seed
     # Counters are committed with the vectors: each row counted once means each row written once.
