@@ -18,19 +18,18 @@ from pocketembed.errors import UnsupportedBuild
 
 log = logging.getLogger("pocketembed.llama")
 
-# The engine runs its parallelism itself (one llama context per core); OpenBLAS's
-# own thread pool, when llama.cpp is built with it, would fight those threads
-# (measured: 130 vs 150 texts/s on 2 cores). Must be set before the library loads.
+# scripts/setup.sh builds llama.cpp with neither OpenMP nor a BLAS backend: ggml's own
+# threads spin in barriers only during a decode and exit after it. The settings below
+# are for a llama-cpp-python built another way (a stock wheel, a distribution's
+# package), and must be set before the library loads:
+# - OpenMP's idle threads sleep instead of spinning after each decode: a spinning pool
+#   burns a phone's battery and steals the next request's CPU (p99 of a single-SMS
+#   embed 344 -> 78 ms with PASSIVE, though every barrier then costs a futex wake-up);
+# - OpenBLAS gets one thread (the engine runs its own parallel contexts) and its idle
+#   threads sleep at once instead of spinning 2^28 cycles after every call (measured:
+#   2.5 s of CPU burnt per 4 s of idling).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# Idle OpenMP threads sleep instead of spinning after each decode. On a phone a
-# spinning pool burns battery; on 2 cores it also steals the CPU from the next
-# request (measured: p99 of a single-SMS embed 344 ms -> 78 ms).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# ggml's BLAS backend sets OpenBLAS's thread count for each decode (overriding
-# OPENBLAS_NUM_THREADS), and idle OpenBLAS threads then spin for 2^28 cycles
-# after every call: measured 2.5 s of CPU burnt per 4 s of idling after texts
-# long enough for BLAS. 2^4 cycles: they sleep at once, at no cost in
-# throughput (scripts/bench_engine.py: 167 vs 159 texts/s, q8_0).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 try:

@@ -3,18 +3,21 @@
 # (editable) and its extras, the prepared models, and a smoke test that a quantized
 # model really embeds with the installed llama.cpp build.
 #
-#   bash scripts/setup.sh            # honours PYTHON, VENV, CMAKE_ARGS, PIP_FIND_LINKS
+#   bash scripts/setup.sh            # honours PYTHON, VENV, CMAKE_ARGS
 #
-# llama-cpp-python is built from source with OpenBLAS: on x86, ggml's own q8_0
-# kernel runs ~1.5x slower than OpenBLAS's fp32 GEMM on dequantized weights
-# (scripts/bench_engine.py), so the BLAS backend takes the batched matmuls. The
-# built wheel is cached (~/.cache/pocketembed/wheels, keyed by the build flags),
-# so a second setup does not rebuild. Without OpenBLAS (and no root to install
-# it) we fall back to a wheel on PIP_FIND_LINKS, then to a plain source build.
+# llama-cpp-python is built from source with ggml's own thread pool instead of
+# OpenMP, and without a BLAS backend (GGML_OPENMP=OFF, GGML_BLAS=OFF): measured
+# with scripts/bench_peers.py and perf, OpenMP's passive barriers (one futex
+# sleep per graph node) doubled a single SMS's latency on 2 threads, and the BLAS
+# backend dequantized every weight to f32 on every decode of 32+ tokens, slower
+# than ggml's q8_0 kernels up to whole 512-token batches. The phone build
+# (android/termux/install.sh) uses the same two flags. The built wheel is cached
+# (~/.cache/pocketembed/wheels, keyed by the build flags), so a second setup does
+# not rebuild.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke
-# test still fails (a wheel for another CPU: SIGILL), we rebuild from source.
+# test still fails, we rebuild from source without the wheel cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +31,7 @@ say() { printf '==> %s\n' "$*"; }
 cmake_args_for_this_cpu() {
     case "$(uname -m)" in
     x86_64 | amd64)
-        local flags args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
+        local flags args="-DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
         flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
         local pair
         for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
@@ -37,7 +40,7 @@ cmake_args_for_this_cpu() {
         done
         echo "$args"
         ;;
-    *) echo "-DLLAVA_BUILD=OFF" ;; # ARM: llama.cpp's own feature detection is right there
+    *) echo "-DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF" ;; # ARM: llama.cpp's own feature detection is right there
     esac
 }
 
@@ -50,35 +53,24 @@ for name in ("all-minilm-l6-v2:q8_0", "all-minilm-l6-v2:q4_0"):
     v = engine.embed(["smoke test of the installed llama.cpp build"])
     assert v.shape == (1, 384) and abs(float((v * v).sum()) - 1) < 1e-3, v.shape
     engine.close()
+import os
+from pocketembed.daemon.llama_runtime import cpu_features
+if os.environ.get("POCKETEMBED_EXPECT_OPENMP") == "0" and cpu_features().get("OPENMP"):
+    raise SystemExit("this llama-cpp-python build uses OpenMP, not the build asked for (GGML_OPENMP=OFF)")
 print("smoke test passed: q8_0 and q4_0 embed")
 EOF
 }
 
-have_openblas() {
-    [ -f /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -f /usr/include/openblas/cblas.h ] ||
-        pkg-config --exists openblas 2>/dev/null || ls /usr/include/*/cblas.h >/dev/null 2>&1
-}
-
-ensure_openblas() {
-    have_openblas && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        say "installing OpenBLAS headers (apt-get install libopenblas-dev pkg-config)"
-        (apt-get install -y -qq libopenblas-dev pkg-config >/dev/null 2>&1 ||
-            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas-dev pkg-config >/dev/null 2>&1; }) || true
-    fi
-    have_openblas
-}
-
-install_llama_blas() {
-    local args="$CMAKE_ARGS -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"
+install_llama() {
     local key
-    key=$(printf '%s %s' "$LLAMA_VERSION" "$args" | sha256sum | cut -c1-12)
+    key=$(printf '%s %s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-12)
     local cache="${XDG_CACHE_HOME:-$HOME/.cache}/pocketembed/wheels/$key"
     if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        say "building llama-cpp-python $LLAMA_VERSION with OpenBLAS from source (7-12 min on 2 cores)"
+        say "building llama-cpp-python $LLAMA_VERSION from source (5-8 min on 2 cores)"
         mkdir -p "$cache"
-        CMAKE_ARGS="$args" "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-python \
-            --wheel-dir "$cache" "llama-cpp-python==$LLAMA_VERSION" || return 1
+        # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand back an older build.
+        CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+            --wheel-dir "$cache" "llama-cpp-python==$LLAMA_VERSION"
     else
         say "reusing the llama-cpp-python wheel built earlier ($cache)"
     fi
@@ -116,17 +108,13 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 
 export CMAKE_ARGS=${CMAKE_ARGS:-$(cmake_args_for_this_cpu)}
+if [[ " $CMAKE_ARGS " == *" -DGGML_OPENMP=OFF "* ]]; then export POCKETEMBED_EXPECT_OPENMP=0; fi
 say "installing torch $TORCH_VERSION (CPU build) first, so no other torch build is pulled in"
 if ! "$VENV/bin/pip" install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
     say "no torch $TORCH_VERSION+cpu file found; trying torch==$TORCH_VERSION"
     "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
 fi
-if [ "${POCKETEMBED_NO_BLAS:-0}" != 1 ] && ensure_openblas && install_llama_blas; then
-    say "llama-cpp-python with OpenBLAS installed"
-else
-    say "no OpenBLAS build; installing llama-cpp-python from PIP_FIND_LINKS or source"
-    "$VENV/bin/pip" install -q "llama-cpp-python==$LLAMA_VERSION"
-fi
+install_llama
 say "installing pocketembed with its extras"
 "$VENV/bin/pip" install -q -e ".[daemon,prepare,reference,test]"
 

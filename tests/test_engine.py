@@ -163,3 +163,34 @@ def test_idle_engine_burns_no_cpu_after_a_long_text(engines):
         after = resource.getrusage(resource.RUSAGE_SELF)
         burnt.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     assert sorted(burnt)[2] < 0.03, f"CPU seconds used while idle for 0.3 s: {burnt}"
+
+
+def test_installed_build_uses_ggml_threads_not_openmp():
+    """setup.sh builds with GGML_OPENMP=OFF: OpenMP's passive barriers doubled a short decode's latency."""
+    assert "OPENMP = 1" not in llama_runtime.system_info()
+
+
+def test_a_full_decode_leaves_no_logits_buffer_resident(home):
+    """llama.cpp zero-fills vocab x tokens floats of logits per context (62 MB at 512 tokens); the
+    engine hands those pages back, so a bulk job does not leave the daemon 60 MB bigger per context."""
+    import re
+    from pathlib import Path
+
+    from pocketembed.daemon.models import open_engine
+
+    def rss_mb() -> float:
+        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    _, e = open_engine(None, home, contexts=1)
+    try:
+        e.embed(TEXTS[:1])
+        before = rss_mb()
+        texts = [" ".join(TEXTS)] * 3  # 3 texts of 144 tokens: one decode of 432 tokens
+        assert e.plan_batches([len(e.tokenize(t)) for t in texts]) == [[0, 1, 2]]
+        assert sum(len(e.tokenize(t)) for t in texts) > 400
+        e.embed(texts)
+        grown = rss_mb() - before
+        logits_mb = 30522 * 400 * 4 / 2**20  # what the buffer would hold resident: > 46 MB
+        assert grown < logits_mb / 3, f"RSS grew {grown:.1f} MB over one 432-token decode"
+    finally:
+        e.close()

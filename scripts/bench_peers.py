@@ -1,0 +1,462 @@
+"""pocketembed against what a Python user would run instead, all measured in one run.
+
+Rows (same all-MiniLM-L6-v2 weights, 2 threads each, the first ``--texts`` SMS):
+
+* pocketembed daemon, q8_0 and q4_0: `pocketembed serve` as its own process,
+  bulk from 8 client threads sending 64 texts per request, latency one SMS per request;
+* ONNX Runtime fp32 and dynamic int8, in-process, length-sorted batches of 32, with the
+  `tokenizers` library. The ONNX files are exported here from the model's safetensors
+  (torch.onnx.export, opset 17; onnxruntime.quantization.quantize_dynamic, QInt8) and
+  cached in ~/.cache/pocketembed/bench;
+* sentence-transformers fp32 (torch, batch 32, its own length sorting);
+* llama-cpp-python's own server with the same q8_0 GGUF and build, over HTTP.
+
+Each system runs in a process of its own, so its peak RSS (VmHWM) is its own; for the
+daemon and the server it is the serving process's. Columns: bulk texts/s (median of
+``--rounds`` passes), single-SMS latency p50/p99 (``--samples`` requests back to back),
+peak RSS, and cosine to sentence-transformers fp32 (mean / min over the texts).
+
+Then the daemon's memory over a job: RSS idle with the model loaded, peak while it
+indexes the 5,574 SMS (index.add, 64 per request), and RSS 5 s after the job.
+
+    python scripts/bench_peers.py [--texts 1000] [--rounds 3] [--samples 300] [--only NAME ...]
+
+Needs the `bench` extra (onnx, onnxruntime, onnxscript, llama-cpp-python[server]) and the
+`reference` extra (sentence-transformers); the models from `pocketembed models prepare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pocketembed.sms import load_sms
+
+THREADS = 2
+BATCH = 32
+MAX_TOKENS = 256
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocketembed" / "bench"
+SYSTEMS = ["daemon-q8_0", "daemon-q4_0", "ort-fp32", "ort-int8", "st-fp32", "llama-server"]
+TITLES = {
+    "daemon-q8_0": "pocketembed daemon q8_0, 8 clients x 64 texts",
+    "daemon-q4_0": "pocketembed daemon q4_0, 8 clients x 64 texts",
+    "ort-fp32": "ONNX Runtime fp32, in-process, sorted batches of 32",
+    "ort-int8": "ONNX Runtime dynamic int8, same",
+    "st-fp32": "sentence-transformers fp32, batch 32",
+    "llama-server": "llama-cpp-python server, same q8_0 GGUF, 8 clients x 64",
+}
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with family/model and the SIMD that matters here."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name") or fields.get("Hardware") or platform.machine()
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    family = f", family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
+    return f"{name}{family} [{' '.join(simd)}]"
+
+
+def vm_kb(pid: int | str, field: str) -> int:
+    """A VmRSS / VmHWM figure of a process, in kB (0 when unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def source_dir() -> Path:
+    from pocketembed.gguf_models.catalog import get
+    from pocketembed.gguf_models.prepare import source_model_dir
+
+    return Path(source_model_dir(get(None).source, progress=lambda m: None))
+
+
+def gguf_path(quant: str) -> Path:
+    from pocketembed.daemon.models import open_engine  # noqa: F401 (checks the daemon extra)
+    from pocketembed.paths import home, models_dir
+
+    return models_dir(home()) / f"all-minilm-l6-v2-{quant}.gguf"
+
+
+# -- ONNX export (once, cached) ---------------------------------------------------------
+
+
+def onnx_files() -> tuple[Path, Path]:
+    """fp32 and dynamic-int8 ONNX exports of the model's safetensors."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    fp32, int8 = CACHE / "minilm-fp32.onnx", CACHE / "minilm-int8.onnx"
+    if not fp32.exists():
+        import torch
+        from transformers import AutoModel
+
+        bert = AutoModel.from_pretrained(str(source_dir())).eval()
+
+        class Hidden(torch.nn.Module):  # positional inputs -> last_hidden_state
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
+
+        model = Hidden().eval()
+        ids = torch.ones((2, 16), dtype=torch.long)
+        tmp = fp32.with_suffix(".tmp.onnx")
+        with torch.no_grad():
+            torch.onnx.export(
+                model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(tmp),
+                input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
+                dynamic_axes={n: {0: "batch", 1: "seq"}
+                              for n in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
+                opset_version=17, dynamo=False,
+            )
+        tmp.replace(fp32)
+    if not int8.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = int8.with_suffix(".tmp.onnx")
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+        tmp.replace(int8)
+    return fp32, int8
+
+
+# -- measurement helpers ----------------------------------------------------------------
+
+
+def latencies(embed_one: Callable[[str], object], picks: Sequence[str]) -> list[float]:
+    for t in picks[:20]:
+        embed_one(t)
+    out = []
+    for t in picks:
+        a = time.perf_counter()
+        embed_one(t)
+        out.append((time.perf_counter() - a) * 1000)
+    return out
+
+
+def bulk_rounds(run: Callable[[], np.ndarray], rounds: int, n: int) -> tuple[list[float], np.ndarray]:
+    vecs = run()  # warm-up, and the vectors compared
+    rates = []
+    for _ in range(rounds):
+        a = time.perf_counter()
+        run()
+        rates.append(n / (time.perf_counter() - a))
+    return rates, vecs
+
+
+def concurrent(embed_chunk: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str], clients: int = 8,
+               per: int = 64) -> np.ndarray:
+    """``texts`` in chunks of ``per`` from ``clients`` threads at once, vectors in input order."""
+    work: queue.Queue[int] = queue.Queue()
+    for start in range(0, len(texts), per):
+        work.put(start)
+    out: list[np.ndarray | None] = [None] * len(texts)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        while True:
+            try:
+                start = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                vecs = embed_chunk(texts[start : start + per])
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+                return
+            for i, v in enumerate(vecs):
+                out[start + i] = v
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+# -- the systems, each run in a worker process ------------------------------------------
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[:, :, None].astype(np.float32)
+    v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def worker_ort(name: str, texts: list[str], picks: list[str], rounds: int) -> dict:
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    fp32, int8 = onnx_files()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(fp32 if name == "ort-fp32" else int8), opts, providers=["CPUExecutionProvider"])
+    tok = Tokenizer.from_file(str(source_dir() / "tokenizer.json"))
+    tok.enable_truncation(MAX_TOKENS)
+    tok.no_padding()
+
+    def run_batch(batch: Sequence[str]) -> np.ndarray:
+        encs = tok.encode_batch(list(batch))
+        width = max(len(e.ids) for e in encs)
+        ids = np.zeros((len(encs), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        (hidden,) = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+        return mean_pool(hidden, mask)
+
+    lengths = [len(e.ids) for e in tok.encode_batch(texts)]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+
+    def run_all() -> np.ndarray:
+        out = np.empty((len(texts), 384), dtype=np.float32)
+        for s in range(0, len(order), BATCH):
+            idx = order[s : s + BATCH]
+            out[idx] = run_batch([texts[i] for i in idx])
+        return out
+
+    rates, vecs = bulk_rounds(run_all, rounds, len(texts))
+    lat = latencies(lambda t: run_batch([t]), picks)
+    return {"rates": rates, "lat": lat, "vecs": vecs, "peak_kb": vm_kb("self", "VmHWM")}
+
+
+def worker_st(texts: list[str], picks: list[str], rounds: int) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(THREADS)
+    st = SentenceTransformer(str(source_dir()), device="cpu")
+
+    def run_all() -> np.ndarray:
+        return st.encode(texts, batch_size=BATCH, normalize_embeddings=True, convert_to_numpy=True)
+
+    rates, vecs = bulk_rounds(run_all, rounds, len(texts))
+    lat = latencies(lambda t: st.encode([t], normalize_embeddings=True), picks)
+    return {"rates": rates, "lat": lat, "vecs": vecs, "peak_kb": vm_kb("self", "VmHWM")}
+
+
+def worker_daemon(quant: str, texts: list[str], picks: list[str], rounds: int) -> dict:
+    from pocketembed.ipc import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, sock = start_daemon(Path(tmp), quant)
+        try:
+            endpoint = f"ipc://{sock}"
+            local = threading.local()
+
+            def embed_chunk(chunk: Sequence[str]) -> np.ndarray:
+                if not hasattr(local, "c"):
+                    local.c = Client(endpoint, timeout=120)
+                return local.c.embed(list(chunk), truncate=True)
+
+            rates, vecs = bulk_rounds(lambda: concurrent(embed_chunk, texts), rounds, len(texts))
+            with Client(endpoint, timeout=60) as c:
+                lat = latencies(lambda t: c.embed([t], truncate=True), picks)
+            peak = vm_kb(proc.pid, "VmHWM")
+        finally:
+            stop(proc)
+    return {"rates": rates, "lat": lat, "vecs": vecs, "peak_kb": peak}
+
+
+def worker_server(texts: list[str], picks: list[str], rounds: int) -> dict:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path("q8_0")), "--embedding", "true",
+         "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", "2048", "--n_batch", "512",
+         "--n_ubatch", "512", "--host", "127.0.0.1", "--port", str(port), "--verbose", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+
+    def embed_chunk(chunk: Sequence[str]) -> np.ndarray:
+        body = json.dumps({"input": list(chunk)}).encode()
+        req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            data = json.load(r)["data"]
+        v = np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                embed_chunk(["ready?"])
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("llama_cpp.server did not start")
+                time.sleep(0.3)
+        rates, vecs = bulk_rounds(lambda: concurrent(embed_chunk, texts), rounds, len(texts))
+        lat = latencies(lambda t: embed_chunk([t]), picks)
+        peak = vm_kb(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"rates": rates, "lat": lat, "vecs": vecs, "peak_kb": peak}
+
+
+def start_daemon(home: Path, quant: str) -> tuple[subprocess.Popen, Path]:
+    from pocketembed.ipc import Client, DaemonError
+    from pocketembed.paths import ENV_HOME, home as default_home, models_dir
+
+    (home / "models").symlink_to(models_dir(default_home()))
+    sock = home / "pe.sock"
+    env = dict(os.environ, **{ENV_HOME: str(home)})
+    proc = subprocess.Popen([sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(sock),
+                             "--model", f"all-minilm-l6-v2:{quant}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with Client(f"ipc://{sock}", timeout=1) as c:
+                c.embed(["warm the model up"])
+            return proc, sock
+        except DaemonError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("daemon did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def memory_over_a_job(quant: str = "q8_0", settle_s: float = 5.0) -> dict:
+    """The daemon's RSS idle with the model loaded, at its peak while indexing all SMS, and after."""
+    from pocketembed.ipc import Client
+
+    texts = load_sms()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, sock = start_daemon(Path(tmp), quant)
+        try:
+            time.sleep(settle_s)
+            idle = vm_kb(proc.pid, "VmRSS")
+            a = time.perf_counter()
+            with Client(f"ipc://{sock}", timeout=300) as c:
+                for s in range(0, len(texts), 64):
+                    c.index_add("sms", [{"id": i, "text": texts[i]} for i in range(s, min(s + 64, len(texts)))],
+                                truncate=True)
+            took = time.perf_counter() - a
+            time.sleep(settle_s)
+            after = vm_kb(proc.pid, "VmRSS")
+            peak = vm_kb(proc.pid, "VmHWM")
+        finally:
+            stop(proc)
+    return {"idle_kb": idle, "peak_kb": peak, "after_kb": after, "seconds": took, "n": len(texts)}
+
+
+def run_worker(name: str, args: argparse.Namespace, out: Path) -> None:
+    texts = load_sms()[: args.texts]
+    rng = np.random.default_rng(1)
+    picks = [texts[i] for i in rng.integers(0, len(texts), args.samples)]
+    if name.startswith("daemon-"):
+        res = worker_daemon(name.split("-", 1)[1], texts, picks, args.rounds)
+    elif name.startswith("ort-"):
+        res = worker_ort(name, texts, picks, args.rounds)
+    elif name == "st-fp32":
+        res = worker_st(texts, picks, args.rounds)
+    elif name == "llama-server":
+        res = worker_server(texts, picks, args.rounds)
+    elif name == "memory":
+        out.with_suffix(".json").write_text(json.dumps(memory_over_a_job()))
+        return
+    else:
+        raise SystemExit(f"unknown system {name}")
+    np.save(out.with_suffix(".npy"), res.pop("vecs"))
+    out.with_suffix(".json").write_text(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--texts", type=int, default=1000, help="bulk corpus: the first N SMS")
+    ap.add_argument("--rounds", type=int, default=3, help="bulk passes per system (the median is quoted)")
+    ap.add_argument("--samples", type=int, default=300, help="single-SMS requests per system")
+    ap.add_argument("--only", nargs="+", choices=SYSTEMS + ["memory"], help="run only these rows")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        run_worker(args.worker, args, Path(args.out))
+        return
+
+    names = args.only or SYSTEMS + ["memory"]
+    if any(n.startswith("ort-") for n in names):
+        onnx_files()  # exported once, outside any worker's timing and RSS
+    results: dict[str, dict] = {}
+    vectors: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = [n for n in names if n != "st-fp32"]
+        for name in ["st-fp32", *run]:  # the reference first: every row's cosine is against it
+            out = Path(tmp) / name
+            print(f"... {name}", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", name, "--out", str(out), "--texts", str(args.texts),
+                   "--rounds", str(args.rounds), "--samples", str(args.samples)]
+            subprocess.run(cmd, check=True)
+            results[name] = json.loads(out.with_suffix(".json").read_text())
+            if out.with_suffix(".npy").exists():
+                vectors[name] = np.load(out.with_suffix(".npy"))
+
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); {THREADS} threads each; "
+          f"bulk: the first {args.texts} SMS, median of {args.rounds} passes; latency: {args.samples} single SMS")
+    print(f"\n| system | texts/s | 1-SMS p50 ms | p99 ms | peak RSS MB | cos vs ST fp32 (mean / min) |")
+    print("|---|---|---|---|---|---|")
+    ref = vectors["st-fp32"]
+    for name in SYSTEMS:
+        if name not in vectors:
+            continue
+        r = results[name]
+        cos = (vectors[name] * ref).sum(1) / np.linalg.norm(vectors[name], axis=1)
+        print(f"| {TITLES[name]} | {statistics.median(r['rates']):.0f} | {np.percentile(r['lat'], 50):.2f} | "
+              f"{np.percentile(r['lat'], 99):.2f} | {r['peak_kb'] / 1024:.0f} | {cos.mean():.5f} / {cos.min():.4f} |")
+    if "daemon-q8_0" in results and "ort-fp32" in results:
+        d, o = results["daemon-q8_0"], results["ort-fp32"]
+        print(f"\ndaemon q8_0 / ORT fp32: bulk {statistics.median(d['rates']) / statistics.median(o['rates']):.2f}x "
+              f"(goal >= 1), p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
+              f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2)")
+    if "memory" in results:
+        m = results["memory"]
+        print(f"\ndaemon memory over a job (q8_0, index.add of {m['n']} SMS in {m['seconds']:.1f} s): "
+              f"idle {m['idle_kb'] / 1024:.0f} MB, peak {m['peak_kb'] / 1024:.0f} MB, "
+              f"5 s after {m['after_kb'] / 1024:.0f} MB = {m['after_kb'] / m['idle_kb']:.2f}x idle (goal <= 1.25x)")
+
+
+if __name__ == "__main__":
+    main()
