@@ -36,6 +36,7 @@ import numpy as np
 from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong
 
 from . import llama_runtime as rt
+from .threadpool import ThreadPool, make_pool
 
 
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -74,6 +75,8 @@ class EngineConfig:
     """llama.cpp's load-time weight repacking (its "extra buffer types"); None = llama.cpp's default."""
     pooling: str | None = None
     """Override of the GGUF's pooling type ("mean", "cls", "last")."""
+    bind_threads: bool | None = None
+    """Bind each context's helper threads to CPUs of their own (None: on x86, not on ARM; see threadpool)."""
 
 
 class Engine:
@@ -144,7 +147,10 @@ class Engine:
                 ctx = llama.llama_init_from_model(self._model, cparams)
             if not ctx:
                 raise ModelCorrupt(f"cannot create a llama.cpp context for {self.path}: {captured.last_error() or 'unknown error'}")
-            self._contexts.append(_Context(ctx, self.batch_tokens))
+            pool = make_pool(self.threads, cfg.bind_threads)
+            if pool is not None:
+                pool.attach(ctx)
+            self._contexts.append(_Context(ctx, self.batch_tokens, pool))
         self.pooling = {v: k for k, v in POOLING.items()}.get(int(llama.llama_pooling_type(self._contexts[0].ctx)), "unknown")
         if self.pooling in ("none", "unknown"):
             arch = self.metadata("general.architecture") or "?"
@@ -364,8 +370,9 @@ def postprocess(pooled: np.ndarray, *, normalize: bool, dims: int) -> np.ndarray
 class _Context:
     """One llama context with its own batch buffers; used by one thread at a time."""
 
-    def __init__(self, ctx: object, capacity: int) -> None:
+    def __init__(self, ctx: object, capacity: int, pool: ThreadPool | None = None) -> None:
         self.ctx = ctx
+        self.pool = pool
         self.lock = threading.Lock()
         self.buffers = _BatchBuffers(capacity)
         self.n_threads = 0
@@ -431,6 +438,9 @@ class _Context:
             if self.ctx:
                 rt.llama.llama_free(self.ctx)
                 self.ctx = None
+            if self.pool is not None:
+                self.pool.free()
+                self.pool = None
 
 
 class _BatchBuffers:

@@ -272,16 +272,17 @@ def worker_daemon(quant: str, texts: list[str], picks: list[str], rounds: int) -
         proc, sock = start_daemon(Path(tmp), quant)
         try:
             endpoint = f"ipc://{sock}"
+            model = f"all-minilm-l6-v2:{quant}"
             local = threading.local()
 
             def embed_chunk(chunk: Sequence[str]) -> np.ndarray:
                 if not hasattr(local, "c"):
                     local.c = Client(endpoint, timeout=120)
-                return local.c.embed(list(chunk), truncate=True)
+                return local.c.embed(list(chunk), model=model, truncate=True)
 
             rates, vecs = bulk_rounds(lambda: concurrent(embed_chunk, texts), rounds, len(texts))
             with Client(endpoint, timeout=60) as c:
-                lat = latencies(lambda t: c.embed([t], truncate=True), picks)
+                lat = latencies(lambda t: c.embed([t], model=model, truncate=True), picks)
             peak = vm_kb(proc.pid, "VmHWM")
         finally:
             stop(proc)
@@ -343,7 +344,7 @@ def start_daemon(home: Path, quant: str) -> tuple[subprocess.Popen, Path]:
     while time.monotonic() < deadline:
         try:
             with Client(f"ipc://{sock}", timeout=1) as c:
-                c.embed(["warm the model up"])
+                c.embed(["warm the model up"], model=f"all-minilm-l6-v2:{quant}")
             return proc, sock
         except DaemonError:
             time.sleep(0.1)
