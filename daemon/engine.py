@@ -10,14 +10,15 @@ rather than the high-level ``Llama`` class, for reasons measured on MiniLM:
 * The scheduler (daemon/scheduler.py) forms batches across requests itself and only
   needs "encode these token lists"; the engine exposes exactly that.
 
-Parallelism: a small model on few cores spends a real share of each decode in
-thread barriers (6.5% in libgomp under perf), and with llama.cpp's BLAS
-backend the sgemm calls are single-threaded by design (see llama_runtime). So
-the engine keeps one model and several llama contexts sharing its weights: a
-single decode runs on context 0 with every thread (lowest latency), while a
-bulk job spreads its decodes over the contexts with one thread each. Measured
-on the 5,574 SMS, 2 cores, OpenBLAS build: 155 texts/s with 2 contexts vs 99
-with 1 (scripts/bench_engine.py).
+Parallelism: the engine keeps one model and several llama contexts sharing
+its weights. A single decode runs on context 0 with every thread (lowest
+latency); a bulk job spreads its decodes over the contexts with a share of
+the threads each, so concurrent requests never oversubscribe the cores. Each
+context decodes on a ggml thread pool of its own (daemon/threadpool.py) whose
+helpers sleep between decodes. Measured on 2 cores (scripts/bench_peers.py,
+scripts/profile_decode.py): a 20-token SMS in 4.7 ms on 2 threads back to back
+and 6.7 ms after idling, 9-10 ms on one thread; bulk 245 texts/s with 2
+contexts, about the same with one 2-thread context.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ class EngineConfig:
 
     max_tokens: int = 256
     """Longest accepted sequence incl. [CLS]/[SEP] (the model's training length)."""
-    batch_tokens: int = 512
-    """Token budget of one decode (llama.cpp n_batch == n_ubatch for encoders)."""
+    batch_tokens: int = 256
+    """Token budget of one decode (llama.cpp n_batch == n_ubatch for encoders; raised to max_tokens).
+
+    256 rather than 512: the same bulk throughput (scripts/bench_peers.py), and each
+    context's memory scales with it (the compute buffer, and the logits llama.cpp
+    zero-fills before the engine hands them back: a 31 MB passing peak, not 62)."""
     max_seqs: int = 32
     """Most texts packed into one decode."""
     threads: int | None = None

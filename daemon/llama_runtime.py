@@ -25,10 +25,9 @@ log = logging.getLogger("pocketembed.llama")
 # - OpenMP's idle threads sleep instead of spinning after each decode: a spinning pool
 #   burns a phone's battery and steals the next request's CPU (p99 of a single-SMS
 #   embed 344 -> 78 ms with PASSIVE, though every barrier then costs a futex wake-up);
-# - OpenBLAS gets one thread (the engine runs its own parallel contexts) and its idle
-#   threads sleep at once instead of spinning 2^28 cycles after every call (measured:
-#   2.5 s of CPU burnt per 4 s of idling).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# - idle OpenBLAS threads sleep at once instead of spinning 2^28 cycles after every
+#   call (measured: 2.5 s of CPU burnt per 4 s of idling); their number is set to one
+#   in daemon/__init__.py.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 

@@ -45,7 +45,7 @@ def open_engine(name: str | None, root: Path | None = None, **overrides: object)
 
 
 CONTEXT_OVERHEAD = 8 << 20
-"""Estimated bytes of one llama context (compute and batch buffers at 512 tokens)."""
+"""Estimated bytes of one llama context (compute, output and batch buffers at 256 tokens)."""
 
 parse_keep_alive = parse_duration
 """Seconds from an Ollama-style keep_alive (see pocketembed.config.parse_duration)."""

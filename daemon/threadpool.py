@@ -44,22 +44,42 @@ class _Params(ctypes.Structure):
     ]
 
 
+def _mapped(stem: str) -> str | None:
+    """The file of the library ``stem`` that llama.cpp already loaded.
+
+    A wheel holds each library several times over (libggml-cpu.so, .so.0, .so.0.x:
+    copies, not links), so opening one by name could load a second copy beside
+    the one libllama uses, with its own globals. The mapped file is the one.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and Path(parts[5].strip()).name.startswith(stem + ".so"):
+                    return parts[5].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _load() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
     """ggml's base and CPU libraries beside libllama, with the pool functions declared; None if absent."""
     llama_lib = getattr(rt.llama.llama_cpp, "_lib", None)
     if llama_lib is None or not hasattr(llama_lib, "llama_attach_threadpool"):
         return None
-    libdir = Path(llama_lib._name).parent
+    base_path, cpu_path = _mapped("libggml-base"), _mapped("libggml-cpu")
+    if base_path is None or cpu_path is None:
+        log.info("ggml's libraries are not among this process's mappings; llama.cpp makes its threads per decode")
+        return None
     try:
-        base = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
-        cpu = ctypes.CDLL(str(next(libdir.glob("libggml-cpu.*"))))
+        base, cpu = ctypes.CDLL(base_path), ctypes.CDLL(cpu_path)
         base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
         base.ggml_threadpool_params_init.restype = None
         cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_Params)]
         cpu.ggml_threadpool_new.restype = ctypes.c_void_p
         cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
         cpu.ggml_threadpool_free.restype = None
-    except (StopIteration, OSError, AttributeError) as e:
+    except (OSError, AttributeError) as e:
         log.info("no ggml thread pool functions (%s); llama.cpp makes its threads per decode", e)
         return None
     llama_lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]

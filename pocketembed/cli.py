@@ -349,6 +349,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pocketembed.daemon import allocator
+
+    allocator.tune()
     from pocketembed import config
     from pocketembed.daemon.models import parse_keep_alive
     from pocketembed.daemon.power import policy_from_settings

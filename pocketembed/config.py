@@ -42,7 +42,7 @@ present. Keys (all optional)::
 
     [model."all-minilm-l6-v2:q4_0"]      # per-model settings, all optional
     threads = 2
-    batch_tokens = 512            # tokens per decode (the context size)
+    batch_tokens = 256            # tokens per decode (the context size; default 256, at least max_tokens)
     max_tokens = 256              # longest text, incl. [CLS]/[SEP]
     pooling = "mean"              # override of the GGUF's pooling: mean, cls, last
     query_prefix = ""             # put before texts sent with input_type="query"

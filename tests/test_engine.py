@@ -181,7 +181,7 @@ def test_a_full_decode_leaves_no_logits_buffer_resident(home):
     def rss_mb() -> float:
         return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
-    _, e = open_engine(None, home, contexts=1)
+    _, e = open_engine(None, home, contexts=1, batch_tokens=512)
     try:
         e.embed(TEXTS[:1])
         before = rss_mb()
@@ -194,3 +194,30 @@ def test_a_full_decode_leaves_no_logits_buffer_resident(home):
         assert grown < logits_mb / 3, f"RSS grew {grown:.1f} MB over one 432-token decode"
     finally:
         e.close()
+
+
+def test_contexts_decode_on_their_own_thread_pools_which_close_frees(home):
+    """One ggml pool per context (its helpers live between decodes, then go with the engine), and
+    making a pool leaves the calling thread free to run on every CPU (ggml binds it otherwise)."""
+    import os
+    from pathlib import Path
+
+    from pocketembed.daemon.models import open_engine
+
+    def os_threads() -> int:
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    allowed = os.sched_getaffinity(0)
+    before = os_threads()
+    _, e = open_engine(None, home, threads=2, contexts=2)
+    try:
+        assert [c.pool.n_threads for c in e._contexts] == [2, 2]
+        assert os.sched_getaffinity(0) == allowed
+        one = e.encode_on(0, [e.tokenize(TEXTS[1])], 2)
+        two = e.encode_on(1, [e.tokenize(TEXTS[1])], 2)
+        assert float((one @ two.T)[0, 0] / np.linalg.norm(one) / np.linalg.norm(two)) > 0.99999
+        helpers = os_threads() - before
+        assert 2 <= helpers <= 3  # a helper per pool (and the engine's executor thread)
+    finally:
+        e.close()
+    assert os_threads() <= before + 1
