@@ -67,7 +67,8 @@ def test_unload_while_requests_are_queued(daemon, engines):
     assert unloaded == {"model": Q4, "loaded": False}
     # every request queued before the unload was answered with its vectors
     assert all(isinstance(r, np.ndarray) and r.shape == (20, 384) for r in results), results
-    assert np.allclose(np.vstack(results), engines["q4_0"].embed(texts), atol=2e-3)
+    # merged across requests into other decodes than the in-process engine's: the promise is cosine > 0.999
+    assert_same_embedding(np.vstack(results), engines["q4_0"].embed(texts), min_cos=0.999)
     # a request that arrived while it drained got a clear error (or, if the unload
     # had already finished, was served by an on-demand reload)
     assert isinstance(late, np.ndarray) or (isinstance(late, ModelError) and late.code == "model_unloading")
