@@ -402,7 +402,12 @@ class _Context:
             if mem:
                 llama.llama_memory_clear(mem, True)
             decode = llama.llama_encode if engine._use_encode else llama.llama_decode
-            rc = decode(self.ctx, self.buffers.batch)
+            pinned = threads > 1 and self.pool is not None and self.pool.pin_caller()
+            try:
+                rc = decode(self.ctx, self.buffers.batch)
+            finally:
+                if pinned:
+                    self.pool.unpin_caller()
             if rc != 0:
                 raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
             out = np.empty((n, engine.dims), dtype=np.float32)

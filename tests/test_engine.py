@@ -215,6 +215,7 @@ def test_contexts_decode_on_their_own_thread_pools_which_close_frees(home):
         assert os.sched_getaffinity(0) == allowed
         one = e.encode_on(0, [e.tokenize(TEXTS[1])], 2)
         two = e.encode_on(1, [e.tokenize(TEXTS[1])], 2)
+        assert os.sched_getaffinity(0) == allowed  # a decode binds its caller only while it runs
         assert float((one @ two.T)[0, 0] / np.linalg.norm(one) / np.linalg.norm(two)) > 0.99999
         helpers = os_threads() - before
         assert 2 <= helpers <= 3  # a helper per pool (and the engine's executor thread)
