@@ -25,6 +25,7 @@ anything unexpected means no pool (llama.cpp's per-decode threads, as before).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -90,24 +91,19 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
     llama_lib.llama_attach_threadpool.restype = None
     # The struct must be laid out as this library's: let it fill an oversized, marked
     # buffer and look for its defaults where _Params puts them.
-    probe = (ctypes.c_ubyte * 4096)(*([0xA5] * 4096))
-    base.ggml_threadpool_params_init(ctypes.addressof(probe), 7)
-    seen = _Params.from_buffer_copy(bytes(probe[: ctypes.sizeof(_Params)]))
+    probe = ctypes.create_string_buffer(b"\xa5" * 4096)
+    base.ggml_threadpool_params_init(probe, 7)
+    seen = _Params.from_buffer_copy(probe)
     if (seen.n_threads, seen.prio, seen.poll, seen.strict_cpu, seen.paused) != (7, 0, 50, False, False) \
-            or any(seen.cpumask) or probe[ctypes.sizeof(_Params)] != 0xA5:
+            or any(seen.cpumask) or probe.raw[ctypes.sizeof(_Params)] != 0xA5:
         log.warning("ggml_threadpool_params has another layout in this llama.cpp build; not using thread pools")
         return None
     return base, cpu
 
 
-_libs: tuple[ctypes.CDLL, ctypes.CDLL] | None | bool = False
-
-
+@functools.cache
 def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
-    global _libs
-    if _libs is False:
-        _libs = _load()
-    return _libs  # type: ignore[return-value]
+    return _load()
 
 
 def default_binding() -> bool:

@@ -97,7 +97,6 @@ def source_dir() -> Path:
 
 
 def gguf_path(quant: str) -> Path:
-    from pocketembed.daemon.models import open_engine  # noqa: F401 (checks the daemon extra)
     from pocketembed.paths import home, models_dir
 
     return models_dir(home()) / f"all-minilm-l6-v2-{quant}.gguf"

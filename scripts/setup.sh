@@ -61,10 +61,15 @@ print("smoke test passed: q8_0 and q4_0 embed")
 EOF
 }
 
+wheel_cache() {
+    # One cached wheel per llama-cpp-python version and build flags.
+    printf '%s/pocketembed/wheels/%s' "${XDG_CACHE_HOME:-$HOME/.cache}" \
+        "$(printf '%s %s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+}
+
 install_llama() {
-    local key
-    key=$(printf '%s %s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-12)
-    local cache="${XDG_CACHE_HOME:-$HOME/.cache}/pocketembed/wheels/$key"
+    local cache
+    cache=$(wheel_cache)
     if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         say "building llama-cpp-python $LLAMA_VERSION from source (5-8 min on 2 cores)"
         mkdir -p "$cache"
@@ -122,9 +127,9 @@ say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
 "$VENV/bin/pocketembed" models prepare
 
 if ! smoke_test; then
-    say "smoke test failed with this llama-cpp-python; rebuilding it from source with CMAKE_ARGS=$CMAKE_ARGS"
-    CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" install -q --force-reinstall --no-deps \
-        --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION"
+    say "smoke test failed with this llama-cpp-python; dropping its cached wheel and rebuilding it with CMAKE_ARGS=$CMAKE_ARGS"
+    rm -rf "$(wheel_cache)"
+    install_llama
     smoke_test
 fi
 say "done: run '$VENV/bin/pocketembed --help'"
