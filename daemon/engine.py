@@ -40,7 +40,7 @@ from . import llama_runtime as rt
 from .threadpool import ThreadPool, make_pool
 
 
-POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MADV_DONTNEED = 4  # the same on every Linux architecture, Android's included
@@ -123,7 +123,7 @@ class Engine:
         llama = rt.llama
         self._use_encode = bool(llama.llama_model_has_encoder(self._model) and not llama.llama_model_has_decoder(self._model))
         self.vocab = llama.llama_model_get_vocab(self._model)
-        self.dims = int(llama.llama_model_n_embd(self._model))
+        self.dims = int(llama.llama_model_n_embd_out(self._model))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.max_tokens = min(cfg.max_tokens, self.n_ctx_train)
         # llama.cpp aborts the process (GGML_ASSERT in ggml_mul_mat) at the first decode of a context
@@ -145,7 +145,7 @@ class Engine:
         cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if cfg.pooling is not None:
             if cfg.pooling not in POOLING or cfg.pooling == "none":
-                raise InvalidInput(f"unknown pooling {cfg.pooling!r}; use one of mean, cls, last")
+                raise InvalidInput(f"unknown pooling {cfg.pooling!r}; use one of mean, cls, last, rank")
             cparams.pooling_type = POOLING[cfg.pooling]
         for _ in range(n_contexts):
             with rt.capture_log() as captured:
@@ -160,6 +160,9 @@ class Engine:
         if self.pooling in ("none", "unknown"):
             arch = self.metadata("general.architecture") or "?"
             raise ModelCorrupt(f"{self.path.name} ({arch}) declares no pooling; it is not a sentence-embedding model")
+        if self.pooling == "rank":
+            # A cross-encoder's "embedding" is its classifier's scores (llama.cpp's rank pooling).
+            self.dims = int(llama.llama_model_n_cls_out(self._model))
         self.adds_eos = bool(llama.llama_vocab_get_add_eos(self.vocab) or llama.llama_vocab_get_add_sep(self.vocab))
         if n_contexts > 1:
             self._pool = ThreadPoolExecutor(n_contexts, thread_name_prefix="pe-decode")
@@ -188,15 +191,7 @@ class Engine:
             raise InvalidInput(f"text must be a string, not {type(text).__name__}")
         if not text.strip():
             raise EmptyText("text is empty")
-        raw = text.encode("utf-8", "replace")
-        cap = len(raw) + 8
-        buf = (rt.llama.llama_token * cap)()
-        n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, False)
-        if n < 0:  # pragma: no cover - cap bounds every WPM/BPE tokenization of these bytes
-            cap = -n
-            buf = (rt.llama.llama_token * cap)()
-            n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, False)
-        tokens = list(buf[:n])
+        tokens = self._tokens(text, special=True)
         if len(tokens) <= 2 and self.adds_eos:
             # Only [CLS][SEP]: the text held nothing the vocabulary knows (e.g. control chars).
             raise EmptyText("text has no tokens")
@@ -209,6 +204,57 @@ class Engine:
             tail = [tokens[-1]] if self.adds_eos else []
             tokens = tokens[: self.max_tokens - len(tail)] + tail
         return tokens
+
+    def _tokens(self, text: str, *, special: bool) -> list[int]:
+        raw = text.encode("utf-8", "replace")
+        cap = len(raw) + 8
+        buf = (rt.llama.llama_token * cap)()
+        n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, special, False)
+        if n < 0:  # pragma: no cover - cap bounds every WPM/BPE/unigram tokenization of these bytes
+            cap = -n
+            buf = (rt.llama.llama_token * cap)()
+            n = rt.llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, special, False)
+        return list(buf[:n])
+
+    def tokenize_pair(self, query: str, document: str, *, truncate: bool = True) -> list[int]:
+        """One cross-encoder input: the (query, document) pair as its tokenizer's pair template.
+
+        BERT: ``[CLS] q [SEP] d [SEP]``; RoBERTa / XLM-R: ``<s> q </s></s> d </s>``. Built
+        from the vocabulary's own flags like llama.cpp's server (BOS, EOS, SEP), with the
+        closing separator that transformers adds and that server leaves out for BERT
+        vocabularies. An over-long pair loses the end of the document (transformers'
+        ``only_second``); a query that leaves no room for any document is an error.
+        """
+        for what, text in (("query", query), ("document", document)):
+            if not isinstance(text, str):
+                raise InvalidInput(f"{what} must be a string, not {type(text).__name__}")
+            if not text.strip():
+                raise EmptyText(f"{what} is empty")
+        llama = rt.llama
+        q = self._tokens(query, special=False)
+        d = self._tokens(document, special=False)
+        if not q:
+            raise EmptyText("query has no tokens")
+        if not d:
+            raise EmptyText("document has no tokens")
+        bos = [llama.llama_vocab_bos(self.vocab)] if llama.llama_vocab_get_add_bos(self.vocab) else []
+        eos = llama.llama_vocab_eos(self.vocab)
+        sep = llama.llama_vocab_sep(self.vocab)
+        add_eos, add_sep = llama.llama_vocab_get_add_eos(self.vocab), llama.llama_vocab_get_add_sep(self.vocab)
+        if eos < 0:
+            eos = sep
+        middle = ([eos] if add_eos else []) + ([sep] if add_sep else [])
+        close = [eos] if add_eos else ([sep] if add_sep else [])
+        room = self.max_tokens - len(bos) - len(q) - len(middle) - len(close)
+        if room < 1:
+            raise TextTooLong(f"query has {len(q)} tokens, leaving no room for a document within the model's "
+                              f"{self.max_tokens}; shorten it")
+        if len(d) > room:
+            if not truncate:
+                raise TextTooLong(f"query and document have {len(bos) + len(q) + len(middle) + len(d) + len(close)} "
+                                  f"tokens, the model takes at most {self.max_tokens}; shorten them or ask for truncation")
+            d = d[:room]
+        return bos + q + middle + d + close
 
     def windows(self, text: str, overlap: int = 32) -> list[str]:
         """A long text as overlapping windows that each fit the model (one window when it fits).
@@ -328,6 +374,22 @@ class Engine:
         for idx, vecs in zip(plan, self.encode_many([[tokens[i] for i in b] for b in plan])):
             pooled[idx] = vecs
         return postprocess(pooled, normalize=normalize, dims=out_dims)
+
+    def rerank(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> np.ndarray:
+        """A cross-encoder's raw scores of (query, document) pairs: shape (len(documents), outputs)."""
+        if self.pooling != "rank":
+            raise InvalidInput(f"{self.path.name} is an embedding model ({self.pooling} pooling), not a reranker")
+        tokens = []
+        for i, d in enumerate(documents):
+            try:
+                tokens.append(self.tokenize_pair(query, d, truncate=truncate))
+            except InvalidInput as e:
+                raise type(e)(f"documents[{i}]: {e.message}") from None
+        out = np.empty((len(tokens), self.dims), dtype=np.float32)
+        plan = self.plan_batches([len(t) for t in tokens])
+        for idx, vecs in zip(plan, self.encode_many([[tokens[i] for i in b] for b in plan])):
+            out[idx] = vecs
+        return out
 
     def check_dims(self, dims: int | None) -> int:
         if dims is None:

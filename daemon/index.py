@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection
-from pocketembed.gguf_models.catalog import get
+from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection, WrongModelKind
+from pocketembed.gguf_models.catalog import ModelSpec
 from pocketembed.ipc import ops
 
 from .executors import LATER, Executor, Reply
@@ -137,19 +137,25 @@ class IndexService:
             return store.collections()
         if op == "search":
             return self._start_search(store, args, context)
+        if op == "search.reranked":
+            return args
         info, vec, request_args = args  # "search.run": the query vector is ready
-        return self._run_search(store, info, vec, request_args)
+        return self._run_search(store, info, vec, request_args, context)
 
     def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
         info = store.info(args.collection)
-        if args.model is not None and get(args.model).name != info.model:
+        if args.rerank is not None:
+            reranker = self.models.spec(args.rerank)
+            if reranker.kind != "rerank":
+                raise WrongModelKind(f"{reranker.name} is an embedding model; search's rerank needs a cross-encoder")
+        if args.model is not None and self.models.spec(args.model).name != info.model:
             raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
-                                     f"{get(args.model).name} cannot search it")
+                                     f"{self.models.spec(args.model).name} cannot search it")
         text = self.models.prefix(info.model, "query") + args.query
         key = (info.model, info.dims, text)
         vec = self.lru.get(key)
         if vec is not None:
-            return self._run_search(store, info, vec, args)
+            return self._run_search(store, info, vec, args, context)
 
         def embedded(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
             if err is not None:
@@ -163,12 +169,31 @@ class IndexService:
                               max_tokens=self.models.max_tokens(info.model))
         return LATER
 
-    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs) -> dict[str, Any]:
-        hits = store.search(info.name, vec, k=args.k, rescore_multiplier=args.rescore_multiplier,
-                            filter=args.filter, rescore=args.rescore, with_text=args.with_text,
+    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs, context: Any) -> Any:
+        top = max(args.rerank_top or max(args.k, 20), args.k) if args.rerank else args.k
+        hits = store.search(info.name, vec, k=top, rescore_multiplier=args.rescore_multiplier,
+                            filter=args.filter, rescore=args.rescore, with_text=args.with_text or bool(args.rerank),
                             source_text=lambda origin, ids: source_texts(store.conn, origin, ids))
         self.searches += 1
-        return {"collection": info.name, "model": info.model, "hits": hits}
+        result = {"collection": info.name, "model": info.model, "hits": hits}
+        if not args.rerank or not hits:
+            return result
+        missing = sum(1 for h in hits if not h.get("text"))
+        if missing:
+            raise InvalidInput(f"rerank needs the candidates' texts, and {missing} of {len(hits)} have none: collection "
+                               f"{info.name!r} keeps no texts (create it with store_text) and no source row has them")
+        reranker = self.models.spec(args.rerank)
+
+        def scored(task: EmbedTask, logits: np.ndarray | None, err: PocketEmbedError | None) -> None:
+            if err is not None:
+                self.reply(context, None, err)
+                return
+            self._search.submit("search.reranked", reranked(result, logits, reranker, args), context, force=True)
+
+        self.scheduler.submit(EmbedTask(texts=[h["text"] for h in hits], query=args.query, model=reranker.name,
+                                        on_done=scored, lane=INTERACTIVE, truncate=True),
+                              max_tokens=self.models.max_tokens(reranker.name))
+        return LATER
 
     # -- write thread ------------------------------------------------------------------
 
@@ -190,12 +215,12 @@ class IndexService:
         except UnknownCollection:
             info = None
         if info is not None:
-            if model_name is not None and get(model_name).name != info.model:
-                raise CollectionMismatch(f"collection {name!r} holds {info.model} vectors, not {get(model_name).name}")
+            if model_name is not None and self.models.spec(model_name).name != info.model:
+                raise CollectionMismatch(f"collection {name!r} holds {info.model} vectors, not {self.models.spec(model_name).name}")
             if dims_asked is not None and dims_asked != info.dims:
                 raise CollectionMismatch(f"collection {name!r} holds {info.dims}-dim vectors, not {dims_asked}")
             return info, info.model, info.dims
-        spec = get(model_name)
+        spec = self.models.embedder(model_name)
         dims = dims_asked or spec.dims
         if not 1 <= dims <= spec.dims:
             raise InvalidInput(f"dims must be between 1 and {spec.dims} for {spec.name}")
@@ -273,3 +298,17 @@ class IndexService:
         return embed_sync(self.scheduler, texts, model, lane=args.priority or INTERACTIVE, dims=dims,
                           truncate=args.truncate, max_tokens=self.models.max_tokens(model))
 
+
+
+def reranked(result: dict[str, Any], logits: np.ndarray, reranker: ModelSpec, args: ops.SearchArgs) -> dict[str, Any]:
+    """The search result reordered by the cross-encoder: its k best, each with ``rerank_score``."""
+    raw = np.asarray(logits, dtype=np.float64)[:, 0]
+    scores = 1.0 / (1.0 + np.exp(-raw)) if reranker.score == "sigmoid" else raw
+    order = np.argsort(-raw, kind="stable")[: args.k]
+    hits = []
+    for i in order:
+        hit = dict(result["hits"][int(i)], rerank_score=float(scores[i]))
+        if not args.with_text:
+            hit.pop("text", None)
+        hits.append(hit)
+    return {**result, "hits": hits, "reranked_by": reranker.name}

@@ -20,7 +20,7 @@ import psutil
 
 from pocketembed import paths
 from pocketembed.config import parse_duration
-from pocketembed.errors import ModelNotLoaded, ModelUnloading, OverBudget
+from pocketembed.errors import ModelNotLoaded, ModelUnloading, OverBudget, WrongModelKind
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
@@ -31,15 +31,17 @@ log = logging.getLogger("pocketembed.models")
 
 def engine_config(spec: ModelSpec, **overrides: object) -> EngineConfig:
     """The engine settings for a catalog model, with caller overrides (None = keep)."""
-    base = {"max_tokens": spec.max_tokens}
+    base: dict[str, object] = {"max_tokens": spec.max_tokens}
+    if spec.imported:
+        base["pooling"] = spec.pooling  # rank heads carry no pooling type in the file; --pooling may have set it
     base.update({k: v for k, v in overrides.items() if v is not None})
     return EngineConfig(**base)  # type: ignore[arg-type]
 
 
 def open_engine(name: str | None, root: Path | None = None, **overrides: object) -> tuple[ModelSpec, Engine]:
     """Verify the model file against the manifest and load it."""
-    spec = get(name)
     root = root or paths.home()
+    spec = get(name, root)
     path = manifest.verify(root, spec)
     return spec, Engine(path, engine_config(spec, **overrides), quantized=spec.quantized)
 
@@ -114,6 +116,18 @@ class ModelRegistry:
         self._stop = False
         self._reaper: threading.Thread | None = None
 
+    def spec(self, name: str | None) -> ModelSpec:
+        """What a model name means here: a catalog model, or one imported into this data directory."""
+        return get(name, self.home)
+
+    def embedder(self, name: str | None) -> ModelSpec:
+        """``spec``, refusing a reranker where vectors are needed (embed, index, jobs, search)."""
+        spec = self.spec(name)
+        if spec.kind != "embed":
+            raise WrongModelKind(f"{spec.name} is a reranker (cross-encoder): it scores (query, document) pairs "
+                                 "with rerank, or search's rerank option, and makes no embeddings")
+        return spec
+
     # -- requests ----------------------------------------------------------------------
 
     def hold(self, name: str) -> None:
@@ -141,7 +155,7 @@ class ModelRegistry:
             self._cv.notify_all()
 
     def acquire(self, name: str) -> Engine:
-        name = get(name).name
+        name = self.spec(name).name
         with self._cv:
             while name in self._models and self._models[name].closing:
                 self._cv.wait()
@@ -156,7 +170,7 @@ class ModelRegistry:
         return self.acquire(name)
 
     def release(self, name: str) -> None:
-        name = get(name).name
+        name = self.spec(name).name
         with self._cv:
             entry = self._models.get(name)
             if entry is not None:
@@ -174,14 +188,14 @@ class ModelRegistry:
         """The text the model wants before a query or a document ("" for none)."""
         if input_type is None:
             return ""
-        spec, cfg = get(name), self.settings.get(name, ModelSettings())
+        spec, cfg = self.spec(name), self.settings.get(name, ModelSettings())
         if input_type == "query":
             return cfg.query_prefix if cfg.query_prefix is not None else spec.query_prefix
         return cfg.document_prefix if cfg.document_prefix is not None else spec.document_prefix
 
     def max_tokens(self, name: str) -> int:
         cfg = self.settings.get(name)
-        return (cfg.max_tokens if cfg and cfg.max_tokens else None) or get(name).max_tokens
+        return (cfg.max_tokens if cfg and cfg.max_tokens else None) or self.spec(name).max_tokens
 
     # -- loading -----------------------------------------------------------------------
 
@@ -195,7 +209,7 @@ class ModelRegistry:
 
         Verifies the file first; evicts idle models to make room within the budget.
         """
-        name = get(name).name
+        name = self.spec(name).name
         with self._load_lock:
             with self._cv:
                 if name in self._models and not self._models[name].closing:
@@ -203,7 +217,7 @@ class ModelRegistry:
                         self._models[name].keep_alive = keep_alive
                         self._reap_cv.notify()
                     return False
-            spec = get(name)
+            spec = self.spec(name)
             need = self.estimate_bytes(spec)
             cfg = self.settings.get(name, ModelSettings())
             t = time.perf_counter()
@@ -250,7 +264,7 @@ class ModelRegistry:
 
     def unload(self, name: str) -> None:
         """Unload on purpose: new requests for it are refused, queued ones finish first."""
-        name = get(name).name
+        name = self.spec(name).name
         with self._cv:
             entry = self._models.get(name)
             if entry is None or entry.closing or name in self._unloading:

@@ -90,7 +90,7 @@ class SchedulerConfig:
 
 @dataclass
 class EmbedTask:
-    """One ``embed`` request as the scheduler sees it."""
+    """One ``embed`` (or ``rerank``) request as the scheduler sees it."""
 
     texts: list[str]
     model: str
@@ -106,6 +106,9 @@ class EmbedTask:
     context: Any = None
     """Opaque to the scheduler (the server keeps the reply address here)."""
     received: float = field(default_factory=time.monotonic)
+    query: str | None = None
+    """Set for a ``rerank``: ``texts`` are documents, each decoded as one (query, document)
+    pair by a cross-encoder, and the result is its raw scores (no normalization)."""
 
     # Filled in by the scheduler.
     est_tokens: int = 0
@@ -186,8 +189,9 @@ class Scheduler:
         if lane is None:
             raise InvalidInput(f"priority must be one of {', '.join(LANES)}, not {task.lane!r}")
         est = 0
+        pair = len(task.query.encode("utf-8", "surrogatepass")) + 2 if task.query is not None else 0
         for t in task.texts:
-            n = len(t.encode("utf-8", "surrogatepass")) + 2
+            n = len(t.encode("utf-8", "surrogatepass")) + 2 + pair
             est += min(n, max_tokens) if task.truncate else n
         task.est_tokens = est
         cfg = lane.cfg
@@ -358,7 +362,10 @@ class Scheduler:
             for t in tasks:
                 try:
                     t.out_dims = engine.check_dims(t.dims)
-                    t.tokens = [self._tok(engine, i, s, t.truncate) for i, s in enumerate(t.texts)]
+                    if t.query is None:
+                        t.tokens = [self._tok(engine, i, s, t.truncate) for i, s in enumerate(t.texts)]
+                    else:
+                        t.tokens = [self._pair(engine, i, t.query, s, t.truncate) for i, s in enumerate(t.texts)]
                     t.pooled = np.empty((len(t.texts), engine.dims), dtype=np.float32)
                     t.limits = (engine.batch_tokens, engine.max_seqs)
                 except Exception as e:
@@ -375,6 +382,13 @@ class Scheduler:
             return engine.tokenize(text, truncate=truncate)
         except InvalidInput as e:
             raise type(e)(f"texts[{i}]: {e.message}") from None
+
+    @staticmethod
+    def _pair(engine: Engine, i: int, query: str, text: str, truncate: bool) -> list[int]:
+        try:
+            return engine.tokenize_pair(query, text, truncate=truncate)
+        except InvalidInput as e:
+            raise type(e)(f"documents[{i}]: {e.message}") from None
 
     def _decode(self, index: int, lane: _LaneState, parts: list[tuple[EmbedTask, int, int]]) -> None:
         name = parts[0][0].model
@@ -459,7 +473,7 @@ class Scheduler:
             self._drop(lane, task)
             lane.completed += 1
             lane.latency_ms.append((time.monotonic() - task.received) * 1000)
-        vecs = postprocess(task.pooled, normalize=task.normalize, dims=task.out_dims)
+        vecs = task.pooled if task.query is not None else postprocess(task.pooled, normalize=task.normalize, dims=task.out_dims)
         task.pooled = None
         task.tokens = None
         try:

@@ -48,9 +48,9 @@ import zmq
 
 from pocketembed import __version__
 from pocketembed.clients import ClientStore, Forbidden, Unauthorized, allows
-from pocketembed.errors import Busy, PocketEmbedError
+from pocketembed.errors import Busy, PocketEmbedError, WrongModelKind
 from pocketembed.gguf_models import manifest
-from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS, get
+from pocketembed.gguf_models.catalog import DEFAULT_MODEL, all_specs, get
 from pocketembed.ipc import ops
 from pocketembed.ipc import protocol as P
 
@@ -279,7 +279,7 @@ class Server:
         self.model_ranges = ModelRanges(lambda texts, model: embed_sync(self.scheduler, texts, model, truncate=True,
                                                                         max_tokens=self.models.max_tokens(model)))
         self.runner = JobRunner(db, self.scheduler, self.power, prefix=lambda m: self.models.prefix(m, "document"),
-                                dims=lambda m: get(m).dims, chunk_rows=config.job_chunk_rows,
+                                dims=lambda m: self.models.spec(m).dims, chunk_rows=config.job_chunk_rows,
                                 source_budget_s=config.source_budget_s, on_death=self._died,
                                 allowed_source=self._check_source, ranges=self.model_ranges.get)
         self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
@@ -472,9 +472,9 @@ class Server:
                 raise Forbidden(f"this client may not {req.op.name}" + (f" (needs {needed})" if needed else ""))
             if self._stop.is_set():
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the daemon is shutting down")
-            model = getattr(req.args, "model", None)
-            if model is not None:
-                get(model)  # unknown_model now, before anything is queued
+            for model in (getattr(req.args, "model", None), getattr(req.args, "rerank", None)):
+                if model is not None:
+                    self.models.spec(model)  # unknown_model now, before anything is queued
             executor = req.op.executor
             if executor == "inline":
                 self._send(sock, identity, P.ok_reply(req.id, self._inline(req.op.name)))
@@ -532,7 +532,9 @@ class Server:
 
     def _hand_off(self, serial: int, req: ops.Request, granted: tuple[str, ...]) -> None:
         name, args = req.op.name, req.args
-        if req.op.executor == "scheduler":
+        if name == "rerank":
+            self._submit_rerank(serial, args)
+        elif req.op.executor == "scheduler":
             self._submit_embed(serial, args)
         elif req.op.executor == "index":
             self.index.submit(name, args, serial)
@@ -558,7 +560,7 @@ class Server:
         return held
 
     def _submit_embed(self, serial: int, a: ops.EmbedArgs) -> None:
-        spec = get(a.model)
+        spec = self.models.embedder(a.model)
         texts = a.texts
         prefix = self.models.prefix(spec.name, a.input_type)
         if prefix:
@@ -570,6 +572,26 @@ class Server:
             context=(serial, a.dtype),
         )
         self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
+
+    def _submit_rerank(self, serial: int, a: ops.RerankArgs) -> None:
+        spec = self.models.spec(a.model)
+        if spec.kind != "rerank":
+            raise WrongModelKind(f"{spec.name} is an embedding model; rerank needs a cross-encoder "
+                                 "(`models.list` shows each model's kind)")
+        task = EmbedTask(
+            texts=a.documents, query=a.query, model=spec.name, keep_alive=_keep_alive(a.keep_alive),
+            on_done=self._rerank_done, lane=a.priority or INTERACTIVE, truncate=a.truncate,
+            deadline=time.monotonic() + a.timeout_ms / 1000 if a.timeout_ms is not None else None,
+            context=(serial, spec.score),
+        )
+        self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
+
+    def _rerank_done(self, task: EmbedTask, scores: np.ndarray | None, error: PocketEmbedError | None) -> None:
+        serial, scale = task.context
+        if error is None:
+            self._reply(serial, rerank_result(scores, scale, task.model), None)
+        else:
+            self._reply(serial, None, error)
 
     def _drain_replies(self) -> None:
         for serial_frame, reply in _pending(self._pull):
@@ -627,7 +649,7 @@ class Server:
     # -- executors' handlers ----------------------------------------------------------
 
     def _control_op(self, op: str, a: Any, _serial: int) -> Any:
-        name = get(a.model).name
+        name = self.models.spec(a.model).name
         if op == "models.load":
             newly = self.models.load(name, keep_alive=_keep_alive(a.keep_alive))
             return {"model": name, "loaded": True, "newly_loaded": newly, **self.models.describe().get(name, {})}
@@ -654,7 +676,7 @@ class Server:
         """``jobs.submit``: check the caller's source under a time budget, then queue the job."""
         self._check_source(a.db)
         spec = JobSpec(db=a.db, table=a.table, id_column=a.id_column, text_column=a.text_column,
-                       where=a.where or None, collection=a.collection or a.table, model=get(a.model).name,
+                       where=a.where or None, collection=a.collection or a.table, model=self.models.embedder(a.model).name,
                        truncate=a.truncate)
         source = SourceTable(spec, budget_s=self.config.source_budget_s)
         try:
@@ -666,7 +688,7 @@ class Server:
             self._source = (store.Store(conn, self.store.cache), JobQueue(conn))
         source_store, jobs = self._source
         with store.transaction(source_store.conn):
-            source_store.ensure_collection(source_store.conn, spec.collection, spec.model, get(spec.model).dims)
+            source_store.ensure_collection(source_store.conn, spec.collection, spec.model, self.models.spec(spec.model).dims)
         job, created = jobs.submit(spec)
         self.runner.kick()
         return {**job, "created": created}
@@ -701,12 +723,14 @@ class Server:
         data = manifest.load(self.config.home)
         loaded = self.models.describe()
         return [
-            {"name": s.name, "dims": s.dims, "quantization": s.quantization, "loaded": s.name in loaded,
+            {"name": s.name, "kind": s.kind, "dims": s.dims, "pooling": s.pooling, "quantization": s.quantization,
+             "imported": s.imported, "loaded": s.name in loaded,
              "prepared": s.name in data["models"] and manifest.model_path(self.config.home, s).exists(),
              "default": s.name == DEFAULT_MODEL, "max_tokens": self.models.max_tokens(s.name),
+             **({"score": s.score} if s.kind == "rerank" else {}),
              **({"memory_bytes": loaded[s.name]["bytes"], "keep_alive_s": loaded[s.name]["keep_alive_s"],
                  "expires_in_s": loaded[s.name]["expires_in_s"]} if s.name in loaded else {})}
-            for s in MODELS.values()
+            for s in all_specs(self.config.home).values()
         ]
 
 
@@ -771,14 +795,21 @@ def scheduler_config(settings: dict[str, Any]) -> SchedulerConfig:
     )
 
 
-def model_settings(tables: dict[str, dict[str, Any]]) -> dict[str, ModelSettings]:
-    """Per-model settings from the config's ``[model."NAME"]`` tables, keyed by catalog name."""
+def rerank_result(logits: np.ndarray, scale: str, model: str) -> dict[str, Any]:
+    """A rerank reply: the scores in the model's own scale (a sigmoid of the logits for ``sigmoid``), and the logits."""
+    raw = np.asarray(logits, dtype=np.float64)[:, 0]
+    scores = 1.0 / (1.0 + np.exp(-raw)) if scale == "sigmoid" else raw
+    return {"model": model, "scores": [float(x) for x in scores], "logits": [float(x) for x in raw], "scale": scale}
+
+
+def model_settings(tables: dict[str, dict[str, Any]], home: Path | None = None) -> dict[str, ModelSettings]:
+    """Per-model settings from the config's ``[model."NAME"]`` tables, keyed by model name."""
     out = {}
     for name, table in tables.items():
         values = dict(table)
         if "keep_alive" in values:
             values["keep_alive"] = parse_keep_alive(values["keep_alive"])
-        out[get(name).name] = ModelSettings(**values)
+        out[get(name, home).name] = ModelSettings(**values)
     return out
 
 

@@ -9,6 +9,7 @@ visible.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pocketembed.errors import UnknownModel
 
@@ -51,18 +52,37 @@ class ModelSpec:
     quantization: str
     file: str
     dims: int
+    """Vector dimensions; for a reranker, its number of scores per pair (1)."""
     pooling: str
+    """mean, cls, last; ``rank`` for a cross-encoder (llama.cpp's rank pooling)."""
     max_tokens: int
-    source: Source
+    source: Source | None
+    """Where ``models prepare`` gets the weights; None for an imported GGUF."""
     license: str
     query_prefix: str = ""
     document_prefix: str = ""
     overrides: tuple[TensorRule, ...] = field(default_factory=tuple)
     """Per-tensor types that differ from ``quantization`` (the mixed recipe)."""
+    imported: bool = False
+    """Added by ``models import`` (lives in the manifest) rather than built from the catalog."""
+    score: str = "raw"
+    """A reranker's score scale: ``raw`` logits, or ``sigmoid`` of them."""
 
     @property
     def quantized(self) -> bool:
         return self.quantization not in ("f16", "f32", "bf16")
+
+    @property
+    def kind(self) -> str:
+        """``rerank`` for a cross-encoder, ``embed`` for a bi-encoder."""
+        return "rerank" if self.pooling == "rank" else "embed"
+
+    @property
+    def remedy(self) -> str:
+        """What the user runs to get a good file back."""
+        if self.imported:
+            return f"re-import it: `pocketembed models import PATH.gguf --name {self.name} --replace`"
+        return f"run `pocketembed models prepare --force {self.name}`"
 
 
 # The converter is pinned like a model: its wheel carries the exact gguf writer it
@@ -121,15 +141,31 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "all-minilm-l6-v2:q8_0"
 
 
-def get(name: str | None) -> ModelSpec:
-    """The catalog entry for a name; a bare family name means its q8_0."""
+def get(name: str | None, root: Path | None = None) -> ModelSpec:
+    """The model a name means: a catalog entry (a bare family name means its q8_0), else a model
+    imported into ``root`` (default: the data directory)."""
     name = name or DEFAULT_MODEL
     if name in MODELS:
         return MODELS[name]
     if ":" not in name and f"{name}:q8_0" in MODELS:
         return MODELS[f"{name}:q8_0"]
-    known = ", ".join(sorted(MODELS))
+    from . import imported  # the manifest's entries; imported lazily (it imports this module)
+
+    found = imported.specs(root)
+    if name in found:
+        return found[name]
+    matches = [s for s in found.values() if s.family == name]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(sorted(MODELS) + sorted(found))
     raise UnknownModel(f"unknown model {name!r}; known models: {known}")
+
+
+def all_specs(root: Path | None = None) -> dict[str, ModelSpec]:
+    """The catalog's models, then the ones imported into ``root``."""
+    from . import imported
+
+    return {**MODELS, **imported.specs(root)}
 
 
 def families() -> dict[str, list[ModelSpec]]:

@@ -76,29 +76,31 @@ def verify(root: Path, spec: ModelSpec, data: dict[str, Any] | None = None) -> P
     """The path of a model file that may be loaded, or a clear error why not."""
     path = model_path(root, spec)
     if not path.exists():
+        if spec.imported:
+            raise ModelNotPrepared(f"imported model {spec.name}'s file {path} is missing; {spec.remedy}")
         raise ModelNotPrepared(
             f"model {spec.name} is not prepared ({path} is missing); run `pocketembed models prepare {spec.name}`"
         )
     entry = (data or load(root))["models"].get(spec.name)
     if entry is None:
         raise ModelCorrupt(
-            f"{path} is not recorded in the manifest; run `pocketembed models prepare --force {spec.name}`"
+            f"{path} is not recorded in the manifest; {spec.remedy}"
         )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise ModelCorrupt(f"{path} is not a GGUF file; run `pocketembed models prepare --force {spec.name}`")
+        raise ModelCorrupt(f"{path} is not a GGUF file; {spec.remedy}")
     size = path.stat().st_size
     if entry.get("size") is not None and size != entry["size"]:
         raise ModelCorrupt(
             f"{path} has {size} bytes, the manifest says {entry['size']} (truncated or replaced); "
-            f"run `pocketembed models prepare --force {spec.name}`"
+            f"{spec.remedy}"
         )
     digest = sha256_file(path)
     if digest != entry["sha256"]:
         raise ModelCorrupt(
             f"sha256 of {path} is {digest[:16]}…, the manifest says {entry['sha256'][:16]}…; "
-            f"refusing to load it; run `pocketembed models prepare --force {spec.name}`"
+            f"refusing to load it; {spec.remedy}"
         )
     return path
 

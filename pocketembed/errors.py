@@ -63,6 +63,18 @@ class PrepareError(PocketEmbedError):
     code = "prepare_failed"
 
 
+class ImportRefused(PocketEmbedError):
+    """``models import`` will not take this file (or name); nothing was changed."""
+
+    code = "import_refused"
+
+
+class WrongModelKind(InvalidInput):
+    """An embedding op named a reranker, or ``rerank`` named an embedding model."""
+
+    code = "wrong_model_kind"
+
+
 # -- the daemon's own failures -----------------------------------------------------
 
 

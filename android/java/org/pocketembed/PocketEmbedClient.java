@@ -48,12 +48,15 @@ public final class PocketEmbedClient implements AutoCloseable {
         public final double score;
         public final Map<String, Object> metadata;
         public final String text;
+        /** The reranker's score when the search named one (option {@code rerank}), else null. */
+        public final Double rerankScore;
 
-        Hit(Object id, double score, Map<String, Object> metadata, String text) {
+        Hit(Object id, double score, Map<String, Object> metadata, String text, Double rerankScore) {
             this.id = id;
             this.score = score;
             this.metadata = metadata;
             this.text = text;
+            this.rerankScore = rerankScore;
         }
     }
 
@@ -203,7 +206,35 @@ public final class PocketEmbedClient implements AutoCloseable {
         return await(embed(texts, options)).floats();
     }
 
-    /** The k nearest items; {@code options}: rescore_multiplier, filter (a map), with_text, model. */
+    /**
+     * A cross-encoder's score of each document against the query, in input order (the model's own scale:
+     * a sigmoid of its logit unless imported with {@code --score raw}). {@code options}: truncate, priority,
+     * keep_alive, timeout_ms.
+     */
+    public CompletableFuture<double[]> rerank(String query, List<String> documents, String model, Map<String, Object> options) {
+        Map<String, Object> args = new LinkedHashMap<>();
+        if (options != null) {
+            args.putAll(options);
+        }
+        args.put("query", query);
+        args.put("documents", documents);
+        args.put("model", model);
+        int timeout = timeoutOf(args);
+        args.put("timeout_ms", timeout);
+        return call("rerank", args, timeout).thenApply(r -> {
+            List<?> scores = (List<?>) ((Map<?, ?>) r).get("scores");
+            double[] out = new double[scores.size()];
+            for (int i = 0; i < out.length; i++) {
+                out[i] = ((Number) scores.get(i)).doubleValue();
+            }
+            return out;
+        });
+    }
+
+    /**
+     * The k nearest items; {@code options}: rescore_multiplier, filter (a map), with_text, model, and
+     * rerank (a reranker's name) with rerank_top to rescore the best candidates with a cross-encoder.
+     */
     public CompletableFuture<List<Hit>> search(String collection, String query, int k, Map<String, Object> options) {
         Map<String, Object> args = new LinkedHashMap<>();
         if (options != null) {
@@ -218,7 +249,9 @@ public final class PocketEmbedClient implements AutoCloseable {
                 Map<?, ?> h = (Map<?, ?>) o;
                 @SuppressWarnings("unchecked")
                 Map<String, Object> meta = (Map<String, Object>) h.get("metadata");
-                hits.add(new Hit(h.get("id"), ((Number) h.get("score")).doubleValue(), meta, (String) h.get("text")));
+                Object rerank = h.get("rerank_score");
+                hits.add(new Hit(h.get("id"), ((Number) h.get("score")).doubleValue(), meta, (String) h.get("text"),
+                        rerank == null ? null : ((Number) rerank).doubleValue()));
             }
             return hits;
         });

@@ -1,0 +1,274 @@
+"""``models import`` of any GGUF embedding model or cross-encoder, and reranking, through a real daemon.
+
+No trained weights of the models users import can be fetched here, so the tests
+build tiny random-weight models of their architectures with transformers
+(tests/tiny_models.py), convert them with the project's own converter, import
+them with the CLI, and compare what the daemon computes with what torch computes
+from the same weights, on 200 SMS. The tiny models' directories carry real
+families' names (bge-small-en-v1.5, multilingual-e5-small), which is what the
+converter writes into ``general.name`` and what family detection reads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from conftest import row_cosines, run_cli
+from daemon_proc import DaemonProcess
+from pocketembed.gguf_models import families
+from pocketembed.gguf_models.catalog import get
+from pocketembed.gguf_models.prepare import convert_to_gguf, source_model_dir
+from pocketembed.gguf_models.quantize import quantize
+from pocketembed.ipc.client import DaemonError
+from pocketembed.sms import load_sms
+
+TEXTS = load_sms()[:200]
+QUERY = "are you coming to the party tonight"
+
+EMBED_COS = 0.999
+"""The issue's bar at f16: per-text cosine to torch on the same weights."""
+RERANK_ABS = 5e-3
+"""Max |Δ logit| to torch allowed at f16 with these weights (logits spread over ~2 units).
+
+Measured 2.8e-3 (f16) and 1.9e-3 (f32): llama.cpp evaluates BERT's GELU as the
+tanh approximation read from an fp16 table (ggml-cpu's GGML_GELU_FP16), where
+transformers uses erf. Without the converter fix (the pooler dropped) the error is ~1."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, home) -> dict:
+    """The tiny models, converted to f16 and q8_0 GGUF files."""
+    out = tmp_path_factory.mktemp("tiny")
+    tokenizer_dir = source_model_dir(get("all-minilm-l6-v2:q8_0").source, home, progress=lambda m: None)
+    models = {
+        "bge": tm.bert_cls(out / "bge-small-en-v1.5", tokenizer_dir),
+        "e5": tm.xlmr_mean(out / "multilingual-e5-small", load_sms()[:3000]),
+        "reranker": tm.bert_reranker(out / "tiny-reranker", tokenizer_dir),
+        "reranker2": tm.bert_reranker(out / "tiny-reranker-2seg", tokenizer_dir, type_vocab_size=2),
+    }
+    files = {}
+    for key, m in models.items():
+        f16 = out / f"{m.path.name}-f16.gguf"
+        convert_to_gguf(m.path, f16, home, progress=lambda msg: None)
+        q8 = out / f"{m.path.name}-q8_0.gguf"
+        quantize(f16, q8, "q8_0")
+        files[key] = {"f16": f16, "q8_0": q8}
+    return {"models": models, "files": files, "dir": out}
+
+
+@pytest.fixture(scope="module")
+def imported_home(tmp_path_factory, tiny) -> Path:
+    """A data directory of its own holding the imports (the shared models' manifest stays untouched)."""
+    root = tmp_path_factory.mktemp("import-home")
+    for key, by_q in tiny["files"].items():
+        for q, f in by_q.items():
+            r = run_cli("models", "import", str(f), "--name", f"tiny-{key}:{q}", home=root)
+            assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def daemon(imported_home, tmp_path_factory):
+    sock = tmp_path_factory.mktemp("sock") / "pe.sock"
+    d = DaemonProcess(imported_home, sock, "--model", "none").wait_ready()
+    yield d
+    assert d.stop() == 0
+
+
+def test_import_reads_the_file_and_detects_families(tiny, imported_home):
+    """Pooling, dims and context from the file; prefixes from the family the file's names say."""
+    manifest = json.loads((imported_home / "models" / "manifest.json").read_text())["models"]
+    bge = manifest["tiny-bge:f16"]["imported"]
+    assert (bge["architecture"], bge["pooling"], bge["dims"], bge["tokenizer"]) == ("bert", "cls", 64, "bert")
+    assert bge["query_prefix"] == families.BGE_EN_QUERY and bge["document_prefix"] == ""
+    e5 = manifest["tiny-e5:f16"]["imported"]
+    assert (e5["pooling"], e5["tokenizer"], e5["query_prefix"], e5["document_prefix"]) == ("mean", "t5", "query: ", "passage: ")
+    rr = manifest["tiny-reranker:f16"]["imported"]
+    assert (rr["pooling"], rr["dims"], rr["score"], rr["query_prefix"]) == ("rank", 1, "sigmoid", "")
+    assert manifest["tiny-bge:q8_0"]["quantization"] == "q8_0"
+    for entry in manifest.values():
+        copy = imported_home / "models" / entry["file"]
+        assert copy.stat().st_size == entry["size"]
+    # With no --name the name comes from the file's own names and type.
+    r = run_cli("models", "import", str(tiny["files"]["bge"]["f16"]), home=imported_home)
+    assert r.returncode == 0, r.stderr
+    assert "imported bge-small-en-v1.5:f16" in r.stdout and "bge-en" in r.stdout
+    assert run_cli("models", "remove", "bge-small-en-v1.5:f16", home=imported_home).returncode == 0
+
+
+def test_fidelity_through_the_daemon(tiny, daemon, capsys):
+    """Each architecture through the daemon against torch on the same weights (the note's table)."""
+    rows = []
+    with daemon.client(timeout=120) as c:
+        for key in ("bge", "e5"):
+            model = tiny["models"][key]
+            ref = tm.torch_embed(model, TEXTS)
+            spread = tm.diversity(ref)
+            assert spread < 0.97, f"{key}: texts map to near-identical vectors ({spread:.3f}); the bound would prove nothing"
+            for q in ("f16", "q8_0"):
+                got = c.embed(TEXTS, model=f"tiny-{key}:{q}", normalize=False, truncate=True).astype(np.float64)
+                cos = row_cosines(got, ref)
+                rows.append((f"tiny-{key}:{q}", model.architecture, f"{model.pooling} / {model.tokenizer}",
+                             f"cos {cos.mean():.6f} / {cos.min():.6f} (texts' mean cos {spread:.2f})"))
+                assert cos.min() >= (EMBED_COS if q == "f16" else 0.99), (key, q, cos.min())
+        for key in ("reranker", "reranker2"):
+            model = tiny["models"][key]
+            ref = tm.torch_rerank(model, QUERY, TEXTS)
+            for q in ("f16", "q8_0"):
+                reply = c.rerank_full(QUERY, TEXTS, f"tiny-{key}:{q}")
+                logits = np.array(reply["logits"])
+                assert reply["scale"] == "sigmoid"
+                np.testing.assert_allclose(reply["scores"], 1 / (1 + np.exp(-logits)), rtol=1e-6)
+                err = np.abs(logits - ref)
+                corr = float(np.corrcoef(logits, ref)[0, 1])
+                rows.append((f"tiny-{key}:{q}", model.architecture, f"{model.pooling} / {model.tokenizer}",
+                             f"max |Δ| {err.max():.2e}, mean {err.mean():.1e}, Pearson {corr:.5f} (logits span {np.ptp(ref):.2f})"))
+                if key == "reranker":
+                    if q == "f16":
+                        assert err.max() <= RERANK_ABS, err.max()
+                        assert np.argmax(logits) == np.argmax(ref)
+                    assert corr > 0.99, (q, corr)
+        # The same weights without the pooler (what the unamended converter writes) land far outside the bound.
+        assert np.abs(_without_pooler(tiny["models"]["reranker"], QUERY, TEXTS) - tm.torch_rerank(tiny["models"]["reranker"], QUERY, TEXTS)).max() > 20 * RERANK_ABS
+    with capsys.disabled():
+        print("\n| model | architecture | pooling / tokenizer | pocketembed through the daemon vs torch, 200 SMS |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+
+
+def _without_pooler(model: tm.TinyModel, query: str, docs: list[str]) -> np.ndarray:
+    """torch's classifier applied to the [CLS] state directly: the function of a GGUF that lost the pooler."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model.path)
+    net = AutoModelForSequenceClassification.from_pretrained(model.path).eval()
+    enc = tok([query] * len(docs), docs, padding=True, truncation="only_second", max_length=128, return_tensors="pt")
+    enc.pop("token_type_ids", None)
+    with torch.no_grad():
+        cls = net.bert(**enc).last_hidden_state[:, 0]
+        return net.classifier(cls)[:, 0].numpy().astype(np.float64)
+
+
+def test_prefixes_apply_through_the_daemon(daemon):
+    """input_type adds the family's prefix: e5's "query: " is the same vector as embedding it by hand."""
+    with daemon.client(timeout=60) as c:
+        a = c.embed(["hello there"], model="tiny-e5:f16", input_type="query")
+        b = c.embed(["query: hello there"], model="tiny-e5:f16")
+        plain = c.embed(["hello there"], model="tiny-e5:f16")
+    assert row_cosines(a, b)[0] > 0.99999
+    assert row_cosines(a, plain)[0] < 0.999
+
+
+def test_search_reranks_the_top_candidates(daemon):
+    """search(rerank=...) returns the reranker's k best of the top candidates, with its scores."""
+    with daemon.client(timeout=120) as c:
+        c.index_add("sms", [{"id": i, "text": t} for i, t in enumerate(TEXTS)], model="tiny-bge:f16", store_text=True)
+        plain = c.search("sms", QUERY, k=30, with_text=True)
+        hits = c.search("sms", QUERY, k=5, rerank="tiny-reranker:f16", rerank_top=30)
+        direct = c.rerank_full(QUERY, [h["text"] for h in plain], "tiny-reranker:f16")
+    best = np.argsort(-np.array(direct["logits"]), kind="stable")[:5]
+    assert [h["id"] for h in hits] == [plain[i]["id"] for i in best]
+    got = np.array([h["rerank_score"] for h in hits])
+    assert np.all(np.diff(got) <= 0)
+    np.testing.assert_allclose(got, np.array(direct["scores"])[best], atol=1e-3)
+    assert "text" not in hits[0]
+    assert [h["id"] for h in plain[:5]] != [h["id"] for h in hits]  # the reranker did reorder
+
+
+def test_model_kinds_are_enforced(daemon):
+    with daemon.client(timeout=60) as c:
+        for call in (lambda: c.embed(["hi"], model="tiny-reranker:f16"),
+                     lambda: c.rerank("q", ["d"], "tiny-bge:f16"),
+                     lambda: c.index_add("rr", [{"id": 1, "text": "x"}], model="tiny-reranker:f16"),
+                     lambda: c.search("sms", "q", rerank="tiny-bge:f16")):
+            with pytest.raises(DaemonError) as e:
+                call()
+            assert e.value.code == "wrong_model_kind", e.value
+        with pytest.raises(DaemonError) as e:
+            c.rerank("q", ["d"], "no-such-model")
+        assert e.value.code == "unknown_model"
+        listed = {m["name"]: m for m in c.models()}
+        assert listed["tiny-reranker:f16"]["kind"] == "rerank" and listed["tiny-bge:f16"]["kind"] == "embed"
+        assert listed["tiny-bge:f16"]["imported"] and not listed["all-minilm-l6-v2:q8_0"]["imported"]
+        # Loaded, unloaded and loaded on demand like a catalog model.
+        assert c.load("tiny-e5:q8_0")["loaded"]
+        assert c.unload("tiny-e5:q8_0")["loaded"] is False
+        assert c.embed(["again"], model="tiny-e5:q8_0").shape == (1, 64)
+
+
+def test_import_errors_are_clear_and_change_nothing(tiny, home, tmp_path):
+    """Each refused file or name: one clear line, exit status 1, the manifest and models folder untouched."""
+    root = tmp_path / "h"
+    assert run_cli("models", "import", str(tiny["files"]["bge"]["q8_0"]), "--name", "mine:q8_0", home=root).returncode == 0
+    before = (root / "models" / "manifest.json").read_bytes(), sorted(p.name for p in (root / "models").iterdir())
+
+    text = tmp_path / "notes.gguf"
+    text.write_text("these are not weights\n")
+    cut = tmp_path / "cut.gguf"
+    data = tiny["files"]["bge"]["f16"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    lm_dir = tm.llama_causal(tmp_path / "tiny-llama", tiny["models"]["e5"].path / "sentencepiece.bpe.model")
+    lm = tmp_path / "tiny-llama.gguf"
+    convert_to_gguf(lm_dir.path, lm, home, progress=lambda m: None)
+    cases = [
+        ([str(text)], "model_corrupt", "is not a GGUF file"),
+        ([str(cut)], "model_corrupt", "truncated"),
+        ([str(lm)], "import_refused", "causal language model without a pooling type"),
+        ([str(tiny["files"]["e5"]["f16"]), "--name", "all-minilm-l6-v2:q8_0"], "import_refused", "taken by the catalog"),
+        ([str(tiny["files"]["e5"]["f16"]), "--name", "mine:q8_0"], "import_refused", "is taken (imported from"),
+        ([str(tiny["files"]["e5"]["f16"]), "--name", "Bad Name"], "import_refused", "is not valid"),
+        ([str(tmp_path / "missing.gguf")], "import_refused", "is not a file"),
+    ]
+    for argv, code, words in cases:
+        r = run_cli("models", "import", *argv, home=root)
+        assert r.returncode == 1, (argv, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"pocketembed: error[{code}]:") and words in lines[0], (argv, r.stderr)
+        after = (root / "models" / "manifest.json").read_bytes(), sorted(p.name for p in (root / "models").iterdir())
+        assert after == before, argv
+    # --replace takes the name over and deletes the old copy.
+    r = run_cli("models", "import", str(tiny["files"]["e5"]["f16"]), "--name", "mine:q8_0", "--replace", home=root)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (root / "models").glob("*.gguf"))
+    assert len(files) == 1 and files != before[1]
+
+
+def test_a_damaged_copy_is_refused_with_the_remedy(tiny, tmp_path):
+    root = tmp_path / "h"
+    assert run_cli("models", "import", str(tiny["files"]["reranker"]["f16"]), "--name", "rr:f16", home=root).returncode == 0
+    copy = next((root / "models").glob("imported-rr-f16-*.gguf"))
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    d = DaemonProcess(root, tmp_path / "pe.sock", "--model", "none").wait_ready()
+    try:
+        with d.client(timeout=60) as c, pytest.raises(DaemonError) as e:
+            c.rerank("q", ["d"], "rr:f16")
+        assert e.value.code == "model_corrupt" and "re-import it" in str(e.value)
+    finally:
+        assert d.stop() == 0
+    r = run_cli("models", "remove", "rr:f16", home=root)
+    assert r.returncode == 0 and not copy.exists()
+    r = run_cli("models", "remove", "all-minilm-l6-v2:q8_0", home=root)
+    assert r.returncode == 1 and "catalog model" in r.stderr
+
+
+def test_family_detection_rules():
+    """The rules read names as model makers and llama.cpp write them."""
+    cases = {
+        "bert bge-small-en-v1.5": "bge-en", "bert bge-m3": "bge-m3", "xlm-roberta multilingual-e5-small": "e5",
+        "nomic-bert nomic-embed-text-v1.5": "nomic-embed", "gemma-embedding embeddinggemma-300m": "embeddinggemma",
+        "bert bge-small-zh-v1.5": "bge-zh", "bert snowflake-arctic-embed-s": "arctic-embed", "bert all-minilm-l6-v2": None,
+        "bert bge-reranker-v2-m3": None,
+    }
+    for text, family in cases.items():
+        found = families.detect(text)
+        assert (found.name if found else None) == family, text
