@@ -37,6 +37,7 @@ import numpy as np
 from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong
 
 from . import llama_runtime as rt
+from .segments import SegmentInputs
 from .threadpool import ThreadPool, make_pool
 
 
@@ -160,9 +161,15 @@ class Engine:
         if self.pooling in ("none", "unknown"):
             arch = self.metadata("general.architecture") or "?"
             raise ModelCorrupt(f"{self.path.name} ({arch}) declares no pooling; it is not a sentence-embedding model")
+        self._segments: SegmentInputs | None = None
         if self.pooling == "rank":
             # A cross-encoder's "embedding" is its classifier's scores (llama.cpp's rank pooling).
             self.dims = int(llama.llama_model_n_cls_out(self._model))
+            arch = self.metadata("general.architecture") or ""
+            if arch == "bert" and int(self.metadata("tokenizer.ggml.token_type_count") or 0) >= 2:
+                self._segments = SegmentInputs(self.path, int(llama.llama_vocab_sep(self.vocab)))
+                for c in self._contexts:
+                    c.buffers.use_embeddings(self._segments.n_embd)
         self.adds_eos = bool(llama.llama_vocab_get_add_eos(self.vocab) or llama.llama_vocab_get_add_sep(self.vocab))
         if n_contexts > 1:
             self._pool = ThreadPoolExecutor(n_contexts, thread_name_prefix="pe-decode")
@@ -459,7 +466,7 @@ class _Context:
             if threads != self.n_threads:
                 llama.llama_set_n_threads(self.ctx, threads, threads)
                 self.n_threads = threads
-            self.buffers.fill(token_lists)
+            self.buffers.fill(token_lists, engine._segments.rows(token_lists) if engine._segments else None)
             mem = llama.llama_get_memory(self.ctx)
             if mem:
                 llama.llama_memory_clear(mem, True)
@@ -538,7 +545,14 @@ class _BatchBuffers:
         self.batch.seq_id = ctypes.cast(self.seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(llama.llama_seq_id)))
         self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
-    def fill(self, token_lists: Sequence[Sequence[int]]) -> None:
+    def use_embeddings(self, n_embd: int) -> None:
+        """Feed input rows instead of token ids from now on (see daemon/segments.py)."""
+        llama = rt.llama
+        self.embd = np.zeros((len(self.token), n_embd), dtype=np.float32)
+        self.batch.token = ctypes.POINTER(llama.llama_token)()
+        self.batch.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+    def fill(self, token_lists: Sequence[Sequence[int]], rows: np.ndarray | None = None) -> None:
         at = 0
         for seq, toks in enumerate(token_lists):
             n = len(toks)
@@ -546,4 +560,6 @@ class _BatchBuffers:
             self.pos[at : at + n] = np.arange(n, dtype=np.int32)
             self.seq[at : at + n] = seq
             at += n
+        if rows is not None:
+            self.embd[:at] = rows
         self.batch.n_tokens = at

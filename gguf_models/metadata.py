@@ -31,7 +31,7 @@ class GGUFInfo:
     tokenizer: str = ""
     """``tokenizer.ggml.model``: bert (WordPiece), t5 (SentencePiece unigram), gpt2 (BPE), llama (SPM), ..."""
     token_types: int = 0
-    """``{arch}.token_type_count``: segment embeddings (llama.cpp feeds segment 0 to every token)."""
+    """``tokenizer.ggml.token_type_count``: segment embeddings (llama.cpp feeds segment 0 to every token)."""
     labels: tuple[str, ...] = ()
     """``{arch}.classifier.output_labels``: a classification head's outputs."""
     has_classifier: bool = False
@@ -98,7 +98,7 @@ def read(path: Path) -> GGUFInfo:
         tensor_types=counts,
         names={k: str(v) for k in NAME_KEYS if isinstance(v := field_(k), str) and v},
         tokenizer=str(field_("tokenizer.ggml.model", "")),
-        token_types=int(field_(f"{arch}.token_type_count", 0) or 0),
+        token_types=int(field_("tokenizer.ggml.token_type_count", 0) or 0),
         labels=tuple(str(x) for x in labels),
         has_classifier=bool({"cls.output.weight", "cls.weight"} & names_of_tensors),
         causal=bool(causal) if causal is not None else None,

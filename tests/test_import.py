@@ -75,8 +75,14 @@ def imported_home(tmp_path_factory, tiny) -> Path:
 
 @pytest.fixture(scope="module")
 def daemon(imported_home, tmp_path_factory):
+    """The daemon on its Unix socket, and on loopback TCP for the Java client (an app's token: embed, search:sms)."""
+    from test_java import add_client, free_port
+
     sock = tmp_path_factory.mktemp("sock") / "pe.sock"
-    d = DaemonProcess(imported_home, sock, "--model", "none").wait_ready()
+    token = add_client(imported_home, "smsapp", "embed", "search:sms")
+    port = free_port()
+    d = DaemonProcess(imported_home, sock, "--model", "none", "--tcp", f"127.0.0.1:{port}").wait_ready()
+    d.tcp, d.token = f"tcp://127.0.0.1:{port}", token
     yield d
     assert d.stop() == 0
 
@@ -129,7 +135,7 @@ def test_fidelity_through_the_daemon(tiny, daemon, capsys):
                 corr = float(np.corrcoef(logits, ref)[0, 1])
                 rows.append((f"tiny-{key}:{q}", model.architecture, f"{model.pooling} / {model.tokenizer}",
                              f"max |Δ| {err.max():.2e}, mean {err.mean():.1e}, Pearson {corr:.5f} (logits span {np.ptp(ref):.2f})"))
-                if key == "reranker":
+                if True:  # both: one segment embedding, and two (fed by daemon/segments.py)
                     if q == "f16":
                         assert err.max() <= RERANK_ABS, err.max()
                         assert np.argmax(logits) == np.argmax(ref)
@@ -272,3 +278,20 @@ def test_family_detection_rules():
     for text, family in cases.items():
         found = families.detect(text)
         assert (found.name if found else None) == family, text
+
+
+def test_java_client_reranks(daemon, tmp_path):
+    """The Android side: the Java client's rerank and search(rerank=...) agree with the Python client's."""
+    from test_java import compile_java, java
+
+    cp = compile_java(tmp_path)
+    docs = TEXTS[:6]
+    r = java(cp, "RerankCheck", daemon.tcp, "tiny-reranker:f16", "sms", QUERY, *docs, token=daemon.token)
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout.decode().strip().splitlines()[-1].replace("'", '"'))
+    with daemon.client(timeout=60) as c:
+        scores = c.rerank(QUERY, docs, "tiny-reranker:f16")
+        hits = c.search("sms", QUERY, k=3, rerank="tiny-reranker:f16", rerank_top=20)
+    np.testing.assert_allclose(out["scores"], scores, atol=1e-6)
+    assert [int(i) for i in out["ids"]] == [h["id"] for h in hits]
+    np.testing.assert_allclose([float(x) for x in out["rerank_scores"]], [h["rerank_score"] for h in hits], atol=1e-6)
