@@ -143,11 +143,11 @@ class IndexService:
         return self._run_search(store, info, vec, request_args, context)
 
     def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
-        info = store.info(args.collection)
         if args.rerank is not None:
             reranker = self.models.spec(args.rerank)
             if reranker.kind != "rerank":
                 raise WrongModelKind(f"{reranker.name} is an embedding model; search's rerank needs a cross-encoder")
+        info = store.info(args.collection)
         if args.model is not None and self.models.spec(args.model).name != info.model:
             raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
                                      f"{self.models.spec(args.model).name} cannot search it")

@@ -53,6 +53,8 @@ class Imported:
     size: int
     prefixes_from: str
     """Where the prefixes came from: a family's model card, the command line, or none."""
+    warnings: tuple[str, ...] = ()
+    """What the user should know about how faithfully llama.cpp will run it."""
 
 
 def import_gguf(
@@ -133,7 +135,12 @@ def import_gguf(
         raise
     if old and old.get("file") != target.name:
         (models / old["file"]).unlink(missing_ok=True)
-    return Imported(spec, sha, size, origin)
+    warnings = []
+    if pool == "rank" and info.token_types >= 2 and info.architecture != "bert":
+        warnings.append(f"{info.architecture} cross-encoder with {info.token_types} segment embeddings: llama.cpp reads "
+                        "every token as segment 0 (pocketembed corrects this for bert only), so its scores may differ "
+                        "from the reference implementation's")
+    return Imported(spec, sha, size, origin, tuple(warnings))
 
 
 def remove(name: str, root: Path | None = None) -> Path:

@@ -343,6 +343,8 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     print(f"imported {s.name}: {what}, max {s.max_tokens} tokens, {s.quantization}, {r.size / 1e6:.1f} MB, sha256 {r.sha256[:16]}…")
     if s.kind == "embed":
         print(f"prefixes from {r.prefixes_from}: query {s.query_prefix!r}, document {s.document_prefix!r}")
+    for w in r.warnings:
+        print(f"pocketembed: warning: {w}", file=sys.stderr)
     return 0
 
 

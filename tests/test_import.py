@@ -295,3 +295,60 @@ def test_java_client_reranks(daemon, tmp_path):
     np.testing.assert_allclose(out["scores"], scores, atol=1e-6)
     assert [int(i) for i in out["ids"]] == [h["id"] for h in hits]
     np.testing.assert_allclose([float(x) for x in out["rerank_scores"]], [h["rerank_score"] for h in hits], atol=1e-6)
+
+
+def test_pair_template_and_its_limits(engines):
+    """[CLS] q [SEP] d [SEP]; an over-long pair loses the end of its document, never the query."""
+    from pocketembed.errors import EmptyText, TextTooLong
+
+    e = engines["q8_0"]
+    q, d = e._tokens("dinner tonight?", special=False), e._tokens("see you at eight", special=False)
+    cls, sep = e.tokenize("x")[0], e.tokenize("x")[-1]
+    assert e.tokenize_pair("dinner tonight?", "see you at eight") == [cls, *q, sep, *d, sep]
+    long_doc = "word " * 600
+    pair = e.tokenize_pair("dinner tonight?", long_doc)
+    assert len(pair) == e.max_tokens and pair[: len(q) + 2] == [cls, *q, sep] and pair[-1] == sep
+    with pytest.raises(TextTooLong):
+        e.tokenize_pair("dinner tonight?", long_doc, truncate=False)
+    with pytest.raises(TextTooLong, match="leaving no room"):
+        e.tokenize_pair("word " * 300, "short")
+    with pytest.raises(EmptyText):
+        e.tokenize_pair("dinner", "   ")
+
+
+def test_rerank_limits_through_the_daemon(daemon):
+    from pocketembed.ipc import ops
+
+    with daemon.client(timeout=60) as c:
+        long_doc = "word " * 2000
+        assert len(c.rerank(QUERY, [long_doc, "short"], "tiny-reranker:f16")) == 2  # truncated to max_tokens
+        for call, code in ((lambda: c.rerank_full(QUERY, [long_doc], "tiny-reranker:f16", truncate=False), "text_too_long"),
+                           (lambda: c.rerank(QUERY, ["d"] * (ops.MAX_RERANK_DOCS + 1), "tiny-reranker:f16"), "too_large"),
+                           (lambda: c.rerank(QUERY, [], "tiny-reranker:f16"), "invalid_input"),
+                           (lambda: c.rerank("  ", ["d"], "tiny-reranker:f16"), "empty_text"),
+                           (lambda: c.search("sms", QUERY, k=5, rerank_top=30), "invalid_input"),
+                           (lambda: c.search("sms", QUERY, k=50, rerank="tiny-reranker:f16", rerank_top=30), "invalid_input")):
+            with pytest.raises(DaemonError) as e:
+                call()
+            assert e.value.code == code, (code, e.value)
+        assert c.ping()["pong"]
+
+
+def test_cli_lists_imports_and_reranks(daemon, imported_home):
+    r = run_cli("models", "list", home=imported_home)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("tiny-reranker:f16"))
+    assert "rerank (imported)" in line and "rank" in line.split("rerank (imported)")[1]
+    listed = json.loads(run_cli("models", "list", "--json", home=imported_home).stdout)["models"]
+    e5 = next(m for m in listed if m["name"] == "tiny-e5:f16")
+    assert e5["kind"] == "embed" and e5["query_prefix"] == "query: " and e5["source"].startswith("imported from ")
+    docs = ["Dinner at 8?", "Your parcel is on its way", "see you at the party"]
+    r = run_cli("rerank", QUERY, *docs, "--model", "tiny-reranker:f16", "--socket", daemon.endpoint, "--json")
+    assert r.returncode == 0, r.stderr
+    with daemon.client(timeout=60) as c:
+        assert json.loads(r.stdout)["scores"] == pytest.approx(c.rerank(QUERY, docs, "tiny-reranker:f16"), abs=1e-6)
+    r = run_cli("rerank", QUERY, *docs, "--model", "tiny-reranker:f16", "--socket", daemon.endpoint)
+    scores = [float(ln.split()[0]) for ln in r.stdout.splitlines()[1:]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    r = run_cli("rerank", QUERY, "x", "--model", "tiny-bge:f16", "--socket", daemon.endpoint)
+    assert r.returncode == 1 and "error[wrong_model_kind]" in r.stderr
