@@ -376,11 +376,15 @@ class Engine:
                 tokens.append(self.tokenize(t, truncate=truncate))
             except InvalidInput as e:
                 raise type(e)(f"texts[{i}]: {e.message}") from None
+        return postprocess(self._encode_all(tokens), normalize=normalize, dims=out_dims)
+
+    def _encode_all(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled outputs of any number of token lists, planned into decodes over the contexts."""
         pooled = np.empty((len(tokens), self.dims), dtype=np.float32)
         plan = self.plan_batches([len(t) for t in tokens])
         for idx, vecs in zip(plan, self.encode_many([[tokens[i] for i in b] for b in plan])):
             pooled[idx] = vecs
-        return postprocess(pooled, normalize=normalize, dims=out_dims)
+        return pooled
 
     def rerank(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> np.ndarray:
         """A cross-encoder's raw scores of (query, document) pairs: shape (len(documents), outputs)."""
@@ -392,11 +396,7 @@ class Engine:
                 tokens.append(self.tokenize_pair(query, d, truncate=truncate))
             except InvalidInput as e:
                 raise type(e)(f"documents[{i}]: {e.message}") from None
-        out = np.empty((len(tokens), self.dims), dtype=np.float32)
-        plan = self.plan_batches([len(t) for t in tokens])
-        for idx, vecs in zip(plan, self.encode_many([[tokens[i] for i in b] for b in plan])):
-            out[idx] = vecs
-        return out
+        return self._encode_all(tokens)
 
     def check_dims(self, dims: int | None) -> int:
         if dims is None:
@@ -439,6 +439,12 @@ def postprocess(pooled: np.ndarray, *, normalize: bool, dims: int) -> np.ndarray
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out = out / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def scale_scores(logits: np.ndarray, scale: str) -> np.ndarray:
+    """A reranker's first output per pair in its own scale: ``sigmoid`` of the logit, or the ``raw`` logit."""
+    raw = np.asarray(logits, dtype=np.float64)[:, 0]
+    return 1.0 / (1.0 + np.exp(-raw)) if scale == "sigmoid" else raw
 
 
 class _Context:

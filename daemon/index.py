@@ -6,7 +6,9 @@ Two threads, so that a search never waits behind a write:
   small LRU or has the scheduler embed it (interactive lane, the model's query
   prefix, batched with everyone else's texts), then runs the store's Hamming
   scan and int8 rescoring. It never blocks on the embedding: the scheduler's
-  callback queues the second half.
+  callback queues the second half. A search with ``rerank`` has a third: the
+  cross-encoder scores the top candidates' texts (the scheduler again), and its
+  callback queues the reordering.
 * the **write** thread runs ``index.add`` / ``index.delete`` /
   ``collections.drop`` one at a time, in arrival order, so the last write to an
   id wins. ``index.add`` embeds only texts the store does not hold yet (same
@@ -28,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection, WrongModelKind
+from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection
 from pocketembed.gguf_models.catalog import ModelSpec
 from pocketembed.ipc import ops
 
+from .engine import scale_scores
 from .executors import LATER, Executor, Reply
 
 from .jobs import JobQueue, source_texts
@@ -144,9 +147,7 @@ class IndexService:
 
     def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
         if args.rerank is not None:
-            reranker = self.models.spec(args.rerank)
-            if reranker.kind != "rerank":
-                raise WrongModelKind(f"{reranker.name} is an embedding model; search's rerank needs a cross-encoder")
+            self.models.spec(args.rerank, "rerank")
         info = store.info(args.collection)
         if args.model is not None and self.models.spec(args.model).name != info.model:
             raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
@@ -220,7 +221,7 @@ class IndexService:
             if dims_asked is not None and dims_asked != info.dims:
                 raise CollectionMismatch(f"collection {name!r} holds {info.dims}-dim vectors, not {dims_asked}")
             return info, info.model, info.dims
-        spec = self.models.embedder(model_name)
+        spec = self.models.spec(model_name, "embed")
         dims = dims_asked or spec.dims
         if not 1 <= dims <= spec.dims:
             raise InvalidInput(f"dims must be between 1 and {spec.dims} for {spec.name}")
@@ -302,8 +303,8 @@ class IndexService:
 
 def reranked(result: dict[str, Any], logits: np.ndarray, reranker: ModelSpec, args: ops.SearchArgs) -> dict[str, Any]:
     """The search result reordered by the cross-encoder: its k best, each with ``rerank_score``."""
-    raw = np.asarray(logits, dtype=np.float64)[:, 0]
-    scores = 1.0 / (1.0 + np.exp(-raw)) if reranker.score == "sigmoid" else raw
+    raw = scale_scores(logits, "raw")
+    scores = scale_scores(logits, reranker.score)
     order = np.argsort(-raw, kind="stable")[: args.k]
     hits = []
     for i in order:

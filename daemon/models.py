@@ -46,6 +46,12 @@ def open_engine(name: str | None, root: Path | None = None, **overrides: object)
     return spec, Engine(path, engine_config(spec, **overrides), quantized=spec.quantized)
 
 
+_WRONG_KIND = {
+    "embed": "{name} is a reranker (cross-encoder): it scores (query, document) pairs with rerank, or search's "
+             "rerank option, and makes no embeddings",
+    "rerank": "{name} is an embedding model; reranking needs a cross-encoder (`models.list` shows each model's kind)",
+}
+
 CONTEXT_OVERHEAD = 8 << 20
 """Estimated bytes of one llama context (compute, output and batch buffers at 256 tokens)."""
 
@@ -116,16 +122,15 @@ class ModelRegistry:
         self._stop = False
         self._reaper: threading.Thread | None = None
 
-    def spec(self, name: str | None) -> ModelSpec:
-        """What a model name means here: a catalog model, or one imported into this data directory."""
-        return get(name, self.home)
+    def spec(self, name: str | None, kind: str | None = None) -> ModelSpec:
+        """What a model name means here: a catalog model, or one imported into this data directory.
 
-    def embedder(self, name: str | None) -> ModelSpec:
-        """``spec``, refusing a reranker where vectors are needed (embed, index, jobs, search)."""
-        spec = self.spec(name)
-        if spec.kind != "embed":
-            raise WrongModelKind(f"{spec.name} is a reranker (cross-encoder): it scores (query, document) pairs "
-                                 "with rerank, or search's rerank option, and makes no embeddings")
+        With ``kind`` ("embed" or "rerank"), a model of the other kind is refused: a
+        reranker makes no vectors, and an embedding model scores no pairs.
+        """
+        spec = get(name, self.home)
+        if kind is not None and spec.kind != kind:
+            raise WrongModelKind(_WRONG_KIND[kind].format(name=spec.name))
         return spec
 
     # -- requests ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ import zmq
 
 from pocketembed import __version__
 from pocketembed.clients import ClientStore, Forbidden, Unauthorized, allows
-from pocketembed.errors import Busy, PocketEmbedError, WrongModelKind
+from pocketembed.errors import Busy, PocketEmbedError
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, all_specs, get
 from pocketembed.ipc import ops
@@ -57,6 +57,7 @@ from pocketembed.ipc import protocol as P
 from . import store
 from .executors import Executor, StorageError
 from .calibration import ModelRanges
+from .engine import scale_scores
 from .index import IndexService
 from .jobs import JobQueue, JobRunner, JobSpec, SourceTable, check_source_allowed
 from .models import ModelRegistry, ModelSettings, parse_keep_alive
@@ -560,7 +561,7 @@ class Server:
         return held
 
     def _submit_embed(self, serial: int, a: ops.EmbedArgs) -> None:
-        spec = self.models.embedder(a.model)
+        spec = self.models.spec(a.model, "embed")
         texts = a.texts
         prefix = self.models.prefix(spec.name, a.input_type)
         if prefix:
@@ -574,10 +575,7 @@ class Server:
         self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name))
 
     def _submit_rerank(self, serial: int, a: ops.RerankArgs) -> None:
-        spec = self.models.spec(a.model)
-        if spec.kind != "rerank":
-            raise WrongModelKind(f"{spec.name} is an embedding model; rerank needs a cross-encoder "
-                                 "(`models.list` shows each model's kind)")
+        spec = self.models.spec(a.model, "rerank")
         task = EmbedTask(
             texts=a.documents, query=a.query, model=spec.name, keep_alive=_keep_alive(a.keep_alive),
             on_done=self._rerank_done, lane=a.priority or INTERACTIVE, truncate=a.truncate,
@@ -676,7 +674,7 @@ class Server:
         """``jobs.submit``: check the caller's source under a time budget, then queue the job."""
         self._check_source(a.db)
         spec = JobSpec(db=a.db, table=a.table, id_column=a.id_column, text_column=a.text_column,
-                       where=a.where or None, collection=a.collection or a.table, model=self.models.embedder(a.model).name,
+                       where=a.where or None, collection=a.collection or a.table, model=self.models.spec(a.model, "embed").name,
                        truncate=a.truncate)
         source = SourceTable(spec, budget_s=self.config.source_budget_s)
         try:
@@ -796,10 +794,9 @@ def scheduler_config(settings: dict[str, Any]) -> SchedulerConfig:
 
 
 def rerank_result(logits: np.ndarray, scale: str, model: str) -> dict[str, Any]:
-    """A rerank reply: the scores in the model's own scale (a sigmoid of the logits for ``sigmoid``), and the logits."""
-    raw = np.asarray(logits, dtype=np.float64)[:, 0]
-    scores = 1.0 / (1.0 + np.exp(-raw)) if scale == "sigmoid" else raw
-    return {"model": model, "scores": [float(x) for x in scores], "logits": [float(x) for x in raw], "scale": scale}
+    """A rerank reply: the scores in the model's own scale, and the raw logits."""
+    return {"model": model, "scores": scale_scores(logits, scale).tolist(),
+            "logits": scale_scores(logits, "raw").tolist(), "scale": scale}
 
 
 def model_settings(tables: dict[str, dict[str, Any]], home: Path | None = None) -> dict[str, ModelSettings]:
