@@ -198,7 +198,7 @@ class Engine:
             raise InvalidInput(f"text must be a string, not {type(text).__name__}")
         if not text.strip():
             raise EmptyText("text is empty")
-        tokens = self._tokens(text, special=True)
+        tokens = self.token_ids(text, special=True)
         if len(tokens) <= 2 and self.adds_eos:
             # Only [CLS][SEP]: the text held nothing the vocabulary knows (e.g. control chars).
             raise EmptyText("text has no tokens")
@@ -212,7 +212,8 @@ class Engine:
             tokens = tokens[: self.max_tokens - len(tail)] + tail
         return tokens
 
-    def _tokens(self, text: str, *, special: bool) -> list[int]:
+    def token_ids(self, text: str, *, special: bool = False) -> list[int]:
+        """The vocabulary's ids of a text, with the model's special tokens around it when ``special``; no checks."""
         raw = text.encode("utf-8", "replace")
         cap = len(raw) + 8
         buf = (rt.llama.llama_token * cap)()
@@ -238,8 +239,8 @@ class Engine:
             if not text.strip():
                 raise EmptyText(f"{what} is empty")
         llama = rt.llama
-        q = self._tokens(query, special=False)
-        d = self._tokens(document, special=False)
+        q = self.token_ids(query, special=False)
+        d = self.token_ids(document, special=False)
         if not q:
             raise EmptyText("query has no tokens")
         if not d:

@@ -231,6 +231,9 @@ def test_import_errors_are_clear_and_change_nothing(tiny, home, tmp_path):
         ([str(text)], "model_corrupt", "is not a GGUF file"),
         ([str(cut)], "model_corrupt", "truncated"),
         ([str(lm)], "import_refused", "causal language model without a pooling type"),
+        # A SentencePiece vocabulary without byte fallback makes llama.cpp's tokenizer abort (std::out_of_range):
+        # the child process that tried it dies, the import is refused.
+        ([str(lm), "--pooling", "last"], "import_refused", "llama.cpp crashed (signal 6)"),
         ([str(tiny["files"]["e5"]["f16"]), "--name", "all-minilm-l6-v2:q8_0"], "import_refused", "taken by the catalog"),
         ([str(tiny["files"]["e5"]["f16"]), "--name", "mine:q8_0"], "import_refused", "is taken (imported from"),
         ([str(tiny["files"]["e5"]["f16"]), "--name", "Bad Name"], "import_refused", "is not valid"),
@@ -305,7 +308,7 @@ def test_pair_template_and_its_limits(engines):
     from pocketembed.errors import EmptyText, TextTooLong
 
     e = engines["q8_0"]
-    q, d = e._tokens("dinner tonight?", special=False), e._tokens("see you at eight", special=False)
+    q, d = e.token_ids("dinner tonight?", special=False), e.token_ids("see you at eight", special=False)
     cls, sep = e.tokenize("x")[0], e.tokenize("x")[-1]
     assert e.tokenize_pair("dinner tonight?", "see you at eight") == [cls, *q, sep, *d, sep]
     long_doc = "word " * 600
