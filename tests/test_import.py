@@ -358,3 +358,15 @@ def test_cli_lists_imports_and_reranks(daemon, imported_home):
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
     r = run_cli("rerank", QUERY, "x", "--model", "tiny-bge:f16", "--socket", daemon.endpoint)
     assert r.returncode == 1 and "error[wrong_model_kind]" in r.stderr
+
+
+def test_a_running_daemon_sees_imports_and_removals(daemon, imported_home, tiny):
+    """The manifest is re-read when it changes: no restart to use a new import, none to stop serving a removed one."""
+    r = run_cli("models", "import", str(tiny["files"]["e5"]["q8_0"]), "--name", "late-e5:q8_0", home=imported_home)
+    assert r.returncode == 0, r.stderr
+    with daemon.client(timeout=60) as c:
+        assert c.embed(["hello"], model="late-e5:q8_0").shape == (1, 64)
+        assert run_cli("models", "remove", "late-e5:q8_0", home=imported_home).returncode == 0
+        with pytest.raises(DaemonError) as e:
+            c.embed(["hello"], model="late-e5:q8_0")
+        assert e.value.code == "unknown_model"
