@@ -2,7 +2,7 @@
 
 Rows (same all-MiniLM-L6-v2 weights, 2 threads each, the first ``--texts`` SMS):
 
-* pocketembed daemon, q8_0 and q4_0: `pocketembed serve` as its own process,
+* pocketembed daemon, q8_0, q4_0 and bf16: `pocketembed serve` as its own process,
   bulk from 8 client threads sending 64 texts per request, latency one SMS per request;
 * ONNX Runtime fp32 and dynamic int8, in-process, length-sorted batches of 32, with the
   `tokenizers` library. The ONNX files are exported here from the model's safetensors
@@ -51,10 +51,11 @@ THREADS = 2
 BATCH = 32
 MAX_TOKENS = 256
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocketembed" / "bench"
-SYSTEMS = ["daemon-q8_0", "daemon-q4_0", "ort-fp32", "ort-int8", "st-fp32", "llama-server"]
+SYSTEMS = ["daemon-q8_0", "daemon-q4_0", "daemon-bf16", "ort-fp32", "ort-int8", "st-fp32", "llama-server"]
 TITLES = {
     "daemon-q8_0": "pocketembed daemon q8_0, 8 clients x 64 texts",
     "daemon-q4_0": "pocketembed daemon q4_0, 8 clients x 64 texts",
+    "daemon-bf16": "pocketembed daemon bf16, 8 clients x 64 texts",
     "ort-fp32": "ONNX Runtime fp32, in-process, sorted batches of 32",
     "ort-int8": "ONNX Runtime dynamic int8, same",
     "st-fp32": "sentence-transformers fp32, batch 32",
@@ -73,7 +74,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     name = fields.get("model name") or fields.get("Hardware") or platform.machine()
     flags = set(fields.get("flags", fields.get("Features", "")).split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "bf16") if f in flags]
     family = f", family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
     return f"{name}{family} [{' '.join(simd)}]"
 
@@ -467,6 +468,11 @@ def main() -> None:
               f"(goal >= 1), p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
               f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2); "
               f"p50 after idle {np.percentile(d['lat_idle'], 50) / np.percentile(o['lat_idle'], 50):.2f}x")
+    if "daemon-bf16" in results and "ort-fp32" in results:
+        d, o = results["daemon-bf16"], results["ort-fp32"]
+        print(f"daemon bf16 / ORT fp32: bulk {statistics.median(d['rates']) / statistics.median(o['rates']):.2f}x, "
+              f"p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x, "
+              f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x")
     if "memory" in results:
         m = results["memory"]
         print(f"\ndaemon memory over a job (q8_0, index.add of {m['n']} SMS in {m['seconds']:.1f} s): "

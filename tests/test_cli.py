@@ -30,7 +30,7 @@ def test_models_list_reads_dims_and_pooling_from_the_files(home):
     proc = run_cli("models", "list", "--json", home=home)
     assert proc.returncode == 0, proc.stderr
     rows = {m["name"]: m for m in json.loads(proc.stdout)["models"]}
-    assert set(rows) == {"all-minilm-l6-v2:q8_0", "all-minilm-l6-v2:q4_0", "all-minilm-l6-v2:f16"}
+    assert set(rows) == {"all-minilm-l6-v2:q8_0", "all-minilm-l6-v2:q4_0", "all-minilm-l6-v2:f16", "all-minilm-l6-v2:bf16"}
     for r in rows.values():
         assert r["present"] and r["gguf"]["dims"] == 384 and r["gguf"]["pooling"] == "mean"
         assert r["gguf"]["context_length"] == 512 and r["catalog"]["max_tokens"] == 256

@@ -54,3 +54,20 @@ def test_q4_0_recipe_is_mixed(engines):
     assert types["blk.2.ffn_up.weight"] == "Q8_0"
     assert types["blk.5.attn_q.weight"] == "Q8_0"
     assert types["blk.0.attn_v.bias"] == "F32"
+
+
+def test_bf16_fidelity_and_type(home):
+    """bf16 (the fast choice on CPUs with bf16 dot products) keeps f16's fidelity, and really is bf16."""
+    from gguf import GGUFReader
+
+    from pocketembed.daemon.models import open_engine
+
+    spec, engine = open_engine("all-minilm-l6-v2:bf16", home)
+    try:
+        c = cosines(engine)
+        print(f"bf16 vs sentence-transformers: mean {c.mean():.5f} min {c.min():.5f}")
+        assert c.min() >= 0.9995, c.min()
+        types = {t.name: t.tensor_type.name for t in GGUFReader(engine.path).tensors}
+        assert types["blk.0.attn_q.weight"] == "BF16" and not spec.quantized
+    finally:
+        engine.close()
