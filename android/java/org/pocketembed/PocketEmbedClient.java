@@ -182,10 +182,7 @@ public final class PocketEmbedClient implements AutoCloseable {
 
     /** Embeds texts; {@code options} as PROTOCOL.md's embed args (model, dims, dtype, normalize, truncate, ...). */
     public CompletableFuture<Embeddings> embed(List<String> texts, Map<String, Object> options) {
-        Map<String, Object> args = new LinkedHashMap<>();
-        if (options != null) {
-            args.putAll(options);
-        }
+        Map<String, Object> args = argsFrom(options);
         args.put("texts", texts);
         int timeout = timeoutOf(args);
         args.put("timeout_ms", timeout);
@@ -212,10 +209,7 @@ public final class PocketEmbedClient implements AutoCloseable {
      * keep_alive, timeout_ms.
      */
     public CompletableFuture<double[]> rerank(String query, List<String> documents, String model, Map<String, Object> options) {
-        Map<String, Object> args = new LinkedHashMap<>();
-        if (options != null) {
-            args.putAll(options);
-        }
+        Map<String, Object> args = argsFrom(options);
         args.put("query", query);
         args.put("documents", documents);
         args.put("model", model);
@@ -236,10 +230,7 @@ public final class PocketEmbedClient implements AutoCloseable {
      * rerank (a reranker's name) with rerank_top to rescore the best candidates with a cross-encoder.
      */
     public CompletableFuture<List<Hit>> search(String collection, String query, int k, Map<String, Object> options) {
-        Map<String, Object> args = new LinkedHashMap<>();
-        if (options != null) {
-            args.putAll(options);
-        }
+        Map<String, Object> args = argsFrom(options);
         args.put("collection", collection);
         args.put("query", query);
         args.put("k", k);
@@ -495,11 +486,17 @@ public final class PocketEmbedClient implements AutoCloseable {
     }
 
     private Map<String, Object> withCollection(String collection, Map<String, Object> options) {
+        Map<String, Object> args = argsFrom(options);
+        args.put("collection", collection);
+        return args;
+    }
+
+    /** A request's args: a copy of the caller's options (null: none), which the op's own fields then join. */
+    private static Map<String, Object> argsFrom(Map<String, Object> options) {
         Map<String, Object> args = new LinkedHashMap<>();
         if (options != null) {
             args.putAll(options);
         }
-        args.put("collection", collection);
         return args;
     }
 
