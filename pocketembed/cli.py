@@ -299,12 +299,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         }
         if path.exists():
             row["size"] = path.stat().st_size
-            try:
-                info = metadata.read(path)
-                row["gguf"] = {"dims": info.dims, "pooling": info.pooling, "context_length": info.context_length,
-                               "architecture": info.architecture, "file_type": info.file_type}
-            except PocketEmbedError as e:
-                row["gguf_error"] = e.message
+            imp = data["models"].get(spec.name, {}).get("imported")
+            if imp:  # read from the file at import, sha-pinned since (parsing a vocabulary takes ~1 s a file)
+                row["gguf"] = {"dims": imp["dims"], "pooling": imp["pooling"], "context_length": imp["context_length"],
+                               "architecture": imp["architecture"], "file_type": spec.quantization}
+            else:
+                try:
+                    info = metadata.read(path)
+                    row["gguf"] = {"dims": info.dims, "pooling": info.pooling, "context_length": info.context_length,
+                                   "architecture": info.architecture, "file_type": info.file_type}
+                except PocketEmbedError as e:
+                    row["gguf_error"] = e.message
         rows.append(row)
     if args.json:
         print(json.dumps({"home": str(root), "models": rows}, indent=2))
@@ -320,7 +325,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             "yes" if r["present"] else "no",
             f"{r['size'] / 1e6:.1f} MB" if r.get("size") else "-",
             str(g["dims"]) if g else "-",
-            r["catalog"]["pooling"] if r["imported"] else (g["pooling"] if g else "-"),
+            g["pooling"] if g else "-",
             str(g["context_length"]) if g else "-",
             str(r["catalog"]["max_tokens"]),
             r["license"],
