@@ -7,6 +7,7 @@ whether a file can be an embedding model or a reranker at all.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,9 +50,95 @@ NAME_KEYS = ("general.name", "general.basename", "general.finetune", "general.si
              "general.source.huggingface.repository", "general.repo_url")
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_WANTED_ARRAYS = ("classifier.output_labels",)
+
+
+class _Header:
+    """A GGUF header parsed straight from a memory map: every key/value except long arrays, and the tensor table.
+
+    gguf's own GGUFReader builds a Python object for every element of every array (a
+    30,000-token vocabulary takes it ~1 s); listing and importing need none of them,
+    so arrays are skipped by their lengths. Every read is bounds-checked: a cut or
+    garbled header is an error, never a read past the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+        import struct
+
+        from gguf.constants import GGML_QUANT_SIZES
+
+        self._struct = struct
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        self.pos = 0
+        try:
+            if self._take(4) != GGUF_MAGIC:
+                raise ValueError("bad magic")
+            version = self._num("<I")
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is not supported")
+            n_tensors, n_kv = self._num("<Q"), self._num("<Q")
+            self.fields: dict[str, object] = {}
+            for _ in range(n_kv):
+                key = self._str()
+                self.fields[key] = self._value(self._num("<I"), keep=key.endswith(_WANTED_ARRAYS))
+            self.tensors: list[tuple[str, int, int]] = []  # name, ggml type, bytes
+            offsets = []
+            for _ in range(n_tensors):
+                name = self._str()
+                dims = [self._num("<Q") for _ in range(self._num("<I"))]
+                ggml_type, offset = self._num("<I"), self._num("<Q")
+                block, type_size = GGML_QUANT_SIZES.get(ggml_type, (1, 0))
+                count = 1
+                for d in dims:
+                    count *= d
+                self.tensors.append((name, ggml_type, count // block * type_size))
+                offsets.append(offset)
+            align = int(self.fields.get("general.alignment") or 32)
+            self.data_start = -(-self.pos // align) * align
+            self.data_end = max((self.data_start + o + t[2] for o, t in zip(offsets, self.tensors)), default=self.data_start)
+        finally:
+            if isinstance(self.buf, mmap.mmap):
+                self.buf.close()
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError(f"header runs past the end of the file at byte {self.pos:,}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def _num(self, fmt: str) -> int:
+        return self._struct.unpack(fmt, self._take(self._struct.calcsize(fmt)))[0]
+
+    def _str(self) -> str:
+        return self._take(self._num("<Q")).decode("utf-8", "replace")
+
+    def _value(self, vtype: int, keep: bool = True) -> object:
+        if vtype in _SCALARS:
+            return self._num(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self._str()
+        if vtype == _ARRAY:
+            item, n = self._num("<I"), self._num("<Q")
+            if keep:
+                return [self._value(item) for _ in range(n)]
+            if item in _SCALARS:
+                self._take(n * self._struct.calcsize(_SCALARS[item]))
+            else:
+                for _ in range(n):
+                    self._value(item, keep=False)
+            return None
+        raise ValueError(f"unknown value type {vtype}")
+
+
 def read(path: Path) -> GGUFInfo:
     """Header fields of a GGUF file; a clear error for anything that is not one, or is cut short."""
-    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
 
     try:
         with open(path, "rb") as f:
@@ -61,44 +148,36 @@ def read(path: Path) -> GGUFInfo:
     if magic != GGUF_MAGIC:
         raise ModelCorrupt(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct/IndexError on a cut or garbled header
-        raise ModelCorrupt(f"{path} is not a readable GGUF file; truncated or damaged? ({type(e).__name__}: {e})") from None
+        header = _Header(path)
+    except (ValueError, OverflowError, MemoryError) as e:
+        raise ModelCorrupt(f"{path} is not a readable GGUF file; truncated or damaged? ({e})") from None
+    if header.data_end > header.size:
+        raise ModelCorrupt(f"{path} is truncated: its tensors need {header.data_end:,} bytes, the file has {header.size:,}")
 
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise ModelCorrupt(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
-
-    def field_(key: str, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception:  # a malformed field reads as absent
-            return default
-
-    arch = str(field_("general.architecture", "?"))
+    fields = header.fields
+    arch = str(fields.get("general.architecture") or "?")
     counts: dict[str, int] = {}
-    names_of_tensors = set()
-    for t in reader.tensors:
-        counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + 1
-        names_of_tensors.add(t.name)
-    pooling = field_(f"{arch}.pooling_type")
-    ftype = field_("general.file_type")
-    labels = field_(f"{arch}.classifier.output_labels") or []
-    causal = field_(f"{arch}.attention.causal")
+    for _, ggml_type, _ in header.tensors:
+        try:
+            tname = GGMLQuantizationType(ggml_type).name.lower()
+        except ValueError:
+            tname = str(ggml_type)
+        counts[tname] = counts.get(tname, 0) + 1
+    names_of_tensors = {t[0] for t in header.tensors}
+    pooling = fields.get(f"{arch}.pooling_type")
+    ftype = fields.get("general.file_type")
+    labels = fields.get(f"{arch}.classifier.output_labels") or []
+    causal = fields.get(f"{arch}.attention.causal")
     return GGUFInfo(
         architecture=arch,
-        dims=int(field_(f"{arch}.embedding_length", 0)),
+        dims=int(fields.get(f"{arch}.embedding_length") or 0),
         pooling=POOLING_NAMES.get(pooling, "none") if pooling is not None else "none",
-        context_length=int(field_(f"{arch}.context_length", 0)),
+        context_length=int(fields.get(f"{arch}.context_length") or 0),
         file_type=FILE_TYPES.get(ftype, str(ftype)),
         tensor_types=counts,
-        names={k: str(v) for k in NAME_KEYS if isinstance(v := field_(k), str) and v},
-        tokenizer=str(field_("tokenizer.ggml.model", "")),
-        token_types=int(field_("tokenizer.ggml.token_type_count", 0) or 0),
+        names={k: v for k in NAME_KEYS if isinstance(v := fields.get(k), str) and v},
+        tokenizer=str(fields.get("tokenizer.ggml.model") or ""),
+        token_types=int(fields.get("tokenizer.ggml.token_type_count") or 0),
         labels=tuple(str(x) for x in labels),
         has_classifier=bool({"cls.output.weight", "cls.weight"} & names_of_tensors),
         causal=bool(causal) if causal is not None else None,

@@ -371,3 +371,26 @@ def test_a_running_daemon_sees_imports_and_removals(daemon, imported_home, tiny)
         with pytest.raises(DaemonError) as e:
             c.embed(["hello"], model="late-e5:q8_0")
         assert e.value.code == "unknown_model"
+
+
+def test_the_header_reader_refuses_garbage_without_reading_past_the_file(tiny, tmp_path):
+    """Cut anywhere, or garbled: always ModelCorrupt, never another exception or a read past the end."""
+    from pocketembed.errors import ModelCorrupt
+    from pocketembed.gguf_models import metadata
+
+    good = tiny["files"]["reranker"]["f16"].read_bytes()
+    rng = np.random.default_rng(3)
+    bad = tmp_path / "bad.gguf"
+    cases = [good[:n] for n in (4, 8, 23, 100, 5000, len(good) - 1)]
+    cases += [b"GGUF" + rng.bytes(2000) for _ in range(20)]
+    flipped = bytearray(good)
+    for i in rng.integers(4, 4000, 40):
+        flipped[i] ^= 0xFF
+    cases.append(bytes(flipped))
+    for data in cases:
+        bad.write_bytes(data)
+        try:
+            metadata.read(bad)
+        except ModelCorrupt:
+            pass
+    assert metadata.read(tiny["files"]["reranker"]["f16"]).has_classifier
