@@ -171,7 +171,7 @@ class IndexService:
         return LATER
 
     def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs, context: Any) -> Any:
-        top = max(args.rerank_top or max(args.k, 20), args.k) if args.rerank else args.k
+        top = (args.rerank_top or max(args.k, 20)) if args.rerank else args.k  # the schema keeps rerank_top >= k
         hits = store.search(info.name, vec, k=top, rescore_multiplier=args.rescore_multiplier,
                             filter=args.filter, rescore=args.rescore, with_text=args.with_text or bool(args.rerank),
                             source_text=lambda origin, ids: source_texts(store.conn, origin, ids))

@@ -19,9 +19,9 @@ from pocketembed import paths
 from pocketembed.errors import ModelCorrupt, ModelNotPrepared
 
 from .catalog import ModelSpec
+from .metadata import GGUF_MAGIC
 
 FORMAT = 1
-GGUF_MAGIC = b"GGUF"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -7,7 +7,9 @@ whether a file can be an embedding model or a reranker at all.
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pocketembed.errors import ModelCorrupt
 POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 32: "bf16"}
 GGUF_MAGIC = b"GGUF"
+"""The first four bytes of every GGUF file (the manifest's load check uses it too)."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,8 @@ class _Header:
     """
 
     def __init__(self, path: Path) -> None:
-        import mmap
-        import struct
-
         from gguf.constants import GGML_QUANT_SIZES
 
-        self._struct = struct
         with open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
@@ -113,7 +112,7 @@ class _Header:
         return out
 
     def _num(self, fmt: str) -> int:
-        return self._struct.unpack(fmt, self._take(self._struct.calcsize(fmt)))[0]
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
 
     def _str(self) -> str:
         return self._take(self._num("<Q")).decode("utf-8", "replace")
@@ -128,7 +127,7 @@ class _Header:
             if keep:
                 return [self._value(item) for _ in range(n)]
             if item in _SCALARS:
-                self._take(n * self._struct.calcsize(_SCALARS[item]))
+                self._take(n * struct.calcsize(_SCALARS[item]))
             else:
                 for _ in range(n):
                     self._value(item, keep=False)

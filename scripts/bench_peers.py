@@ -462,17 +462,17 @@ def main() -> None:
         print(f"| {TITLES[name]} | {statistics.median(r['rates']):.0f} | {np.percentile(r['lat'], 50):.2f} | "
               f"{np.percentile(r['lat'], 99):.2f} | {np.percentile(r['lat_idle'], 50):.2f} | {r['peak_kb'] / 1024:.0f} | "
               f"{cos.mean():.5f} / {cos.min():.4f} |")
-    if "daemon-q8_0" in results and "ort-fp32" in results:
-        d, o = results["daemon-q8_0"], results["ort-fp32"]
-        print(f"\ndaemon q8_0 / ORT fp32: bulk {statistics.median(d['rates']) / statistics.median(o['rates']):.2f}x "
-              f"(goal >= 1), p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
-              f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2); "
-              f"p50 after idle {np.percentile(d['lat_idle'], 50) / np.percentile(o['lat_idle'], 50):.2f}x")
-    if "daemon-bf16" in results and "ort-fp32" in results:
-        d, o = results["daemon-bf16"], results["ort-fp32"]
-        print(f"daemon bf16 / ORT fp32: bulk {statistics.median(d['rates']) / statistics.median(o['rates']):.2f}x, "
-              f"p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x, "
-              f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x")
+    if "ort-fp32" in results:
+        print()
+        o = results["ort-fp32"]
+        for name in ("daemon-q8_0", "daemon-q4_0", "daemon-bf16"):
+            if name in results:
+                d = results[name]
+                print(f"{name.replace('-', ' ')} / ORT fp32: "
+                      f"bulk {statistics.median(d['rates']) / statistics.median(o['rates']):.2f}x (goal >= 1), "
+                      f"p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
+                      f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2); "
+                      f"p50 after idle {np.percentile(d['lat_idle'], 50) / np.percentile(o['lat_idle'], 50):.2f}x")
     if "memory" in results:
         m = results["memory"]
         print(f"\ndaemon memory over a job (q8_0, index.add of {m['n']} SMS in {m['seconds']:.1f} s): "
