@@ -33,12 +33,15 @@ QUERY = "are you coming to the party tonight"
 
 EMBED_COS = 0.999
 """The issue's bar at f16: per-text cosine to torch on the same weights."""
-RERANK_ABS = 5e-3
-"""Max |Δ logit| to torch allowed at f16 with these weights (logits spread over ~2 units).
+RERANK_ABS = 1e-2
+"""Max |Δ logit| to torch allowed at f16 with these weights (logits spread over 2-3 units).
 
-Measured 2.8e-3 (f16) and 1.9e-3 (f32): llama.cpp evaluates BERT's GELU as the
-tanh approximation read from an fp16 table (ggml-cpu's GGML_GELU_FP16), where
-transformers uses erf. Without the converter fix (the pooler dropped) the error is ~1."""
+Measured on AMD Zen 4: 2.9e-3 (one segment) and 4.4e-3 (two), 1.9e-3 with f32
+weights: llama.cpp evaluates BERT's GELU as the tanh approximation read from an
+fp16 table (ggml-cpu's GGML_GELU_FP16), where transformers uses erf. The bound
+leaves room for other CPUs' f16 kernels (ARM's accumulate in f16); the defects the
+test guards against are far outside it (no segment fix: 2.0; no pooler: > 0.1)."""
+POOLERLESS_GAP = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,7 @@ def test_fidelity_through_the_daemon(tiny, daemon, capsys):
                     assert np.argmax(logits) == np.argmax(ref)
                 assert corr > 0.99, (q, corr)
         # The same weights without the pooler (what the unamended converter writes) land far outside the bound.
-        assert np.abs(_without_pooler(tiny["models"]["reranker"], QUERY, TEXTS) - tm.torch_rerank(tiny["models"]["reranker"], QUERY, TEXTS)).max() > 20 * RERANK_ABS
+        assert np.abs(_without_pooler(tiny["models"]["reranker"], QUERY, TEXTS) - tm.torch_rerank(tiny["models"]["reranker"], QUERY, TEXTS)).max() > POOLERLESS_GAP
     with capsys.disabled():
         print("\n| model | architecture | pooling / tokenizer | pocketembed through the daemon vs torch, 200 SMS |")
         print("|---|---|---|---|")
@@ -184,11 +187,13 @@ def test_search_reranks_the_top_candidates(daemon):
         plain = c.search("sms", QUERY, k=30, with_text=True)
         hits = c.search("sms", QUERY, k=5, rerank="tiny-reranker:f16", rerank_top=30)
         direct = c.rerank_full(QUERY, [h["text"] for h in plain], "tiny-reranker:f16")
-    best = np.argsort(-np.array(direct["logits"]), kind="stable")[:5]
-    assert [h["id"] for h in hits] == [plain[i]["id"] for i in best]
+    # The two requests decode the pairs in different batches: equal only to ~1e-5, so near-ties may swap.
+    by_id = {h["id"]: (logit, score) for h, logit, score in zip(plain, direct["logits"], direct["scores"])}
+    fifth = np.sort(direct["logits"])[-5]
+    assert len({h["id"] for h in hits}) == 5 and all(by_id[h["id"]][0] >= fifth - 1e-3 for h in hits)
     got = np.array([h["rerank_score"] for h in hits])
     assert np.all(np.diff(got) <= 0)
-    np.testing.assert_allclose(got, np.array(direct["scores"])[best], atol=1e-3)
+    np.testing.assert_allclose(got, [by_id[h["id"]][1] for h in hits], atol=1e-3)
     assert "text" not in hits[0]
     assert [h["id"] for h in plain[:5]] != [h["id"] for h in hits]  # the reranker did reorder
 
