@@ -12,7 +12,7 @@
 # backend dequantized every weight to f32 on every decode of 32+ tokens, slower
 # than ggml's q8_0 kernels up to whole 512-token batches. The phone build
 # (android/termux/install.sh) uses the same two flags. The built wheel is cached
-# (~/.cache/pocketembed/wheels, keyed by the build flags), so a second setup does
+# (~/.cache/pocketembed/wheels, keyed by the build flags and the patch), so a second setup does
 # not rebuild.
 # The sources are patched first (scripts/patches/ggml-avx512-small-heads.patch): on
 # AVX-512, ggml ran the attention of 32-wide heads (MiniLM, bge-small, e5-small) and
@@ -75,6 +75,9 @@ build_llama_wheel() {
     # The sdist, patched, built into the wheel cache $1.
     local src tree
     src=$(mktemp -d)
+    # The sources and the build tree take ~0.5 GB: gone even if a step below fails.
+    # shellcheck disable=SC2064  # expanded now: $src is local
+    trap "rm -rf '$src'" EXIT
     tree="$src/llama_cpp_python-$LLAMA_VERSION"
     "$VENV/bin/pip" download -q --no-deps --no-binary :all: --no-cache-dir -d "$src" "llama-cpp-python==$LLAMA_VERSION"
     tar xzf "$tree.tar.gz" -C "$src"
@@ -83,6 +86,7 @@ build_llama_wheel() {
     # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand back an older build.
     CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir --wheel-dir "$1" "$tree"
     rm -rf "$src"
+    trap - EXIT
 }
 
 install_llama() {
