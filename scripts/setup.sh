@@ -12,11 +12,12 @@
 # backend dequantized every weight to f32 on every decode of 32+ tokens, slower
 # than ggml's q8_0 kernels up to whole 512-token batches. The phone build
 # (android/termux/install.sh) uses the same two flags. The built wheel is cached
-# (~/.cache/pocketembed/wheels, keyed by the build flags and the patch), so a second setup does
-# not rebuild.
-# The sources are patched first (scripts/patches/ggml-avx512-small-heads.patch): on
-# AVX-512, ggml ran the attention of 32-wide heads (MiniLM, bge-small, e5-small) and
-# GELU element by element; the patch's header has the measurements.
+# (~/.cache/pocketembed/wheels, keyed by the build flags and the patches), so a second setup
+# does not rebuild.
+# The sources are patched first (scripts/patches/*.patch, in name order): on AVX-512, ggml
+# ran the attention of 32-wide heads (MiniLM, bge-small, e5-small) and GELU element by
+# element, and on VNNI its q8_0 matmul spent two sign steps per block pair; each patch's
+# header has the measurements.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 LLAMA_VERSION=0.3.36
-LLAMA_PATCH=scripts/patches/ggml-avx512-small-heads.patch
+LLAMA_PATCHES=(scripts/patches/*.patch)
 TORCH_VERSION=2.13.0
 
 say() { printf '==> %s\n' "$*"; }
@@ -66,9 +67,9 @@ EOF
 }
 
 wheel_cache() {
-    # One cached wheel per llama-cpp-python version, build flags and source patch.
+    # One cached wheel per llama-cpp-python version, build flags and source patches.
     printf '%s/pocketembed/wheels/%s' "${XDG_CACHE_HOME:-$HOME/.cache}" \
-        "$({ printf '%s %s\n' "$LLAMA_VERSION" "$CMAKE_ARGS"; cat "$LLAMA_PATCH"; } | sha256sum | cut -c1-12)"
+        "$({ printf '%s %s\n' "$LLAMA_VERSION" "$CMAKE_ARGS"; cat "${LLAMA_PATCHES[@]}"; } | sha256sum | cut -c1-12)"
 }
 
 build_llama_wheel() {
@@ -81,7 +82,8 @@ build_llama_wheel() {
     tree="$src/llama_cpp_python-$LLAMA_VERSION"
     "$VENV/bin/pip" download -q --no-deps --no-binary :all: --no-cache-dir -d "$src" "llama-cpp-python==$LLAMA_VERSION"
     tar xzf "$tree.tar.gz" -C "$src"
-    git -C "$tree" apply -p1 "$PWD/$LLAMA_PATCH"
+    local patch
+    for patch in "${LLAMA_PATCHES[@]}"; do git -C "$tree" apply -p1 "$PWD/$patch"; done
     mkdir -p "$1"
     # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand back an older build.
     CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir --wheel-dir "$1" "$tree"
@@ -93,7 +95,7 @@ install_llama() {
     local cache
     cache=$(wheel_cache)
     if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        say "building llama-cpp-python $LLAMA_VERSION from source with $LLAMA_PATCH (5-8 min on 2 cores)"
+        say "building llama-cpp-python $LLAMA_VERSION from source with ${LLAMA_PATCHES[*]} (5-8 min on 2 cores)"
         build_llama_wheel "$cache"
     else
         say "reusing the llama-cpp-python wheel built earlier ($cache)"
