@@ -18,6 +18,12 @@ p50 of 100 single SMS each sent after 20 ms of idleness (how a daemon's requests
 arrive; in-process peers' threads go to sleep too), peak RSS, and cosine to
 sentence-transformers fp32 (mean / min over the texts).
 
+Then single-SMS latency again, interleaved: ONNX Runtime fp32 in-process and the
+q8_0 and bf16 daemons, all loaded at once, take turns in blocks of 25 SMS (the order
+rotating per block) over ``--samples`` SMS twice, so that the machine's noise, which
+on a shared VM moves a system's p50 by 30% between minutes, hits all three alike.
+The ratios to quote for the p50 goal are these.
+
 Then the daemon's memory over a job: RSS idle with the model loaded, peak while it
 indexes the 5,574 SMS (index.add, 64 per request), and RSS 5 s after the job.
 
@@ -30,6 +36,8 @@ Needs the `bench` extra (onnx, onnxruntime, onnxscript, llama-cpp-python[server]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -219,16 +227,16 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def worker_ort(name: str, texts: list[str], picks: list[str], rounds: int) -> dict:
+def ort_runner(onnx: Path) -> tuple[Callable[[Sequence[str]], np.ndarray], object]:
+    """ONNX Runtime on ``onnx`` (THREADS intra-op threads): a padded batch's mean-pooled vectors, and the tokenizer."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    fp32, int8 = onnx_files()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(fp32 if name == "ort-fp32" else int8), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
     tok = Tokenizer.from_file(str(source_dir() / "tokenizer.json"))
     tok.enable_truncation(MAX_TOKENS)
     tok.no_padding()
@@ -244,6 +252,12 @@ def worker_ort(name: str, texts: list[str], picks: list[str], rounds: int) -> di
         (hidden,) = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
         return mean_pool(hidden, mask)
 
+    return run_batch, tok
+
+
+def worker_ort(name: str, texts: list[str], picks: list[str], rounds: int) -> dict:
+    fp32, int8 = onnx_files()
+    run_batch, tok = ort_runner(fp32 if name == "ort-fp32" else int8)
     lengths = [len(e.ids) for e in tok.encode_batch(texts)]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
 
@@ -343,10 +357,43 @@ def worker_server(texts: list[str], picks: list[str], rounds: int) -> dict:
     return {"rates": rates, "lat": lat, "lat_idle": lat_idle, "vecs": vecs, "peak_kb": peak}
 
 
+INTERLEAVED = ("ort-fp32", "daemon-q8_0", "daemon-bf16")
+BLOCK = 25
+
+
+def worker_interleaved(picks: list[str], passes: int = 2) -> dict:
+    """Single-SMS milliseconds of INTERLEAVED, taking turns in blocks of BLOCK texts."""
+    from pocketembed.ipc import Client
+
+    run_batch, _ = ort_runner(onnx_files()[0])
+    calls: dict[str, Callable[[list[str]], object]] = {"ort-fp32": run_batch}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for name in INTERLEAVED[1:]:
+            quant = name.split("-", 1)[1]
+            proc, sock = start_daemon(Path(tmp) / quant, quant)
+            stack.callback(stop, proc)
+            client = stack.enter_context(Client(f"ipc://{sock}", timeout=60))
+            calls[name] = functools.partial(client.embed, model=f"all-minilm-l6-v2:{quant}", truncate=True)
+        took: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
+        for name in INTERLEAVED:
+            for t in picks[:20]:
+                calls[name]([t])
+        for b, start in enumerate(range(0, len(picks) * passes, BLOCK)):
+            block = [picks[i % len(picks)] for i in range(start, min(start + BLOCK, len(picks) * passes))]
+            for k in range(len(INTERLEAVED)):
+                name = INTERLEAVED[(b + k) % len(INTERLEAVED)]
+                for t in block:
+                    a = time.perf_counter()
+                    calls[name]([t])
+                    took[name].append((time.perf_counter() - a) * 1000)
+    return took
+
+
 def start_daemon(home: Path, quant: str) -> tuple[subprocess.Popen, Path]:
     from pocketembed.ipc import Client, DaemonError
     from pocketembed.paths import ENV_HOME, home as default_home, models_dir
 
+    home.mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(models_dir(default_home()))
     sock = home / "pe.sock"
     env = dict(os.environ, **{ENV_HOME: str(home)})
@@ -409,6 +456,9 @@ def run_worker(name: str, args: argparse.Namespace, out: Path) -> None:
         res = worker_st(texts, picks, args.rounds)
     elif name == "llama-server":
         res = worker_server(texts, picks, args.rounds)
+    elif name == "interleaved":
+        out.with_suffix(".json").write_text(json.dumps(worker_interleaved(picks)))
+        return
     elif name == "memory":
         out.with_suffix(".json").write_text(json.dumps(memory_over_a_job()))
         return
@@ -423,7 +473,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=1000, help="bulk corpus: the first N SMS")
     ap.add_argument("--rounds", type=int, default=3, help="bulk passes per system (the median is quoted)")
     ap.add_argument("--samples", type=int, default=300, help="single-SMS requests per system")
-    ap.add_argument("--only", nargs="+", choices=SYSTEMS + ["memory"], help="run only these rows")
+    ap.add_argument("--only", nargs="+", choices=SYSTEMS + ["interleaved", "memory"], help="run only these rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -431,8 +481,8 @@ def main() -> None:
         run_worker(args.worker, args, Path(args.out))
         return
 
-    names = args.only or SYSTEMS + ["memory"]
-    if any(n.startswith("ort-") for n in names):
+    names = args.only or SYSTEMS + ["interleaved", "memory"]
+    if any(n.startswith("ort-") or n == "interleaved" for n in names):
         onnx_files()  # exported once, outside any worker's timing and RSS
     results: dict[str, dict] = {}
     vectors: dict[str, np.ndarray] = {}
@@ -473,6 +523,17 @@ def main() -> None:
                       f"p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
                       f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2); "
                       f"p50 after idle {np.percentile(d['lat_idle'], 50) / np.percentile(o['lat_idle'], 50):.2f}x")
+    if "interleaved" in results:
+        took = results["interleaved"]
+        o = took["ort-fp32"]
+        print(f"\nsingle SMS, interleaved in blocks of {BLOCK} ({len(o)} each):")
+        for name in INTERLEAVED:
+            t = took[name]
+            line = f"  {name:12s} p50 {np.percentile(t, 50):.2f} ms, p99 {np.percentile(t, 99):.2f} ms"
+            if name != "ort-fp32":
+                line += (f"; / ORT fp32: p50 {np.percentile(t, 50) / np.percentile(o, 50):.2f}x (goal <= 1), "
+                         f"p99 {np.percentile(t, 99) / np.percentile(o, 99):.2f}x (goal <= 2)")
+            print(line)
     if "memory" in results:
         m = results["memory"]
         print(f"\ndaemon memory over a job (q8_0, index.add of {m['n']} SMS in {m['seconds']:.1f} s): "
