@@ -19,10 +19,10 @@ arrive; in-process peers' threads go to sleep too), peak RSS, and cosine to
 sentence-transformers fp32 (mean / min over the texts).
 
 Then single-SMS latency again, interleaved: ONNX Runtime fp32 in-process and the
-q8_0 and bf16 daemons, all loaded at once, take turns in blocks of 25 SMS (the order
-rotating per block) over ``--samples`` SMS twice, so that the machine's noise, which
-on a shared VM moves a system's p50 by 30% between minutes, hits all three alike.
-The ratios to quote for the p50 goal are these.
+q8_0 and bf16 daemons, all loaded at once, take turns in blocks of 25 SMS (every
+order of the three in turn, 0.1 s apart) over ``--samples`` SMS twice, so that the
+machine's noise, which on a shared VM moves a system's p50 by 30% between minutes,
+hits all three alike. The ratios to quote for the p50 goal are these.
 
 Then the daemon's memory over a job: RSS idle with the model loaded, peak while it
 indexes the 5,574 SMS (index.add, 64 per request), and RSS 5 s after the job.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -359,6 +360,9 @@ def worker_server(texts: list[str], picks: list[str], rounds: int) -> dict:
 
 INTERLEAVED = ("ort-fp32", "daemon-q8_0", "daemon-bf16")
 BLOCK = 25
+BLOCK_PAUSE_S = 0.1
+"""Between two systems' blocks: ONNX Runtime's threads spin for a while after a run, which would
+slow whichever system came next, and every order of the three comes up as often."""
 
 
 def worker_interleaved(picks: list[str], passes: int = 2) -> dict:
@@ -378,10 +382,11 @@ def worker_interleaved(picks: list[str], passes: int = 2) -> dict:
         for name in INTERLEAVED:
             for t in picks[:20]:
                 calls[name]([t])
+        orders = list(itertools.permutations(INTERLEAVED))
         for b, start in enumerate(range(0, len(picks) * passes, BLOCK)):
             block = [picks[i % len(picks)] for i in range(start, min(start + BLOCK, len(picks) * passes))]
-            for k in range(len(INTERLEAVED)):
-                name = INTERLEAVED[(b + k) % len(INTERLEAVED)]
+            for name in orders[b % len(orders)]:
+                time.sleep(BLOCK_PAUSE_S)
                 for t in block:
                     a = time.perf_counter()
                     calls[name]([t])
@@ -526,7 +531,7 @@ def main() -> None:
     if "interleaved" in results:
         took = results["interleaved"]
         o = took["ort-fp32"]
-        print(f"\nsingle SMS, interleaved in blocks of {BLOCK} ({len(o)} each):")
+        print(f"\nsingle SMS, interleaved in blocks of {BLOCK}, {BLOCK_PAUSE_S} s apart ({len(o)} each):")
         for name in INTERLEAVED:
             t = took[name]
             line = f"  {name:12s} p50 {np.percentile(t, 50):.2f} ms, p99 {np.percentile(t, 99):.2f} ms"
