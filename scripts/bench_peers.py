@@ -383,8 +383,9 @@ def worker_interleaved(picks: list[str], passes: int = 2) -> dict:
             for t in picks[:20]:
                 calls[name]([t])
         orders = list(itertools.permutations(INTERLEAVED))
-        for b, start in enumerate(range(0, len(picks) * passes, BLOCK)):
-            block = [picks[i % len(picks)] for i in range(start, min(start + BLOCK, len(picks) * passes))]
+        sequence = picks * passes
+        for b, start in enumerate(range(0, len(sequence), BLOCK)):
+            block = sequence[start : start + BLOCK]
             for name in orders[b % len(orders)]:
                 time.sleep(BLOCK_PAUSE_S)
                 for t in block:
