@@ -16,8 +16,11 @@
 # does not rebuild.
 # The sources are patched first (scripts/patches/*.patch, in name order): on AVX-512, ggml
 # ran the attention of 32-wide heads (MiniLM, bge-small, e5-small) and GELU element by
-# element; on VNNI its q8_0 matmul spent two sign steps per block pair; and packed batches'
-# attention read its mask one element at a time. Each patch's header has the measurements.
+# element; packed batches' attention read its mask one element at a time; on VNNI its q8_0
+# matmul spent two sign steps per block pair; a short text's attention called expf and
+# converted an f16 accumulator per key; and the q8_0 matmul split its tiles between threads
+# in fixed halves, so one delayed thread held the other at every barrier. Each patch's
+# header has the measurements.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke
