@@ -19,8 +19,9 @@
 # element; packed batches' attention read its mask one element at a time; on VNNI its q8_0
 # matmul spent two sign steps per block pair; a short text's attention called expf and
 # converted an f16 accumulator per key; and the q8_0 matmul split its tiles between threads
-# in fixed halves, so one delayed thread held the other at every barrier. Each patch's
-# header has the measurements.
+# in fixed halves, so one delayed thread held the other at every barrier; and q8_0 had no
+# repacked x86 layout, so its matmuls ran at a third of VNNI's rate. Each patch's header has
+# the measurements.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke

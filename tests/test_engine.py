@@ -222,3 +222,63 @@ def test_contexts_decode_on_their_own_thread_pools_which_close_frees(home):
     finally:
         e.close()
     assert os_threads() <= before + 1
+
+
+def _mappings_rss_kb(path) -> dict[str, int]:
+    """Resident kB of each of this process's mappings of ``path``, by address range (/proc/self/smaps)."""
+    import os
+    from pathlib import Path
+
+    target, found, current = os.path.realpath(path), {}, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = head[0] if len(head) == 6 and head[5] == target else None
+        elif current and line.startswith("Rss:"):
+            found[current] = int(line.split()[1])
+    return found
+
+
+def _mapped_rss_kb(path) -> int:
+    return sum(_mappings_rss_kb(path).values())
+
+
+def test_released_file_pages_leave_the_rss_and_read_back_unchanged(tmp_path):
+    """Read-only file mappings are handed back and fault in again intact; a private writable
+    mapping (whose pages may hold changes) is left alone."""
+    import mmap
+
+    from pocketembed.daemon.engine import release_file_pages
+
+    data = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as ro, \
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as cow:
+        assert ro[:] == data  # every page resident
+        cow[:5] = b"edit!"
+        assert _mapped_rss_kb(path) >= 4096
+        assert release_file_pages(path) == len(data)  # the read-only mapping only
+        assert _mapped_rss_kb(path) < 64  # the copy-on-write one kept its single page
+        assert ro[:] == data and cow[:5] == b"edit!" and cow[5:] == data[5:]
+    assert release_file_pages(tmp_path / "not-mapped.bin") == 0
+
+
+def test_loading_leaves_the_model_file_out_of_the_rss(home, engines):
+    """llama.cpp faults the whole GGUF in while loading; the engine hands those pages back (the
+    repacked weights' originals are never read again), and decodes fault in what they read."""
+    from pocketembed.daemon.models import open_engine
+
+    reference = engines["q8_0"]  # maps the same file: only the new engine's mapping counts
+    before = _mappings_rss_kb(reference.path)
+    _, e = open_engine(None, home, contexts=1)
+    try:
+        assert e.path == reference.path
+        size_kb = e.path.stat().st_size / 1024
+        mine = {r: kb for r, kb in _mappings_rss_kb(e.path).items() if r not in before}
+        assert mine, "the engine's model file is not mapped"
+        assert sum(mine.values()) < size_kb * 0.1, f"{mine} kB of {size_kb:.0f} kB resident"
+        cos = (e.embed(TEXTS) * reference.embed(TEXTS)).sum(1)
+        assert cos.min() > 0.9999  # the same model, whatever it had to fault back in
+    finally:
+        e.close()
