@@ -107,13 +107,17 @@ class Engine:
         mparams.n_gpu_layers = 0
         if self.config.repack is not None:
             mparams.use_extra_bufts = bool(self.config.repack)
+        self.tokens_since_release = 0
+        """Tokens decoded since the model file's pages were last handed back (see ``release_file_pages``)."""
+        mapped_before = read_only_mappings(self.path)
         with rt.capture_log() as captured:
             model = rt.llama.llama_model_load_from_file(os.fsencode(self.path), mparams)
         if not model:
             detail = captured.last_error() or "llama.cpp could not load it"
             raise ModelCorrupt(f"cannot load model file {self.path}: {detail}")
         self._model = model
-        release_file_pages(self.path)
+        self._file_ranges = sorted(read_only_mappings(self.path) - mapped_before)
+        self.release_file_pages()
         try:
             self._init_contexts()
         except BaseException:
@@ -409,6 +413,24 @@ class Engine:
 
     # -- lifetime --------------------------------------------------------------------
 
+    def release_file_pages(self) -> int:
+        """Hand the kernel back this engine's resident pages of the model file's mapping.
+
+        llama.cpp maps the model file and faults all of it in while loading. Weights it
+        repacks (q8_0 on AVX512-VNNI, q4_0 on AVX2, both on ARM with dot products) are
+        copied into a layout of their own and their pages are never read again, yet they
+        stayed resident next to the copy. The mapping is read-only and file-backed, so
+        this loses nothing: what decodes still read (biases, norms, the token-embedding
+        rows they look up) faults back in from the page cache on first touch. Called
+        after loading, and by the model registry when a model goes idle after a bulk job
+        has mapped much of the file back in. Not while ``close`` runs. Returns the bytes
+        advised (0 where /proc/self/maps could not be read at load).
+        """
+        if not self._model:
+            return 0
+        self.tokens_since_release = 0
+        return drop_pages(self._file_ranges)
+
     def close(self) -> None:
         """Free the contexts and the weights; the engine is unusable afterwards."""
         if self._pool is not None:
@@ -434,29 +456,35 @@ class Engine:
             pass
 
 
-def release_file_pages(path: str | os.PathLike[str]) -> int:
-    """Hand the kernel back this process's resident pages of ``path``'s memory mappings.
+def read_only_mappings(path: str | os.PathLike[str]) -> set[tuple[int, int]]:
+    """Address ranges of this process's read-only mappings of ``path`` (empty where /proc/self/maps is unreadable).
 
-    llama.cpp maps the model file and faults all of it in while loading. Weights it
-    repacks (q8_0 on AVX512-VNNI, q4_0 on AVX2) are copied out into a layout of their
-    own and their pages are never read again, yet they stayed in the RSS next to the
-    copy (+11 MB for MiniLM q8_0). The mapping is read-only and file-backed, so
-    dropping it loses nothing: whatever a decode still reads (biases, norms, the
-    token-embedding rows it looks up) faults back in from the page cache when first
-    touched. Returns the bytes advised; 0 where /proc/self/maps cannot be read.
+    Writable mappings are left out: a private one's pages may hold changes that
+    dropping them would lose.
     """
     target = os.path.realpath(path)
-    dropped = 0
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             lines = maps.readlines()
     except OSError:
-        return 0
+        return set()
+    found = set()
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[5].rstrip("\n") != target or "w" in fields[1]:
-            continue  # another file, or a writable mapping whose pages may hold changes
-        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if len(fields) == 6 and fields[5].rstrip("\n") == target and "w" not in fields[1]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.add((start, end))
+    return found
+
+
+def drop_pages(ranges: Sequence[tuple[int, int]]) -> int:
+    """``madvise(MADV_DONTNEED)`` each (start, end) range; the bytes the kernel accepted.
+
+    Only for ranges of file-backed read-only mappings that stay mapped while this
+    runs: the pages then come back from the file when touched.
+    """
+    dropped = 0
+    for start, end in ranges:
         if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
             dropped += end - start
     return dropped
@@ -521,6 +549,7 @@ class _Context:
                 if not ptr:
                     raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
                 out[i] = np.ctypeslib.as_array(ptr, shape=(engine.dims,))
+            engine.tokens_since_release += total  # a heuristic's count: a race between contexts may lose one
             if total > self.output_high_water:
                 self.output_high_water = total
                 self._drop_logits_pages()

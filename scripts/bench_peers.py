@@ -26,8 +26,9 @@ hits all three alike. The ratios to quote for the p50 goal are these.
 
 Then the daemon's memory over a job: RSS idle with the model loaded, peak while it
 indexes the 5,574 SMS (index.add, 64 per request), and RSS 5 s after the job; with
-the anonymous part of the idle and after figures apart (the engine hands the model
-file's mapped pages back after loading; decodes map some back in, clean and shared).
+the anonymous part of the idle and after figures apart (the rest is mapped files: the
+libraries, and those pages of the model file that decodes have read since the daemon
+last handed them back, at load and 2 s after a bulk job).
 
     python scripts/bench_peers.py [--texts 1000] [--rounds 3] [--samples 300] [--only NAME ...]
 
@@ -550,7 +551,7 @@ def main() -> None:
         print(f"\ndaemon memory over a job (q8_0, index.add of {m['n']} SMS in {m['seconds']:.1f} s): "
               f"idle {m['idle_kb'] / 1024:.0f} MB, peak {m['peak_kb'] / 1024:.0f} MB, "
               f"5 s after {m['after_kb'] / 1024:.0f} MB = {m['after_kb'] / m['idle_kb']:.2f}x idle (goal <= 1.25x); "
-              f"of which anonymous (the rest is the model file's clean pages, which decodes map back in) "
+              f"of which anonymous (the rest is mapped files) "
               f"{m['idle_anon_kb'] / 1024:.0f} -> {m['after_anon_kb'] / 1024:.0f} MB = "
               f"{m['after_anon_kb'] / max(m['idle_anon_kb'], 1):.2f}x")
 

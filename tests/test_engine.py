@@ -243,12 +243,12 @@ def _mapped_rss_kb(path) -> int:
     return sum(_mappings_rss_kb(path).values())
 
 
-def test_released_file_pages_leave_the_rss_and_read_back_unchanged(tmp_path):
-    """Read-only file mappings are handed back and fault in again intact; a private writable
-    mapping (whose pages may hold changes) is left alone."""
+def test_dropped_pages_leave_the_rss_and_read_back_unchanged(tmp_path):
+    """Read-only file mappings are found and their pages fault back in intact; a private writable
+    mapping (whose pages may hold changes) is never among them."""
     import mmap
 
-    from pocketembed.daemon.engine import release_file_pages
+    from pocketembed.daemon.engine import drop_pages, read_only_mappings
 
     data = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
     path = tmp_path / "weights.bin"
@@ -258,10 +258,12 @@ def test_released_file_pages_leave_the_rss_and_read_back_unchanged(tmp_path):
         assert ro[:] == data  # every page resident
         cow[:5] = b"edit!"
         assert _mapped_rss_kb(path) >= 4096
-        assert release_file_pages(path) == len(data)  # the read-only mapping only
+        ranges = read_only_mappings(path)
+        assert len(ranges) == 1  # the read-only mapping only
+        assert drop_pages(sorted(ranges)) == len(data)
         assert _mapped_rss_kb(path) < 64  # the copy-on-write one kept its single page
         assert ro[:] == data and cow[:5] == b"edit!" and cow[5:] == data[5:]
-    assert release_file_pages(tmp_path / "not-mapped.bin") == 0
+    assert read_only_mappings(tmp_path / "not-mapped.bin") == set()
 
 
 def test_loading_leaves_the_model_file_out_of_the_rss(home, engines):
@@ -280,5 +282,10 @@ def test_loading_leaves_the_model_file_out_of_the_rss(home, engines):
         assert sum(mine.values()) < size_kb * 0.1, f"{mine} kB of {size_kb:.0f} kB resident"
         cos = (e.embed(TEXTS) * reference.embed(TEXTS)).sum(1)
         assert cos.min() > 0.9999  # the same model, whatever it had to fault back in
+        assert e.tokens_since_release >= sum(len(e.tokenize(t)) for t in TEXTS)
+        assert e.release_file_pages() > 0 and e.tokens_since_release == 0
+        assert sum(kb for r, kb in _mappings_rss_kb(e.path).items() if r not in before) < size_kb * 0.1
+        cos = (e.embed(TEXTS) * reference.embed(TEXTS)).sum(1)
+        assert cos.min() > 0.9999
     finally:
         e.close()

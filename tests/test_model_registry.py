@@ -177,3 +177,48 @@ def test_on_demand_off_and_per_model_settings(home, tmp_path, engines):
             assert row_cosines(got, doc).max() < SAME_EMBEDDING_COS  # a missing prefix would be caught
     finally:
         assert d.stop() == 0
+
+
+def _model_file_rss_kb(pid: int, path) -> int:
+    """Resident kB of a process's mappings of ``path`` (/proc/PID/smaps)."""
+    from pathlib import Path
+
+    target, total, inside = os.path.realpath(path), 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and ":" not in head[0] and len(head) >= 5:
+            inside = len(head) == 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_model_file_pages_go_back_after_a_bulk_job_not_after_queries(home, tmp_path, engines):
+    """The engine hands the model file's pages back at load; a bulk job's decodes map much of it
+    in again, and the daemon hands it back once the model has idled ~2 s after 20,000+ tokens.
+    A few queries stay below that count and keep their pages (re-faulting them costs latency)."""
+    from pocketembed.sms import load_sms
+
+    path, size_kb = engines["q8_0"].path, engines["q8_0"].path.stat().st_size / 1024
+    d = DaemonProcess(fresh_home(home), tmp_path / "pe.sock", "--model", Q8).wait_ready()
+    try:
+        pid = d.proc.pid
+        assert _model_file_rss_kb(pid, path) < size_kb * 0.1  # handed back at load
+        with d.client() as c:
+            c.embed(SMS, model=Q8)
+            time.sleep(3)
+            after_queries = _model_file_rss_kb(pid, path)
+            assert after_queries > 0  # the pages the decodes read came back...
+            assert _model_file_rss_kb(pid, path) >= after_queries  # ...and stay: not a bulk job's worth
+            texts = load_sms()[:1200]  # ~25 tokens each: past the 20,000
+            for s in range(0, len(texts), 64):
+                c.embed(texts[s:s + 64], model=Q8, truncate=True)
+            during = _model_file_rss_kb(pid, path)
+            deadline = time.monotonic() + 10
+            while _model_file_rss_kb(pid, path) >= size_kb * 0.1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            released = _model_file_rss_kb(pid, path)
+            assert released < size_kb * 0.1 <= during, (during, released, size_kb)
+            assert_same_embedding(np.asarray(c.embed(SMS, model=Q8)), engines["q8_0"].embed(SMS))
+    finally:
+        assert d.stop() == 0
