@@ -59,4 +59,4 @@ def test_one_sms_per_request_is_as_good_as_batches(home, tmp_path, reference):
                 recalls[per_request] = recall_at_k(c, "sms", vec, texts, queries)
         finally:
             assert d.stop() == 0
-    assert min(recalls.values()) >= 0.95 and abs(recalls[1] - recalls[500]) <= 0.01, recalls
+    assert min(recalls.values()) >= 0.95 and abs(recalls[1] - recalls[500]) <= 0.01 + 1e-9, recalls  # 10 of 1,000 hits
