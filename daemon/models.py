@@ -96,7 +96,9 @@ class ModelRegistry:
     Memory is accounted as weights (file size) plus an estimate per llama
     context. Loading past the budget evicts least recently used models that
     have no held requests; if that is not enough the load fails and nothing
-    already loaded is touched.
+    already loaded is touched. The keep-alive thread also hands a model's file
+    pages back (``Engine.release_file_pages``) once it has idled a moment after
+    a bulk job.
     """
 
     def __init__(self, home: Path, *, threads: int | None = None, contexts: int | None = None,
@@ -105,7 +107,7 @@ class ModelRegistry:
                  release_after: float = 2.0, release_tokens: int = 20_000) -> None:
         self.home = home
         self.release_after = release_after
-        """Seconds a model must have been idle before its file pages are handed back (see ``_release_due``)."""
+        """Seconds a model must have been idle before its file pages are handed back (see ``_release_pending``)."""
         self.release_tokens = release_tokens
         """...and the tokens it must have decoded since the last time: a bulk job's worth, not a few queries."""
         self.threads = threads
@@ -363,6 +365,8 @@ class ModelRegistry:
                 try:
                     dropped = e.engine.release_file_pages()
                     log.debug("%s idle after a bulk job: handed back %.0f MB of its file's pages", e.spec.name, dropped / 2**20)
+                except Exception:
+                    log.exception("handing back %s's file pages failed", e.spec.name)  # memory only: keep serving
                 finally:
                     with self._cv:
                         e.users -= 1
