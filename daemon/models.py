@@ -348,9 +348,9 @@ class ModelRegistry:
                 now = time.monotonic()
                 due = [n for n, e in self._models.items()
                        if self._evictable(n, e) and e.keep_alive >= 0 and now - e.last_used >= e.keep_alive]
-                idle = [e for n, e in self._models.items()
-                        if n not in due and self._evictable(n, e) and self._release_pending(e)]
-                releases = [e for e in idle if now - e.last_used >= self.release_after]
+                pending = [e for n, e in self._models.items()
+                           if n not in due and self._evictable(n, e) and self._release_pending(e)]
+                releases = [e for e in pending if now - e.last_used >= self.release_after]
                 for e in releases:
                     e.users += 1  # pinned: not closed while its pages are dropped
                 if not due and not releases:
@@ -358,7 +358,7 @@ class ModelRegistry:
                     # (``_idle_check``) or is loaded: no wake-ups while nothing can expire.
                     waits = [e.keep_alive - (now - e.last_used) for n, e in self._models.items()
                              if self._evictable(n, e) and e.keep_alive >= 0]
-                    waits += [self.release_after - (now - e.last_used) for e in idle]
+                    waits += [self.release_after - (now - e.last_used) for e in pending]
                     self._reap_cv.wait(min(waits) if waits else None)
                     continue
             for e in releases:

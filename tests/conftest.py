@@ -75,6 +75,18 @@ q8_0: ~0.99), a missing prefix or another pooling lands far below this bound.
 """
 
 
+def mappings_rss_kb(path: str | os.PathLike[str], pid: int | str = "self") -> dict[str, int]:
+    """Resident kB of each of a process's mappings of ``path``, by address range (/proc/PID/smaps)."""
+    target, found, current = os.path.realpath(path), {}, None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = head[0] if len(head) == 6 and head[5] == target else None
+        elif current and line.startswith("Rss:"):
+            found[current] = int(line.split()[1])
+    return found
+
+
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

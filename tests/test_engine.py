@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import mappings_rss_kb
 from pocketembed.daemon import llama_runtime
 from pocketembed.daemon.engine import Engine, EngineConfig, physical_cores, postprocess
 from pocketembed.errors import EmptyText, InvalidInput, TextTooLong, UnsupportedBuild
@@ -237,23 +238,8 @@ def test_contexts_decode_on_their_own_thread_pools_which_close_frees(home):
     assert os_threads() <= before + 1
 
 
-def _mappings_rss_kb(path) -> dict[str, int]:
-    """Resident kB of each of this process's mappings of ``path``, by address range (/proc/self/smaps)."""
-    import os
-    from pathlib import Path
-
-    target, found, current = os.path.realpath(path), {}, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-            current = head[0] if len(head) == 6 and head[5] == target else None
-        elif current and line.startswith("Rss:"):
-            found[current] = int(line.split()[1])
-    return found
-
-
 def _mapped_rss_kb(path) -> int:
-    return sum(_mappings_rss_kb(path).values())
+    return sum(mappings_rss_kb(path).values())
 
 
 def test_dropped_pages_leave_the_rss_and_read_back_unchanged(tmp_path):
@@ -285,19 +271,19 @@ def test_loading_leaves_the_model_file_out_of_the_rss(home, engines):
     from pocketembed.daemon.models import open_engine
 
     reference = engines["q8_0"]  # maps the same file: only the new engine's mapping counts
-    before = _mappings_rss_kb(reference.path)
+    before = mappings_rss_kb(reference.path)
     _, e = open_engine(None, home, contexts=1)
     try:
         assert e.path == reference.path
         size_kb = e.path.stat().st_size / 1024
-        mine = {r: kb for r, kb in _mappings_rss_kb(e.path).items() if r not in before}
+        mine = {r: kb for r, kb in mappings_rss_kb(e.path).items() if r not in before}
         assert mine, "the engine's model file is not mapped"
         assert sum(mine.values()) < size_kb * 0.1, f"{mine} kB of {size_kb:.0f} kB resident"
         cos = (e.embed(TEXTS) * reference.embed(TEXTS)).sum(1)
         assert cos.min() > 0.9999  # the same model, whatever it had to fault back in
         assert e.tokens_since_release >= sum(len(e.tokenize(t)) for t in TEXTS)
         assert e.release_file_pages() > 0 and e.tokens_since_release == 0
-        assert sum(kb for r, kb in _mappings_rss_kb(e.path).items() if r not in before) < size_kb * 0.1
+        assert sum(kb for r, kb in mappings_rss_kb(e.path).items() if r not in before) < size_kb * 0.1
         cos = (e.embed(TEXTS) * reference.embed(TEXTS)).sum(1)
         assert cos.min() > 0.9999
     finally:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import fresh_home, SAME_EMBEDDING_COS, assert_same_embedding, row_cosines, run_cli
+from conftest import fresh_home, SAME_EMBEDDING_COS, assert_same_embedding, mappings_rss_kb, row_cosines, run_cli
 from daemon_proc import DaemonProcess
 from pocketembed.daemon.models import parse_keep_alive
 from pocketembed.errors import InvalidInput
@@ -180,17 +180,7 @@ def test_on_demand_off_and_per_model_settings(home, tmp_path, engines):
 
 
 def _model_file_rss_kb(pid: int, path) -> int:
-    """Resident kB of a process's mappings of ``path`` (/proc/PID/smaps)."""
-    from pathlib import Path
-
-    target, total, inside = os.path.realpath(path), 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and ":" not in head[0] and len(head) >= 5:
-            inside = len(head) == 6 and head[5] == target
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
+    return sum(mappings_rss_kb(path, pid).values())
 
 
 def test_model_file_pages_go_back_after_a_bulk_job_not_after_queries(home, tmp_path, engines):
