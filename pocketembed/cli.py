@@ -604,23 +604,40 @@ def cmd_collections(args: argparse.Namespace) -> int:
 # -- jobs ---------------------------------------------------------------------------
 
 
+def _job_unit(job: dict) -> str:
+    """What a job's counters count: rows of a source table, or items an app handed over (``index.enqueue``)."""
+    return "items" if job.get("kind") == "queue" else "rows"
+
+
+def _job_source(job: dict) -> str:
+    """Where a job's texts come from and go to.
+
+    A table job names its source table; a queue job (``index.enqueue``) has no
+    table, so it says how many of its items still wait to be embedded.
+    """
+    if job.get("kind") != "queue":
+        return f"{job.get('table', '?')} → {job['collection']}"
+    waiting = max(0, (job.get("total") or 0) - job["scanned"])
+    return f"queue → {job['collection']}" + (f", {waiting} waiting" if waiting else "")
+
+
 def _job_line(job: dict, bar: bool = False) -> str:
-    total, done = job.get("total") or 0, job["scanned"]
+    total, done, unit = job.get("total") or 0, job["scanned"], _job_unit(job)
     pct = f"{100 * job['progress']:5.1f}%"
-    progress = f"{done}/{total} rows" if total else f"{done} rows"
+    progress = f"{done}/{total} {unit}" if total else f"{done} {unit}"
     if bar:
         width = 24
         filled = int(width * min(1.0, job["progress"]))
         progress = f"[{'#' * filled}{'.' * (width - filled)}] {progress}"
     extra = []
     if job.get("rate_rows_s"):
-        extra.append(f"{job['rate_rows_s']:.0f} rows/s")
+        extra.append(f"{job['rate_rows_s']:.0f} {unit}/s")
     if job.get("eta_s") is not None:
         extra.append(f"ETA {_duration(job['eta_s'])}")
     if job["skipped"] or job["failed"]:
         extra.append(f"{job['skipped']} skipped, {job['failed']} failed")
     why = job.get("error") or job.get("reason")
-    return (f"job {job['id']} {job['state']:<9} {pct} {progress}  {job['table']} → {job['collection']}"
+    return (f"job {job['id']} {job['state']:<9} {pct} {progress}  {_job_source(job)}"
             + (f"  {', '.join(extra)}" if extra else "") + (f"  ({why})" if why else ""))
 
 
@@ -652,7 +669,7 @@ def _follow(client, job_id: int) -> dict:
 
 
 def _finished(job: dict) -> int:
-    print(f"job {job['id']} {job['state']}: {job['scanned']} rows, {job['embedded']} embedded, {job['unchanged']} "
+    print(f"job {job['id']} {job['state']}: {job['scanned']} {_job_unit(job)}, {job['embedded']} embedded, {job['unchanged']} "
           f"unchanged, {job['skipped']} skipped, {job['failed']} failed, {job['deleted']} deleted")
     if job["state"] != "done":
         raise PocketEmbedError(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job.get("error") else ""),

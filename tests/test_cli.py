@@ -161,3 +161,59 @@ def test_swapped_file_is_refused(copied_home):
     shutil.copyfile(models / get("all-minilm-l6-v2:q4_0").file, models / get(None).file)
     assert_clean_error(run_cli("embed", "hi", home=copied_home), "model_corrupt")
     assert manifest.is_current(copied_home, get("all-minilm-l6-v2:q4_0"))
+
+
+def test_status_and_jobs_list_an_apps_queue_job(home, tmp_path):
+    """A queue job (index.enqueue, no source table) shows in `status`, `jobs` and `jobs status ID` as a user runs them.
+
+    The battery reads unplugged, so the job stays waiting with its items: what a
+    phone shows between a first install's enqueue and the charger. Then plugged,
+    it drains and `jobs` shows it done.
+    """
+    import time
+
+    from daemon_proc import DaemonProcess
+    from pocketembed.sms import load_sms
+
+    sensors = tmp_path / "battery.json"
+
+    def battery(plugged: bool) -> None:
+        tmp = sensors.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"battery": {"percent": 40, "plugged": plugged}, "cpu_percent": 3}))
+        tmp.replace(sensors)
+
+    battery(plugged=False)
+    sock = tmp_path / "pe.sock"
+    root = fresh_home(home, tmp_path / "home")
+    daemon = DaemonProcess(root, sock, "--power-source", f"file:{sensors}",
+                           env={"POCKETEMBED_POWER_POLL_S": "0.2", "POCKETEMBED_POWER_SETTLE_S": "0.2"}).wait_ready()
+    try:
+        texts = load_sms()[:30]
+        with daemon.client() as c:
+            job = c.index_enqueue("sms", [{"id": i + 1, "text": s} for i, s in enumerate(texts)])
+        assert job["kind"] == "queue"
+        line = re.compile(rf"job {job['id']} \w+ .*queue → sms, 30 waiting")
+
+        status = run_cli("status", "--socket", str(sock), home=root)
+        assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+        assert line.search(status.stdout), status.stdout
+        listed = run_cli("jobs", "--socket", str(sock), home=root)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        assert line.search(listed.stdout), listed.stdout
+        one = run_cli("jobs", "status", str(job["id"]), "--socket", str(sock), home=root)
+        assert one.returncode == 0 and "Traceback" not in one.stderr, one.stderr
+        assert line.search(one.stdout) and "0/30 items" in one.stdout, one.stdout
+
+        battery(plugged=True)
+        with daemon.client() as c:
+            deadline = time.monotonic() + 120  # a wedge guard: 30 short texts take well under a second
+            while c.job(job["id"])["state"] != "done":
+                assert time.monotonic() < deadline, c.job(job["id"])
+                time.sleep(0.1)
+        listed = run_cli("jobs", "--socket", str(sock), home=root)
+        assert listed.returncode == 0, listed.stderr
+        assert re.search(rf"job {job['id']} done .* 30/30 items  queue → sms(?!, \d+ waiting)", listed.stdout), listed.stdout
+        waited = run_cli("jobs", "wait", str(job["id"]), "--socket", str(sock), home=root)
+        assert waited.returncode == 0 and "job %d done: 30 items" % job["id"] in waited.stdout, (waited.stdout, waited.stderr)
+    finally:
+        assert daemon.stop() == 0
