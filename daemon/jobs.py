@@ -437,7 +437,7 @@ class JobRunner:
                 puts = [(i, r[3]) for i, r in latest.items() if r[2] == "put"]
                 deletes = [i for i, r in latest.items() if r[2] == "delete"]
                 metadata = {i: r[4] for i, r in latest.items() if r[2] == "put"}
-                chunk = self._prepare(store, conn, collection, model, puts, job) if puts else \
+                chunk = self._prepare(store, conn, collection, model, puts, job, queued=True) if puts else \
                     _Chunk(0, None, [], [], 0, [])
                 if not puts:
                     chunk.done.set()
@@ -455,16 +455,21 @@ class JobRunner:
 
     def _commit_queued(self, queue: JobQueue, store: Store, job_id: int, collection: str, chunk: _Chunk,
                        rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int) -> None:
-        """A chunk's vectors, metadata, deletions, errors, counters and the removal of its queue rows: one transaction."""
-        info = store.info(collection, queue.conn)
-        text_of = {row_id: text for row_id, text, _ in chunk.todo}
-        items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text_of[row_id] if info.store_text else None)
-                 for row_id, _, h in chunk.todo]
+        """A chunk's vectors, metadata, deletions, errors, counters and the removal of its queue rows: one transaction.
+
+        Which items are unchanged is decided here, against what is committed: the chunk before this one
+        (prepared alongside it) may have deleted an id or given it another text since this one was prepared.
+        """
         now = time.monotonic()
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:
+            info = store.info(collection, conn)
+            committed = store.hashes(conn, collection, [row_id for row_id, _, _ in chunk.todo])
+            unchanged = [row_id for row_id, _, h in chunk.todo if committed.get(row_id) == h]
+            items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text if info.store_text else None)
+                     for row_id, text, h in chunk.todo if committed.get(row_id) != h]
             store.put(conn, collection, items)
-            store.set_metadata(conn, collection, [(i, metadata.get(i)) for i in chunk.unchanged])
+            store.set_metadata(conn, collection, [(i, metadata.get(i)) for i in unchanged])
             deleted = store.delete(conn, collection, deletes) if deletes else 0
             conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
                              [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
@@ -472,13 +477,19 @@ class JobRunner:
             conn.execute(
                 "UPDATE jobs SET scanned = scanned + ?, embedded = embedded + ?, unchanged = unchanged + ?, "
                 "skipped = skipped + ?, failed = failed + ?, deleted = deleted + ?, active_s = active_s + ?, updated = ? "
-                "WHERE id = ?", (len(rows), len(items), len(chunk.unchanged), chunk.skipped, len(chunk.errors), deleted,
+                "WHERE id = ?", (len(rows), len(items), len(unchanged), chunk.skipped, len(chunk.errors), deleted,
                                  active, time.time(), job_id))
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
-                 rows: list[tuple[Any, Any]], job: dict[str, Any]) -> _Chunk:
-        """Sort a chunk's rows into skip / unchanged / to write, and queue the texts never embedded."""
-        known = store.hashes(conn, collection, [r[0] for r in rows])
+                 rows: list[tuple[Any, Any]], job: dict[str, Any], *, queued: bool = False) -> _Chunk:
+        """Sort a chunk's rows into skip / unchanged / to write, and queue the texts never embedded.
+
+        A queue chunk (``queued``) leaves "unchanged" to its commit: a queue may write an id again in
+        the next chunk, which is prepared before this one commits. Its every text gets a vector here
+        (the store's own when it holds the text), so the commit can still write an item that looked
+        unchanged now and was deleted or rewritten by then.
+        """
+        known = {} if queued else store.hashes(conn, collection, [r[0] for r in rows])
         todo, unchanged, errors, skipped = [], [], [], 0
         for row_id, text in rows:
             if text is None or (isinstance(text, str) and not text.strip()):
