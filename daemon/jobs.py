@@ -244,6 +244,8 @@ class _Chunk:
     pending: list[str] = field(default_factory=list)
     """Hashes being embedded, one per distinct text."""
     done: threading.Event = field(default_factory=threading.Event)
+    dims: int | None = None
+    """A Matryoshka collection's dims, which its vectors are embedded at (None: the model's own)."""
     embedded: np.ndarray | None = None
     error: PocketEmbedError | None = None
     started: float = field(default_factory=time.monotonic)
@@ -422,6 +424,7 @@ class JobRunner:
         """Apply a queue job's items chunk by chunk, up to ``pipeline`` chunks in the scheduler at once."""
         job_id, collection, model = job["id"], job["collection"], job["model"]
         conn = queue.conn
+        dims = store.info(collection, conn).dims  # index.enqueue made the collection, maybe with Matryoshka dims
         last_seq = 0
         inflight: deque[tuple[_Chunk, list[tuple], list[Any], dict[Any, str | None], int]] = deque()
         while True:
@@ -437,7 +440,7 @@ class JobRunner:
                 puts = [(i, r[3]) for i, r in latest.items() if r[2] == "put"]
                 deletes = [i for i, r in latest.items() if r[2] == "delete"]
                 metadata = {i: r[4] for i, r in latest.items() if r[2] == "put"}
-                chunk = self._prepare(store, conn, collection, model, puts, job, queued=True) if puts else \
+                chunk = self._prepare(store, conn, collection, model, puts, job, queued=True, dims=dims) if puts else \
                     _Chunk(0, None, [], [], 0, [])
                 if not puts:
                     chunk.done.set()
@@ -481,7 +484,8 @@ class JobRunner:
                                  active, time.time(), job_id))
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
-                 rows: list[tuple[Any, Any]], job: dict[str, Any], *, queued: bool = False) -> _Chunk:
+                 rows: list[tuple[Any, Any]], job: dict[str, Any], *, queued: bool = False,
+                 dims: int | None = None) -> _Chunk:
         """Sort a chunk's rows into skip / unchanged / to write, and queue the texts never embedded.
 
         A queue chunk (``queued``) leaves "unchanged" to its commit: a queue may write an id again in
@@ -501,9 +505,9 @@ class JobRunner:
             else:
                 h = text_hash(text)
                 (unchanged.append(row_id) if known.get(row_id) == h else todo.append((row_id, text, h)))
-        chunk = _Chunk(len(rows), rows[-1][0], todo, unchanged, skipped, errors)
+        chunk = _Chunk(len(rows), rows[-1][0], todo, unchanged, skipped, errors, dims=dims)
         # The store is the embedding cache: a text it holds (any id, any collection of the model) is reused.
-        chunk.vectors = store.known_vectors(conn, model, self.dims(model), {h for _, _, h in todo})
+        chunk.vectors = store.known_vectors(conn, model, dims or self.dims(model), {h for _, _, h in todo})
         texts: dict[str, str] = {}
         for _, text, h in todo:
             if h not in chunk.vectors:
@@ -523,7 +527,7 @@ class JobRunner:
             chunk.done.set()
 
         task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done,
-                         lane=BACKGROUND, truncate=truncate)
+                         lane=BACKGROUND, truncate=truncate, dims=chunk.dims)
         while True:
             try:
                 self.scheduler.submit(task)
@@ -541,7 +545,7 @@ class JobRunner:
         if chunk.error.code not in ROW_ERRORS:
             raise chunk.error
         text_of = {h: t for _, t, h in chunk.todo}
-        singles = {h: _Chunk(1, None, [], [], 0, []) for h in chunk.pending}
+        singles = {h: _Chunk(1, None, [], [], 0, [], dims=chunk.dims) for h in chunk.pending}
         for h, single in singles.items():
             self._submit(single, [text_of[h]], model, job["truncate"])
         failed: dict[str, PocketEmbedError] = {}
