@@ -43,7 +43,7 @@ import numpy as np
 import sqlite_utils
 
 from pocketembed.clients import Forbidden
-from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError, UnknownJob
+from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingDown, SourceError, UnknownJob
 
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
@@ -520,6 +520,12 @@ class JobRunner:
         return chunk
 
     def _submit(self, chunk: _Chunk, texts: list[str], model: str, truncate: bool) -> None:
+        """Queue a chunk's texts in the background lane, waiting while the lane is full or the model unloads.
+
+        ``models.unload`` refuses new requests for its model while it waits for the queued ones;
+        once it has closed the model, a request loads it again on demand. A job waits that out
+        (briefly: the unload waits only for work already queued) instead of failing for good.
+        """
         prefix = self.prefix(model)
 
         def done(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
@@ -528,12 +534,17 @@ class JobRunner:
 
         task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done,
                          lane=BACKGROUND, truncate=truncate, dims=chunk.dims)
+        unloading_wait = 0.05
         while True:
             try:
                 self.scheduler.submit(task)
                 return
             except Busy as e:
                 time.sleep(e.retry_after_ms / 1000)
+            except ModelUnloading:
+                if self._stop.wait(unloading_wait):
+                    raise ShuttingDown("the daemon is shutting down") from None
+                unloading_wait = min(2 * unloading_wait, 1.0)
 
     def _finish(self, chunk: _Chunk, model: str, job: dict[str, Any]) -> None:
         """Wait for a chunk; when the whole chunk failed, embed its texts one by one to find the bad ones."""
