@@ -204,10 +204,20 @@ class IndexService:
             return self._add(store, store.conn, args)
         if op == "index.enqueue":
             return self._enqueue(store, args)
-        with transaction(store.conn):
-            if op == "index.delete":
+        if op == "index.delete":
+            with transaction(store.conn):
                 return {"deleted": store.delete(store.conn, args.collection, args.ids)}
-            return {"collection": args.collection, "dropped": store.drop(store.conn, args.collection)}
+        with transaction(store.conn):  # the collection and its queue go together
+            dropped = store.drop(store.conn, args.collection)
+            ended = self._job_queue(store).drop_collection(store.conn, args.collection)
+        if ended:
+            self.kick_jobs()  # a runner waiting on one of them lets it go now
+        return {"collection": args.collection, "dropped": dropped}
+
+    def _job_queue(self, store: Store) -> JobQueue:
+        """The write thread's job queue, on its connection (its schema checked once, not per op)."""
+        self._queue = self._queue or JobQueue(store.conn)
+        return self._queue
 
     def _target(self, store: Store, name: str, model_name: str | None, dims_asked: int | None) -> tuple[Any, str, int]:
         """The collection's info (None if new), model and dims; a mismatch or a new collection over the limit fails."""
@@ -237,8 +247,7 @@ class IndexService:
             store.ensure_collection(store.conn, args.collection, model, dims, store_text=args.store_text)
         items = [(it.id, it.text, None if it.metadata is None else json.dumps(it.metadata, ensure_ascii=False))
                  for it in args.items]
-        self._queue = self._queue or JobQueue(store.conn)
-        job, created = self._queue.enqueue(args.collection, model, args.truncate, items, list(args.delete))
+        job, created = self._job_queue(store).enqueue(args.collection, model, args.truncate, items, list(args.delete))
         self.kick_jobs()
         return {**job, "created": created, "enqueued": len(items), "deletions": len(args.delete)}
 

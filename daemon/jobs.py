@@ -123,6 +123,25 @@ class JobQueue:
                               (len(items) + len(deletes), time.time(), job_id))
         return self.get(job_id), created
 
+    def drop_collection(self, conn: sqlite3.Connection, collection: str) -> list[int]:
+        """Cancel the collection's queue jobs and delete what waits in them, inside the caller's transaction.
+
+        ``collections.drop`` calls this in the drop's own transaction: what an app queued for a
+        collection it deleted goes with it (failed jobs' rows too: a resume would apply them to a
+        new collection of the name), and a new collection of that name starts with an empty queue.
+        Returns the ids of the jobs it ended.
+        """
+        with self._lock:
+            jobs = [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE kind = 'queue' AND collection = ? "
+                "AND state IN ('queued','running','waiting','paused','failed')", (collection,))]
+            now = time.time()
+            conn.executemany("UPDATE jobs SET state = 'cancelled', reason = 'collection dropped', updated = ?, "
+                             "finished = ? WHERE id = ?", [(now, now, j) for j in jobs])
+            conn.execute("DELETE FROM queue_items WHERE job IN (SELECT id FROM jobs WHERE kind = 'queue' AND collection = ?)",
+                         (collection,))
+        return jobs
+
     def submit(self, spec: JobSpec) -> tuple[dict[str, Any], bool]:
         """A new queued job, or the active one for the same source and collection (second value False)."""
         with self._lock, transaction(self.conn):
@@ -466,6 +485,8 @@ class JobRunner:
         now = time.monotonic()
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:
+            if conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] in FINISHED:
+                return  # cancelled meanwhile (its collection dropped, perhaps made anew): nothing of it applies
             info = store.info(collection, conn)
             committed = store.hashes(conn, collection, [row_id for row_id, _, _ in chunk.todo])
             unchanged = [row_id for row_id, _, h in chunk.todo if committed.get(row_id) == h]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -106,7 +107,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
     db["collections"].create({
         "name": str, "model": str, "dims": int, "created": float, "float_vectors": int, "store_text": int,
-        "version": int, "calib_version": int, "calib_count": int,
+        "uid": str, "version": int, "calib_version": int, "calib_count": int,
         "lo": bytes, "hi": bytes, "mean": bytes, "rotation": bytes,
     }, pk="name", not_null={"model", "dims"},
         defaults={"version": 0, "calib_version": 0, "float_vectors": 0, "store_text": 0}, if_not_exists=True)
@@ -116,7 +117,9 @@ def create_schema(conn: sqlite3.Connection) -> None:
         "metadata": str, "origin": str, "seen": int, "ver": int, "text": str,
     }, pk=("collection", "id", "chunk"), not_null={"text_hash", "bin", "i8"},
         foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
-    add_missing_columns(db, "collections", {"store_text": (int, 0)})
+    # uid tells a collection from an earlier one of the same name (dropped, made again): every
+    # cache of per-collection state (calibration, codes) is filed under it.
+    add_missing_columns(db, "collections", {"store_text": (int, 0), "uid": (str, "")})
     add_missing_columns(db, "items", {"text": (str, None)})
     db["items"].create_index(["collection", "origin", "seen"], if_not_exists=True)
     db["items"].create_index(["collection", "ver"], if_not_exists=True)
@@ -148,14 +151,18 @@ class _Info:
     version: int
     calib_version: int
     calibration: Calibration | None
+    uid: str = ""
+    """This collection, not an earlier one of its name (see create_schema)."""
 
 
 class _Codes:
     """One collection's binary codes in memory: sorted rowids, (words, n) uint64, a validity mask."""
 
-    def __init__(self, version: int, calib_version: int, rowids: np.ndarray, word_rows: np.ndarray) -> None:
+    def __init__(self, version: int, calib_version: int, rowids: np.ndarray, word_rows: np.ndarray,
+                 uid: str = "") -> None:
         self.version = version
         self.calib_version = calib_version
+        self.uid = uid
         self.rowids = rowids
         self.words = word_rows
         self.valid = np.ones(len(rowids), bool)
@@ -198,28 +205,32 @@ class CodeCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._codes: dict[str, _Codes] = {}
-        self._calibrations: dict[str, tuple[int, Calibration]] = {}
+        self._calibrations: dict[str, tuple[str, int, Calibration]] = {}
 
-    def calibration(self, conn: sqlite3.Connection, name: str, dims: int, version: int) -> Calibration:
-        """A collection's calibration, read once per version (the rotation alone is dims² floats)."""
+    def calibration(self, conn: sqlite3.Connection, name: str, dims: int, version: int, uid: str = "") -> Calibration:
+        """A collection's calibration, read once per version (the rotation alone is dims² floats).
+
+        Versions count from 0 again in a collection made anew under a dropped one's name, and the
+        drop cannot reach the caches of other threads' stores: a hit must also match ``uid``.
+        """
         with self._lock:
             hit = self._calibrations.get(name)
-            if hit is not None and hit[0] == version:
-                return hit[1]
-        row = conn.execute("SELECT lo, hi, mean, rotation, calib_count, calib_version FROM collections WHERE name = ?",
+            if hit is not None and hit[:2] == (uid, version):
+                return hit[2]
+        row = conn.execute("SELECT lo, hi, mean, rotation, calib_count, uid, calib_version FROM collections WHERE name = ?",
                            (name,)).fetchone()
         cal = Calibration.from_blobs(dims, *row[:5])
         with self._lock:  # filed under the version read with it: a concurrent recalibration is never mixed in
-            self._calibrations[name] = (row[5], cal)
+            self._calibrations[name] = (row[5], row[6], cal)
         return cal
 
     def get(self, conn: sqlite3.Connection, info: _Info) -> _Codes:
         with self._lock:
             codes = self._codes.get(info.name)
-            if codes is None or codes.calib_version != info.calib_version:
+            if codes is None or codes.calib_version != info.calib_version or codes.uid != info.uid:
                 rows = conn.execute("SELECT rowid, bin FROM items WHERE collection = ? ORDER BY rowid", (info.name,)).fetchall()
                 codes = _Codes(info.version, info.calib_version, np.array([r[0] for r in rows], np.int64),
-                               _word_rows([r[1] for r in rows], info.dims))
+                               _word_rows([r[1] for r in rows], info.dims), info.uid)
                 self._codes[info.name] = codes
             elif codes.version != info.version:
                 deleted = np.array([r[0] for r in conn.execute(
@@ -265,8 +276,9 @@ class Store:
         """
         row = conn.execute("SELECT model, dims, store_text FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
-            conn.execute("INSERT INTO collections (name, model, dims, created, float_vectors, store_text) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (name, model, dims, time.time(), int(float_vectors), int(bool(store_text))))
+            conn.execute("INSERT INTO collections (name, model, dims, created, float_vectors, store_text, uid) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, model, dims, time.time(), int(float_vectors),
+                                                          int(bool(store_text)), secrets.token_hex(8)))
         elif (row[0], row[1]) != (model, dims):
             raise CollectionMismatch(f"collection {name!r} holds {row[0]} vectors of {row[1]} dims, "
                                      f"not {model} / {dims}; use another collection or drop it")
@@ -277,11 +289,11 @@ class Store:
     def info(self, name: str, conn: sqlite3.Connection | None = None) -> _Info:
         conn = conn or self.conn
         row = conn.execute("SELECT name, model, dims, float_vectors, store_text, version, calib_version, "
-                           "calib_count IS NOT NULL FROM collections WHERE name = ?", (name,)).fetchone()
+                           "calib_count IS NOT NULL, uid FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise UnknownCollection(f"no collection named {name!r}")
-        cal = self.cache.calibration(conn, name, row[2], row[6]) if row[7] else None
-        return _Info(row[0], row[1], row[2], bool(row[3]), bool(row[4]), row[5], row[6], cal)
+        cal = self.cache.calibration(conn, name, row[2], row[6], row[8]) if row[7] else None
+        return _Info(row[0], row[1], row[2], bool(row[3]), bool(row[4]), row[5], row[6], cal, row[8])
 
     def collection(self, name: str) -> dict[str, Any]:
         info = self.info(name)

@@ -56,6 +56,12 @@ def stored_texts(root: Path, collection: str) -> dict:
         return dict(conn.execute("SELECT id, text FROM items WHERE collection = ?", (collection,)).fetchall())
 
 
+def queued_left(root: Path, job_id: int) -> int:
+    """Rows of the job still in the queue table."""
+    with sqlite3.connect(root / "index.db") as conn:
+        return conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
+
+
 def queue_row(root: Path, job_id: int) -> tuple[int, int, int]:
     """The job's running sums of what waits in its queue, and the rows that really wait."""
     with sqlite3.connect(root / "index.db") as conn:
@@ -120,7 +126,7 @@ def test_items_queued_before_a_drop_never_reach_the_recreated_collection(home, t
             wait(c, queued["id"], lambda j: j["state"] == "waiting")
             c.drop_collection("c")
             assert c.job(queued["id"])["state"] == "cancelled"
-            assert queue_row(root, queued["id"]) == (0, 0, 0)
+            assert queued_left(root, queued["id"]) == 0
             again = c.index_enqueue("c", [{"id": 100 + i, "text": t} for i, t in enumerate(new)])
             assert again["created"] and again["total"] == 5
             battery(sensors, 40, plugged=True)
@@ -139,7 +145,7 @@ def test_a_full_queue_does_not_outlive_its_dropped_collection(home, tmp_path):
                 c.index_enqueue("full", [], delete=[-1])
             assert e.value.code == "busy"
             c.drop_collection("full")
-            assert c.job(full["id"])["state"] == "cancelled"
+            assert c.job(full["id"])["state"] == "cancelled" and queued_left(root, full["id"]) == 0
             again = c.index_enqueue("full", [{"id": 1, "text": "a new collection of the same name"}])
             assert again["created"] and again["total"] == 1
 
