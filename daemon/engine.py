@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.ctypeslib  # noqa: F401  loaded now: numpy loads it lazily, and a first decode without a free fd must not fail
 
 from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong
 

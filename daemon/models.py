@@ -57,6 +57,9 @@ CONTEXT_OVERHEAD = 8 << 20
 
 parse_keep_alive = parse_duration
 """Seconds from an Ollama-style keep_alive (see pocketembed.config.parse_duration)."""
+REAP_WAIT_MAX_S = 86_400.0
+"""The keep-alive thread wakes at least daily while a model could expire (waits beyond
+threading.TIMEOUT_MAX raise OverflowError)."""
 
 
 @dataclass
@@ -359,7 +362,8 @@ class ModelRegistry:
                     waits = [e.keep_alive - (now - e.last_used) for n, e in self._models.items()
                              if self._evictable(n, e) and e.keep_alive >= 0]
                     waits += [self.release_after - (now - e.last_used) for e in pending]
-                    self._reap_cv.wait(min(waits) if waits else None)
+                    # Bounded below threading.TIMEOUT_MAX whatever a setting says: a longer wait raises.
+                    self._reap_cv.wait(min(min(waits), REAP_WAIT_MAX_S) if waits else None)
                     continue
             for e in releases:
                 try:

@@ -48,7 +48,7 @@ import zmq
 
 from pocketembed import __version__
 from pocketembed.clients import ClientStore, Forbidden, Unauthorized, allows
-from pocketembed.errors import Busy, PocketEmbedError
+from pocketembed.errors import Busy, PocketEmbedError, UnknownJob
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, all_specs, get
 from pocketembed.ipc import ops
@@ -70,6 +70,17 @@ FRAME_CAP = 16 * 1024 * 1024
 """ZeroMQ drops a peer whose frame is larger than this; up to it, an over-size request gets ``too_large``."""
 MAX_INFLIGHT_PER_CLIENT = 256
 """Requests one connection may have waiting for replies; beyond it: ``busy``."""
+REPLY_HWM = 8
+"""Replies ZeroMQ queues for one connection that is not reading them (its send high-water mark); past it
+the daemon drops that connection's replies (``stats.replies_dropped``) and answers its new requests
+``busy`` until it reads again. With the reply cap below, one connection holds at most 8 × 16 MiB."""
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+"""A larger reply is answered ``too_large`` instead (ask for fewer hits or texts)."""
+MAX_TCP_CONNECTIONS = 64
+"""Open TCP connections; a new one beyond them is refused at its handshake (ZeroMQ's ZAP)."""
+HANDSHAKE_S = 5
+"""A TCP connection that has not finished ZeroMQ's handshake by then is closed (it holds a connection slot)."""
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 EXIT_THREAD_DIED = 70
 BAD_TOKENS_BEFORE_BLOCK = 10
 """Bad tokens a connection may send before it is refused outright for BLOCK_S."""
@@ -133,11 +144,15 @@ class _Stats:
         self.errors = 0
         self.by_op: dict[str, int] = {}
         self.latency_ms: deque[float] = deque(maxlen=2048)
-        self.counters: dict[str, int] = {"internal_errors": 0}
+        self.counters: dict[str, int] = {"internal_errors": 0, "replies_dropped": 0, "connections_refused": 0}
         self.auth = {"unauthorized": 0, "forbidden": 0, "blocked": 0}
         """Refusals: no or unknown token, a token without the op's permission, a connection blocked for bad tokens."""
         """Shared with the executors: ``internal_errors`` counts bugs answered ``internal``."""
         self.lock = threading.Lock()
+
+    def count(self, counter: str) -> None:
+        with self.lock:
+            self.counters[counter] += 1
 
     def record(self, op: str, ok: bool, started: float) -> None:
         with self.lock:
@@ -154,6 +169,8 @@ class _Stats:
                 "requests": self.requests,
                 "errors": self.errors,
                 "internal_errors": self.counters["internal_errors"],
+                "replies_dropped": self.counters["replies_dropped"],
+                "connections_refused": self.counters["connections_refused"],
                 "auth": dict(self.auth),
                 "by_op": dict(self.by_op),
                 "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
@@ -244,12 +261,23 @@ class Server:
         self._push_socks: list[zmq.Socket] = []
         self._push_lock = threading.Lock()
         self._pull: zmq.Socket | None = None
+        self._push_spare: zmq.Socket | None = None
+        """A PUSH socket for a thread that cannot make its own (out of file descriptors), under _push_lock."""
         self.router: zmq.Socket | None = None
         self.tcp_router: zmq.Socket | None = None
         self._bound_path: Path | None = None
         self.clients = ClientStore(config.home)
         self._bad_tokens: dict[bytes, tuple[int, float]] = {}
-        """TCP connection identity → (bad tokens in a row, blocked until)."""
+        """Connection → (bad tokens in a row, blocked until). On TCP the connection is the id the daemon's
+        ZAP handler gave it at its handshake (its ``User-Id``), which no client can choose or reuse; on the
+        Unix socket, whose only peer is the owner, its routing id."""
+        self._zap: zmq.Socket | None = None
+        self._tcp_monitor: zmq.Socket | None = None
+        self._tcp_fds: set[int] = set()
+        """Open TCP connections (their fds, from the ROUTER's monitor): the count the ZAP handler caps."""
+        self._tcp_serials = iter(range(1, 1 << 62))
+        self._stalled: set[bytes] = set()
+        """Routing ids of connections whose reply queue was full at the last send (they are not reading)."""
 
         counters = self.stats.counters
         self.executors = {
@@ -285,7 +313,8 @@ class Server:
                                 allowed_source=self._check_source, ranges=self.model_ranges.get)
         self.index = IndexService(db, self.scheduler, self.models, reply=self._reply, on_death=self._died,
                                   counters=counters, max_collections=config.max_collections,
-                                  kick_jobs=self.runner.kick, ranges=self.model_ranges.get)
+                                  kick_jobs=self.runner.kick, ranges=self.model_ranges.get,
+                                  allowed_source=self._check_source, source_budget_s=config.source_budget_s)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -314,16 +343,29 @@ class Server:
         self._bound_path = path
         os.chmod(path, 0o600)
         if tcp_host is not None:
+            # Every TCP connection passes the ZAP handler (on the I/O thread) at its handshake: it is
+            # refused beyond MAX_TCP_CONNECTIONS and otherwise gets a daemon-chosen id of its own.
+            self._zap = self.net_ctx.socket(zmq.ROUTER)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(ZAP_ENDPOINT)
             self.tcp_router = self._router()
+            self.tcp_router.setsockopt(zmq.ZAP_DOMAIN, b"pocketembed")
+            self.tcp_router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
+            self._tcp_monitor = self.tcp_router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             self.tcp_router.bind(f"tcp://{tcp_host}:{tcp_port}")
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.bind(self._reply_addr)
+        self._push_spare = self.ctx.socket(zmq.PUSH)
+        self._push_spare.connect(self._reply_addr)
+        self._push_socks.append(self._push_spare)
 
     def _router(self) -> zmq.Socket:
         sock = self.net_ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, FRAME_CAP)
+        sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full reply queue raises EAGAIN instead of dropping unseen
         return sock
 
     def load_preloaded(self) -> None:
@@ -349,6 +391,9 @@ class Server:
         if self.tcp_router is not None:
             poller.register(self.tcp_router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        for aux in (self._zap, self._tcp_monitor):
+            if aux is not None:
+                poller.register(aux, zmq.POLLIN)
         # A signal may land on any thread; Python runs its handler on this one only once it is
         # awake. The wake-up fd makes a signal wake the poll, so it needs no timeout.
         signal_r, signal_w = socket.socketpair()
@@ -368,6 +413,9 @@ class Server:
                     self._drain_replies()
                 if self._fatal is not None:
                     return self._die()
+                if self._zap is not None and (self._zap in events or self._tcp_monitor in events):
+                    self._track_connections()  # the monitor first: the ZAP handler counts what it saw
+                    self._serve_zap()
                 for sock in (self.router, self.tcp_router):
                     if sock is not None and sock in events:
                         self._read_requests(sock)
@@ -432,6 +480,9 @@ class Server:
         os._exit(EXIT_THREAD_DIED)  # wedged threads cannot be joined; the kernel frees the data directory's lock
 
     def _close_sockets(self) -> None:
+        for aux in (self._tcp_monitor, self._zap):
+            if aux is not None:
+                aux.close(linger=0)
         with self._push_lock:
             for sock in self._push_socks:
                 sock.close(linger=1000)
@@ -449,12 +500,45 @@ class Server:
     # -- I/O thread -------------------------------------------------------------------
 
     def _read_requests(self, sock: zmq.Socket) -> None:
-        for frames in _pending(sock):
-            self._route(sock, frames)
+        if sock is self.tcp_router:
+            for parts in _pending(sock, copy=False):
+                conn = parts[-1].get("User-Id").encode()  # given by the ZAP handler: per connection, unspoofable
+                self._route(sock, [p.bytes for p in parts], conn)
+        else:
+            for frames in _pending(sock):
+                self._route(sock, frames, frames[0])
 
-    def _route(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _track_connections(self) -> None:
+        """Open TCP connections, from the ROUTER's monitor (the fd of each accepted and closed one)."""
+        for frames in _pending(self._tcp_monitor):
+            event, fd = struct.unpack("=Hi", frames[0][:6])
+            if event == zmq.EVENT_ACCEPTED:
+                self._tcp_fds.add(fd)
+            else:
+                self._tcp_fds.discard(fd)
+
+    def _serve_zap(self) -> None:
+        """ZeroMQ's ZAP: admit a TCP connection (with an id of its own) unless MAX_TCP_CONNECTIONS are open."""
+        for frames in _pending(self._zap):
+            if len(frames) < 8 or frames[1] != b"":
+                continue
+            request_id = frames[3]
+            if len(self._tcp_fds) > MAX_TCP_CONNECTIONS:  # the connection asking is counted already
+                self.stats.count("connections_refused")
+                reply = [b"1.0", request_id, b"300", b"too many connections", b"", b""]
+            else:
+                reply = [b"1.0", request_id, b"200", b"OK", f"tcp-{next(self._tcp_serials)}".encode(), b""]
+            self._zap.send_multipart([frames[0], b"", *reply])
+
+    def _route(self, sock: zmq.Socket, frames: list[bytes], conn: bytes) -> None:
         started = time.perf_counter()
         identity, payload = _split_envelope(frames)
+        if identity and identity[0] in self._stalled:
+            # It has not read its last replies: nothing more is run for it until a reply gets through.
+            self._send(sock, identity, P.error_reply(None, P.BUSY, "this connection is not reading its replies; "
+                                                     "read them before sending more", retry_after_ms=1000))
+            self.stats.record("?", False, started)
+            return
         if payload is None:
             # Wrong frame count: answer on the identity we have, if any.
             if identity:
@@ -463,14 +547,16 @@ class Server:
             return
         req_id = None
         try:
+            # Authenticate, then authorise, then validate: a refusal says nothing about what was refused.
             req = ops.decode_envelope(payload)
             req_id = req.id
-            granted = self._authenticate(sock, identity[0], req)
+            granted = self._authenticate(sock, conn, req)
+            ops.known_op(req)
+            if not req.op.allowed_before_args(granted, req.raw_args):
+                raise self._forbidden(req.op)
             ops.decode_args(req)
-            needed = req.op.needs(req.args)
-            if not allows(granted, needed):
-                self.stats.auth["forbidden"] += 1
-                raise Forbidden(f"this client may not {req.op.name}" + (f" (needs {needed})" if needed else ""))
+            if not allows(granted, req.op.needs(req.args)):
+                raise self._forbidden(req.op)
             if self._stop.is_set():
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the daemon is shutting down")
             for model in (getattr(req.args, "model", None), getattr(req.args, "rerank", None)):
@@ -501,6 +587,10 @@ class Server:
             self._send(sock, identity, P.error_reply(req_id, e.code, e.message, **extra))
             self.stats.record("?", False, started)
 
+    def _forbidden(self, op: ops.Op) -> Forbidden:
+        self.stats.auth["forbidden"] += 1
+        return Forbidden(f"this client may not {op.name}" + ("" if "{" in (op.permission or "") else f" (needs {op.permission})"))
+
     def _authenticate(self, sock: zmq.Socket, conn: bytes, req: ops.Request) -> tuple[str, ...]:
         """The permissions this request carries; Unauthorized without a known token where one is needed.
 
@@ -508,7 +598,7 @@ class Server:
         tokens in a row is refused without a check for BLOCK_S: a flood of
         guesses costs the daemon a dict lookup each.
         """
-        if req.op.permission is None:
+        if req.op is not None and req.op.permission is None:
             return ()
         if sock is self.router and not self.config.require_auth_unix:
             return ("admin",)  # the Unix socket is 0600 in a 0700 directory: the peer is the owner
@@ -603,14 +693,24 @@ class Server:
     def _send(self, sock: zmq.Socket, identity: list[bytes], reply: bytes) -> None:
         try:
             sock.send_multipart([*identity, reply], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # peer gone or its queue full: nothing else to do
+        except zmq.Again:  # REPLY_HWM replies wait unread: this one is dropped, and the connection marked
+            self._stalled.add(identity[0])
+            self.stats.count("replies_dropped")
+        except zmq.ZMQError as e:  # the peer is gone
             log.debug("reply dropped: %s", e)
+        else:
+            self._stalled.discard(identity[0])
 
     def _push_frames(self, frames: list[bytes]) -> None:
         """From any thread: hand frames to the I/O thread over this thread's own PUSH socket."""
         sock = getattr(self._tls, "push", None)
         if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
+            try:
+                sock = self.ctx.socket(zmq.PUSH)
+            except zmq.ZMQError:  # no file descriptor left for a socket: the shared one, made at bind
+                with self._push_lock:
+                    self._push_spare.send_multipart(frames)
+                return
             sock.connect(self._reply_addr)
             self._tls.push = sock
             with self._push_lock:
@@ -623,7 +723,10 @@ class Server:
         req_id, op, started = (held.req_id, held.op, held.started) if held else (None, "?", time.perf_counter())
         if error is None:
             reply = P.ok_reply(req_id, result)
-        else:
+            if len(reply) > MAX_REPLY_BYTES:
+                error = PocketEmbedError(f"the reply would be {len(reply):,} bytes, over the limit of {MAX_REPLY_BYTES:,}; "
+                                         "ask for fewer hits, texts or dims", code=P.TOO_LARGE)
+        if error is not None:
             extra = {"retry_after_ms": error.retry_after_ms} if isinstance(error, Busy) else {}
             reply = P.error_reply(req_id, error.code, error.message, **extra)
         self.stats.record(op, error is None, started)
@@ -661,10 +764,15 @@ class Server:
             return self.jobs.list(limit=a.limit)
         if op == "jobs.status":
             a, granted = a
-            job = self.jobs.get(a.job)
-            if not allows(granted, f"index:{job['collection']}"):
-                self.stats.auth["forbidden"] += 1
-                raise Forbidden(f"this client may not read job {a.job} (needs index:{job['collection']} or admin)")
+            try:
+                job = self.jobs.get(a.job)
+            except UnknownJob:
+                job = None
+            if job is None or not allows(granted, f"index:{job['collection']}"):
+                # A job of another collection and no job at all get the same answer: nothing to learn.
+                if job is not None:
+                    self.stats.auth["forbidden"] += 1
+                raise UnknownJob(f"no job {a.job}" + ("" if "admin" in granted else " that this client may read"))
             return {**job, "errors": self.jobs.errors(a.job)}
         job = self.jobs.control(a.job, op.split(".", 1)[1])
         self.runner.kick()
@@ -676,7 +784,7 @@ class Server:
         spec = JobSpec(db=a.db, table=a.table, id_column=a.id_column, text_column=a.text_column,
                        where=a.where or None, collection=a.collection or a.table, model=self.models.spec(a.model, "embed").name,
                        truncate=a.truncate)
-        source = SourceTable(spec, budget_s=self.config.source_budget_s)
+        source = SourceTable(spec, budget_s=self.config.source_budget_s, allow=self._check_source)
         try:
             source.check_unique()
         finally:
@@ -744,11 +852,11 @@ def _drain_fd(sock: socket.socket) -> None:
         pass
 
 
-def _pending(sock: zmq.Socket) -> Iterator[list[bytes]]:
-    """Every message already queued on ``sock``, without blocking."""
+def _pending(sock: zmq.Socket, copy: bool = True) -> Iterator[list[Any]]:
+    """Every message already queued on ``sock``, without blocking (``copy=False``: as zmq.Frames)."""
     while True:
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK)
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
 

@@ -20,6 +20,7 @@ No llama.cpp here: clients may import this module to check requests early.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
@@ -27,6 +28,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from pocketembed.clients import allows
 from pocketembed.config import parse_duration
 from pocketembed.errors import PocketEmbedError
 
@@ -300,6 +302,25 @@ class Op:
     """The permission depends on stored state (a job's collection): the executor checks it with the
     caller's permissions; the router only requires an authenticated caller."""
 
+    def allowed_before_args(self, granted: tuple[str, ...], raw_args: bytes) -> bool:
+        """Whether ``granted`` may make this request at all, decided before its arguments are validated.
+
+        So a client learns nothing from an op it may not call, not even whether its
+        arguments would be valid. For a per-collection permission the collection is
+        read leniently from the raw args; if it is missing or not a string, any
+        permission of the kind (``search:*`` or ``search:X``) lets the request on to
+        validation, which then names what is wrong.
+        """
+        if self.permission is None:
+            return True
+        if "{" not in self.permission:
+            return allows(granted, self.permission)
+        kind = self.permission.partition(":")[0]
+        collection = None if self.by_executor else _peek_collection(raw_args)
+        if isinstance(collection, str):
+            return allows(granted, f"{kind}:{collection}")
+        return "admin" in granted or any(g.startswith(kind + ":") for g in granted)
+
     def needs(self, args: Args) -> str | None:
         if self.by_executor:
             return None
@@ -353,23 +374,35 @@ _DECODERS = {name: msgspec.msgpack.Decoder(op.args) for name, op in OPS.items()}
 @dataclass
 class Request:
     id: Any
-    op: Op
+    op: Op | None
+    """None for an op name the table does not know: refused (``unknown_op``) only after authentication,
+    so a caller without a token does not learn the list of ops."""
     args: Args | None
     """None until ``decode_args``: the daemon authenticates a request before it reads its args."""
     auth: str | None = None
     raw_args: bytes = b"\x80"
+    op_name: str = ""
 
 
 def decode(frame: bytes) -> Request:
     """One request frame → a validated Request, or ProtocolError with a stable code."""
-    return decode_args(decode_envelope(frame))
+    return decode_args(known_op(decode_envelope(frame)))
+
+
+def known_op(req: Request) -> Request:
+    """``unknown_op`` unless the request names an op of the table."""
+    if req.op is None:
+        raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {_short_repr(req.op_name)}; known: {', '.join(sorted(OPS))}",
+                              id=req.id)
+    return req
 
 
 def decode_envelope(frame: bytes) -> Request:
     """The envelope only (version, id, op, auth); ``args`` stays raw until ``decode_args``.
 
     The id is recovered whenever the frame is a map, so even a bad request's
-    error reply can be matched by the client.
+    error reply can be matched by the client. An op name the table does not know
+    leaves ``op`` None (see ``known_op``).
     """
     try:
         env = _ENVELOPE.decode(frame)  # args stay raw bytes: cheap even for an over-size frame
@@ -389,11 +422,9 @@ def decode_envelope(frame: bytes) -> Request:
         raise P.ProtocolError(P.INVALID_ARGS, "auth must be a string (a client token)", id=req_id)
     if not isinstance(env.op, str):
         raise P.ProtocolError(P.INVALID_ARGS, "op must be a string", id=req_id)
-    op = OPS.get(env.op)
-    if op is None:
-        raise P.ProtocolError(P.UNKNOWN_OP, f"unknown op {_short_repr(env.op)}; known: {', '.join(sorted(OPS))}", id=req_id)
     raw = bytes(env.args)
-    return Request(req_id, op, None, env.auth, b"\x80" if raw == b"\xc0" else raw)  # args: nil, as the empty map
+    return Request(req_id, OPS.get(env.op), None, env.auth, b"\x80" if raw == b"\xc0" else raw,  # args: nil, as {}
+                   op_name=env.op[:128])
 
 
 def decode_args(req: Request) -> Request:
@@ -404,10 +435,31 @@ def decode_args(req: Request) -> Request:
         e.extra["id"] = req.id
         raise
     except msgspec.ValidationError as e:
-        raise P.ProtocolError(P.INVALID_ARGS, f"{req.op.name} args: {e}", id=req.id) from None
+        # A list, string or map longer than its limit is over a size limit, as a text or a frame is.
+        code = P.TOO_LARGE if _OVER_LENGTH.search(str(e)) else P.INVALID_ARGS
+        raise P.ProtocolError(code, f"{req.op.name} args: {e}", id=req.id) from None
     except (msgspec.DecodeError, RecursionError) as e:
         raise P.ProtocolError(P.INVALID_ARGS, f"{req.op.name} args cannot be decoded ({_short(e)})", id=req.id) from None
     return req
+
+
+_OVER_LENGTH = re.compile(r"^Expected `\w+` of length <= ")
+
+
+class _Peek(Struct):
+    """The ``collection`` of a request's args, read leniently (other keys ignored) to authorise it."""
+
+    collection: Any = None
+
+
+_PEEK = msgspec.msgpack.Decoder(_Peek)
+
+
+def _peek_collection(raw_args: bytes) -> Any:
+    try:
+        return _PEEK.decode(raw_args).collection
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
 
 
 def _short(e: BaseException) -> str:
@@ -483,8 +535,6 @@ def render_tables() -> dict[str, str]:
 
 def update_protocol_md(text: str) -> str:
     """PROTOCOL.md with every generated block replaced by its current rendering."""
-    import re
-
     tables = render_tables()
 
     def sub(m: re.Match[str]) -> str:

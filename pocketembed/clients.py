@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pocketembed.errors import InvalidInput, PocketEmbedError
+
+log = logging.getLogger("pocketembed.clients")
 
 ENV_TOKEN = "POCKETEMBED_TOKEN"
 TOKEN_PREFIX = "pe_"
@@ -122,7 +125,9 @@ class ClientStore:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {"clients": {}}
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise _Unreadable(f"cannot read the clients file {self.path}: {e}") from None
+        except ValueError as e:
             raise PocketEmbedError(f"cannot read the clients file {self.path}: {e}", code="invalid_config") from None
         if not isinstance(data, dict) or not isinstance(data.get("clients"), dict):
             raise PocketEmbedError(f"{self.path} is not a clients file", code="invalid_config")
@@ -154,19 +159,39 @@ class ClientStore:
         return found
 
     def _current(self) -> list[tuple[str, ClientInfo]]:
-        """The clients, re-read when the file changed (a stat per call: revocations act at once)."""
+        """The clients, re-read when the file changed (a stat per call: revocations act at once).
+
+        A read that fails for want of a resource (no file descriptors left, an I/O
+        error) keeps the last table that was read and is tried again on the next
+        request: a passing shortage must not lock every app out until a restart. A
+        file that reads but is not a clients file authenticates nobody until it
+        changes again (fail closed: it may be a botched revocation).
+        """
         try:
             st = self.path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
+        except OSError as e:
+            log.warning("cannot stat the clients file (%s); keeping the clients read before", e.strerror)
+            return self._entries
         with self._lock:
             if stamp != self._stamp:
                 try:
                     data = self._read() if stamp is not None else {"clients": {}}
                     self._entries = [(c["token_sha256"], ClientInfo(n, tuple(c["allow"]), c["created"]))
                                      for n, c in data["clients"].items()]
+                except _Unreadable as e:
+                    log.warning("%s; keeping the clients read before and retrying on the next request", e.message)
+                    return self._entries
                 except (PocketEmbedError, KeyError, TypeError):
-                    self._entries = []  # an unreadable file authenticates nobody
+                    log.error("%s is not a valid clients file; no token is accepted until it is fixed", self.path)
+                    self._entries = []
                 self._stamp = stamp
             return self._entries
+
+
+class _Unreadable(PocketEmbedError):
+    """The clients file exists but could not be read just now (EMFILE, EIO, ...)."""
+
+    code = "invalid_config"

@@ -81,28 +81,46 @@ class ConfigError(PocketEmbedError):
     code = "invalid_config"
 
 
+MAX_DURATION_S = 30 * 86_400.0
+"""The longest keep_alive: 30 days. Longer waits overflow the reaper's timed wait and mean "forever",
+which is spelt -1."""
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
 def parse_duration(value: object) -> float:
     """Seconds from an Ollama-style keep_alive: 300, "5m", "1h30m", "90s", 0, -1 (forever).
 
-    Shared by the config file and the wire protocol (``keep_alive`` args), so it lives
-    here rather than in the daemon: the protocol's schemas import it.
+    Negative means forever (-1, "-1", "-5m"); anything else must be a finite
+    duration of at most MAX_DURATION_S. Shared by the config file and the wire
+    protocol (``keep_alive`` args), so it lives here rather than in the daemon:
+    the protocol's schemas import it.
     """
+    hint = "use e.g. 300, '90s', '5m', '1h', 0 or -1 (forever)"
     if isinstance(value, bool) or value is None:
         raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {value!r}")
     if isinstance(value, (int, float)):
-        if value != value:  # NaN
-            raise InvalidInput("keep_alive must be a number of seconds or a duration string")
-        return FOREVER if value < 0 else float(value)
-    if not isinstance(value, str):
+        seconds = float(value)
+        if seconds != seconds:  # NaN
+            raise InvalidInput(f"keep_alive must be a number of seconds or a duration string; {hint}")
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        negative = text.startswith("-")
+        body = text[1:] if negative else text
+        m = _DURATION.fullmatch(body)
+        if not body or m is None:
+            raise InvalidInput(f"keep_alive {value[:40]!r} is not a duration; {hint}")
+        h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + sec
+        seconds = -seconds if negative and seconds else seconds
+    else:
         raise InvalidInput(f"keep_alive must be a duration like 300, '5m' or -1, not {type(value).__name__}")
-    text = value.strip().lower()
-    if text.startswith("-"):
+    if seconds < 0:
         return FOREVER
-    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
-    if not text or m is None:
-        raise InvalidInput(f"keep_alive {value!r} is not a duration; use e.g. 300, '90s', '5m', '1h', 0 or -1")
-    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + sec
+    if seconds > MAX_DURATION_S:
+        raise InvalidInput(f"keep_alive of {seconds:g} s is over the limit of {MAX_DURATION_S:g} s (30 days); "
+                           "use -1 to keep a model loaded forever")
+    return seconds
 
 
 def load(home: Path, path: str | None = None, flags: dict[str, Any] | None = None) -> dict[str, Any]:

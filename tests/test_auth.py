@@ -12,7 +12,7 @@ import zmq
 
 from conftest import fresh_home, run_cli
 from daemon_proc import DaemonProcess
-from pocketembed.ipc import AccessDenied, Client
+from pocketembed.ipc import AccessDenied, Client, DaemonError
 from pocketembed.ipc import ops
 from pocketembed.ipc import protocol as P
 from sms_db import make_sms_db
@@ -160,10 +160,15 @@ def test_an_app_follows_its_own_queue_job_and_no_one_elses(served):
     with Client(tcp, token=sms_app) as c:
         job = c.index_enqueue("inbox", [{"id": 1, "text": "see you at the station at six"}])
         assert c.job(job["id"])["collection"] == "inbox"  # index:inbox reads the job of inbox
-    with Client(tcp, token=other) as c:
-        with pytest.raises(AccessDenied) as e:
+    missing = job["id"] + 1000
+    with Client(tcp, token=other) as c:  # another app's job reads as no job at all: nothing to learn
+        with pytest.raises(DaemonError) as theirs:
             c.job(job["id"])
-        assert e.value.code == "forbidden"
+        with pytest.raises(DaemonError) as none:
+            c.job(missing)
+    assert theirs.value.code == none.value.code == "unknown_job"
+    assert theirs.value.message.replace(str(job["id"]), "N") == none.value.message.replace(str(missing), "N")
+    assert "inbox" not in theirs.value.message
 
 
 def test_tokens_never_reach_the_log(served):  # last of the module's tests: it stops the shared daemon
