@@ -43,7 +43,7 @@ import numpy as np
 import sqlite_utils
 
 from pocketembed.clients import Forbidden
-from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingDown, SourceError, UnknownJob
+from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingDown, SourceError, TooLarge, UnknownJob
 
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
@@ -58,12 +58,28 @@ STATES = (*ACTIVE, "paused", *FINISHED)
 MAX_TEXT_CHARS = 65_536
 """Longer texts are cut to this before tokenizing (with truncate) or refused: a row cannot stall the runner."""
 ROW_ERRORS = {"too_large", "text_too_long", "invalid_input", "empty_text", "invalid_args"}
+"""Error codes that belong to one row; any other error stops the job."""
 MAX_QUEUED = 200_000
 """Items (and deletions) waiting in one collection's queue: a client cannot fill the disk with index.enqueue."""
-"""Error codes that belong to one row; any other error stops the job."""
+MAX_QUEUE_BYTES = 32 << 20
+"""Bytes waiting in one collection's queue. At the item limits (16 KiB text, 64 KiB metadata) an item is
+~80 kB, so MAX_QUEUED alone lets one queue take 16 GB; 32 MiB holds a first install's 40,000 SMS a few times."""
+MAX_QUEUE_BYTES_TOTAL = 128 << 20
+"""Bytes waiting in all queues together: what a phone's disk lends to work not done yet."""
+QUEUE_ROW_BYTES = 64
+"""What a queue row costs besides its values (rowid, job, op, its (job, seq) index entry): deletions count too."""
 
 
 _COUNTERS = ("scanned", "embedded", "unchanged", "skipped", "failed", "deleted")
+
+
+def _stored_size(value: Any) -> int:
+    """Bytes a queue row's value takes: UTF-8 for text, 8 for an integer id, 0 for NULL."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    return 8
 
 
 class JobQueue:
@@ -89,17 +105,35 @@ class JobQueue:
         db["queue_items"].create({"seq": int, "job": int, "id": bytes, "op": str, "text": str, "metadata": str},
                                  pk="seq", foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
         db["queue_items"].create_index(["job", "seq"], if_not_exists=True)
+        # Each queue row's size, and per job the running sums of its waiting rows, kept in every transaction
+        # that adds or removes queue rows: index.enqueue checks its caps without scanning the queue.
+        if "queue_bytes" not in db["jobs"].columns_dict:
+            add_missing_columns(db, "queue_items", {"bytes": (int, 0)})
+            add_missing_columns(db, "jobs", {"queue_rows": (int, 0), "queue_bytes": (int, 0)})
+            with transaction(conn):  # what an older daemon queued, measured once
+                conn.execute(f"UPDATE queue_items SET bytes = {QUEUE_ROW_BYTES} + length(CAST(id AS BLOB)) "
+                             "+ coalesce(length(CAST(text AS BLOB)), 0) + coalesce(length(CAST(metadata AS BLOB)), 0)")
+                conn.execute("UPDATE jobs SET queue_rows = (SELECT COUNT(*) FROM queue_items q WHERE q.job = jobs.id), "
+                             "queue_bytes = (SELECT coalesce(SUM(bytes), 0) FROM queue_items q WHERE q.job = jobs.id) "
+                             "WHERE kind = 'queue'")
 
     def enqueue(self, collection: str, model: str, truncate: bool, items: list[tuple[Any, str, str | None]],
                 deletes: list[Any]) -> tuple[dict[str, Any], bool]:
         """Commit items ((id, text, metadata JSON)) and deletions to the collection's active queue job.
 
         Returns the job and whether it was created. Nothing is embedded here: the
-        runner does it when the policy allows.
+        runner does it when the policy allows. A request that could never fit one
+        queue is ``too_large``; one that does not fit now is ``busy``.
         """
+        put_rows = [(i, t, m, QUEUE_ROW_BYTES + _stored_size(i) + _stored_size(t) + _stored_size(m)) for i, t, m in items]
+        delete_rows = [(i, QUEUE_ROW_BYTES + _stored_size(i)) for i in deletes]
+        size = sum(r[3] for r in put_rows) + sum(r[1] for r in delete_rows)
+        if size > MAX_QUEUE_BYTES:
+            raise TooLarge(f"these items and deletions take {size:,} bytes in a queue, which holds at most "
+                           f"{MAX_QUEUE_BYTES:,}; send them in smaller requests")
         with self._lock, transaction(self.conn):
             row = self.conn.execute(
-                "SELECT id FROM jobs WHERE kind = 'queue' AND collection = ? AND model = ? "
+                "SELECT id, queue_rows, queue_bytes FROM jobs WHERE kind = 'queue' AND collection = ? AND model = ? "
                 "AND state IN ('queued','running','waiting','paused') ORDER BY id LIMIT 1", (collection, model)).fetchone()
             created = row is None
             if created:
@@ -110,17 +144,25 @@ class JobQueue:
                     (collection, model, int(truncate), now, now)).lastrowid
             else:
                 job_id = row[0]
-            waiting = self.conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
+            waiting, waiting_bytes = (0, 0) if created else row[1:]
             if waiting + len(items) + len(deletes) > MAX_QUEUED:
                 raise Busy(f"{waiting} items of collection {collection!r} wait in its queue (at most {MAX_QUEUED}); "
                            "retry once the charger has worked through them", retry_after_ms=60_000)
-            self.conn.executemany("INSERT INTO queue_items (job, id, op, text, metadata) VALUES (?, ?, 'put', ?, ?)",
-                                  [(job_id, i, t, m) for i, t, m in items])
-            self.conn.executemany("INSERT INTO queue_items (job, id, op) VALUES (?, ?, 'delete')",
-                                  [(job_id, i) for i in deletes])
-            self.conn.execute("UPDATE jobs SET total = total + ?, updated = ?, phase = 'scan', "
+            if waiting_bytes + size > MAX_QUEUE_BYTES:
+                raise Busy(f"{waiting_bytes:,} bytes of collection {collection!r} wait in its queue (at most "
+                           f"{MAX_QUEUE_BYTES:,}); retry once the charger has worked through them", retry_after_ms=60_000)
+            everywhere = self.conn.execute("SELECT coalesce(SUM(queue_bytes), 0) FROM jobs WHERE queue_bytes > 0").fetchone()[0]
+            if everywhere + size > MAX_QUEUE_BYTES_TOTAL:
+                raise Busy(f"{everywhere:,} bytes wait in the queues of all collections (at most {MAX_QUEUE_BYTES_TOTAL:,}); "
+                           "retry once the charger has worked through them", retry_after_ms=60_000)
+            self.conn.executemany("INSERT INTO queue_items (job, id, op, text, metadata, bytes) VALUES (?, ?, 'put', ?, ?, ?)",
+                                  [(job_id, *r) for r in put_rows])
+            self.conn.executemany("INSERT INTO queue_items (job, id, op, bytes) VALUES (?, ?, 'delete', ?)",
+                                  [(job_id, *r) for r in delete_rows])
+            self.conn.execute("UPDATE jobs SET total = total + ?, queue_rows = queue_rows + ?, queue_bytes = queue_bytes + ?, "
+                              "updated = ?, phase = 'scan', "
                               "state = CASE WHEN state = 'paused' THEN state ELSE 'queued' END WHERE id = ?",
-                              (len(items) + len(deletes), time.time(), job_id))
+                              (len(items) + len(deletes), len(items) + len(deletes), size, time.time(), job_id))
         return self.get(job_id), created
 
     def drop_collection(self, conn: sqlite3.Connection, collection: str) -> list[int]:
@@ -139,6 +181,8 @@ class JobQueue:
             conn.executemany("UPDATE jobs SET state = 'cancelled', reason = 'collection dropped', updated = ?, "
                              "finished = ? WHERE id = ?", [(now, now, j) for j in jobs])
             conn.execute("DELETE FROM queue_items WHERE job IN (SELECT id FROM jobs WHERE kind = 'queue' AND collection = ?)",
+                         (collection,))
+            conn.execute("UPDATE jobs SET queue_rows = 0, queue_bytes = 0 WHERE kind = 'queue' AND collection = ?",
                          (collection,))
         return jobs
 
@@ -206,6 +250,9 @@ class JobQueue:
             self.conn.execute("UPDATE jobs SET state = ?, reason = NULL, error = CASE WHEN ? = 'queued' THEN NULL ELSE error END, "
                               "updated = ?, finished = CASE WHEN ? = 'cancelled' THEN ? ELSE finished END WHERE id = ?",
                               (to, to, now, to, now, job_id))
+            if to == "cancelled":  # a cancelled job never resumes: what waits in its queue is dead weight
+                self.conn.execute("DELETE FROM queue_items WHERE job = ?", (job_id,))
+                self.conn.execute("UPDATE jobs SET queue_rows = 0, queue_bytes = 0 WHERE id = ?", (job_id,))
         return self.get(job_id)
 
     def set_state(self, job_id: int, state: str, reason: str | None = None, error: str | None = None) -> bool:
@@ -497,12 +544,15 @@ class JobRunner:
             deleted = store.delete(conn, collection, deletes) if deletes else 0
             conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
                              [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
+            gone, freed = conn.execute("SELECT COUNT(*), coalesce(SUM(bytes), 0) FROM queue_items WHERE job = ? AND seq <= ?",
+                                       (job_id, seq)).fetchone()
             conn.execute("DELETE FROM queue_items WHERE job = ? AND seq <= ?", (job_id, seq))
             conn.execute(
                 "UPDATE jobs SET scanned = scanned + ?, embedded = embedded + ?, unchanged = unchanged + ?, "
-                "skipped = skipped + ?, failed = failed + ?, deleted = deleted + ?, active_s = active_s + ?, updated = ? "
+                "skipped = skipped + ?, failed = failed + ?, deleted = deleted + ?, active_s = active_s + ?, updated = ?, "
+                "queue_rows = queue_rows - ?, queue_bytes = queue_bytes - ? "
                 "WHERE id = ?", (len(rows), len(items), len(unchanged), chunk.skipped, len(chunk.errors), deleted,
-                                 active, time.time(), job_id))
+                                 active, time.time(), gone, freed, job_id))
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
                  rows: list[tuple[Any, Any]], job: dict[str, Any], *, queued: bool = False,

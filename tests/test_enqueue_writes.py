@@ -115,6 +115,7 @@ def test_the_last_write_to_an_id_wins_across_chunk_boundaries(home, tmp_path):
             job = wait(c, job["id"], done)
             assert job["scanned"] == 10 and job["failed"] == 0
         assert stored_texts(root, "q") == {**{i + 1: texts[i] for i in range(6)}, "x": x_text, "y": y_old}
+        assert queue_row(root, job["id"]) == (0, 0, 0)  # the running sums went down with every chunk
 
 
 def test_items_queued_before_a_drop_never_reach_the_recreated_collection(home, tmp_path):
