@@ -35,11 +35,12 @@ from pocketembed.gguf_models.catalog import ModelSpec
 from pocketembed.ipc import ops
 
 from .engine import scale_scores
-from .executors import LATER, Executor, Reply
+from .executors import LATER, Executor, Reply, as_error
 
-from .jobs import JobQueue, source_texts
+from .jobs import JobQueue
 from .models import ModelRegistry
 from .scheduler import INTERACTIVE, EmbedTask, Scheduler, embed_sync
+from .sources import Allow, JobSpec, SourceReads, allow_none, read_texts, source_spec
 from .store import Ranges
 from .store import CodeCache, Item, Store, connect, text_hash, transaction
 
@@ -87,7 +88,8 @@ class IndexService:
     def __init__(self, db_path: Path, scheduler: Scheduler, models: ModelRegistry, reply: Reply,
                  cache: CodeCache | None = None, lru_size: int = 1024, *, on_death: Callable[[str], None] | None = None,
                  counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256,
-                 kick_jobs: Callable[[], None] | None = None, ranges: Ranges | None = None) -> None:
+                 kick_jobs: Callable[[], None] | None = None, ranges: Ranges | None = None,
+                 allowed_source: Allow | None = None, source_budget_s: float = 5.0) -> None:
         self.db_path = db_path
         self.scheduler = scheduler
         self.models = models
@@ -103,6 +105,11 @@ class IndexService:
         """The write thread's job queue (its schema checked once, not per index.enqueue)."""
         self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
         self._write = Executor("write", self._write_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
+        self.allowed_source = allowed_source or allow_none
+        """The job_sources check, applied again at every read of a job's source (search's with_text)."""
+        self.source_budget_s = source_budget_s
+        self._reads = SourceReads(max_queue=max_queue)
+        """Reads of job sources for with_text, off the search thread: a locked source holds no other search."""
 
     def start(self) -> None:
         self._search.start()
@@ -111,6 +118,7 @@ class IndexService:
     def stop(self) -> None:
         """Finish what is queued, then stop (the scheduler must still be running)."""
         self._search.stop()
+        self._reads.stop()  # after the search thread: it hands reads over until it stops
         self._write.stop()
         for store in self._stores.values():
             store.conn.close()
@@ -123,7 +131,8 @@ class IndexService:
         return {"searches": self.searches, "query_cache": self.lru.stats(), "codes_in_memory": self.cache.stats()}
 
     def executor_stats(self) -> dict[str, dict[str, Any]]:
-        return {ex.name: {"queued": ex.queued, "alive": ex.alive} for ex in (self._search, self._write)}
+        return {**{ex.name: {"queued": ex.queued, "alive": ex.alive} for ex in (self._search, self._write)},
+                "texts": {"queued": self._reads.queued, "alive": self._reads.alive}}
 
     def _store(self, thread: str) -> Store:
         """The calling thread's own connection to the store (made on first use, on that thread)."""
@@ -172,11 +181,56 @@ class IndexService:
 
     def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs, context: Any) -> Any:
         top = (args.rerank_top or max(args.k, 20)) if args.rerank else args.k  # the schema keeps rerank_top >= k
+        wanted: dict[str, list[Any]] = {}
+
+        def later(origin: str, ids: list[Any]) -> dict[Any, str]:
+            wanted[origin] = ids  # texts kept in a job's source: read below, off this thread
+            return {}
+
         hits = store.search(info.name, vec, k=top, rescore_multiplier=args.rescore_multiplier,
                             filter=args.filter, rescore=args.rescore, with_text=args.with_text or bool(args.rerank),
-                            source_text=lambda origin, ids: source_texts(store.conn, origin, ids))
+                            source_text=later)
         self.searches += 1
         result = {"collection": info.name, "model": info.model, "hits": hits}
+        if wanted:
+            specs = {origin: source_spec(store.conn, origin) for origin in wanted}  # this thread's connection
+            self._reads.submit(lambda: self._read_texts(result, specs, wanted, info, args, context))
+            return LATER
+        return self._finish_search(result, info, args, context)
+
+    def _read_texts(self, result: dict[str, Any], specs: dict[str, JobSpec | None], wanted: dict[str, list[Any]],
+                    info: Any, args: ops.SearchArgs, context: Any) -> None:
+        """On a source-read thread: the hits' texts from their job sources (each read checked and bounded), then
+        the rest of the search; answers the request itself.
+
+        A source that cannot be read now (locked past the budget, gone, swapped, no
+        longer under job_sources) leaves its hits' ``text`` nil and says why in ``notes``.
+        """
+        try:
+            missing = {h["id"]: h for h in result["hits"] if h.get("text") is None}
+            notes = []
+            for origin, ids in wanted.items():
+                spec = specs[origin]
+                if spec is None:
+                    continue  # its job is gone from the jobs table: no source known
+                texts, note = read_texts(spec, ids, allow=self.allowed_source, budget_s=self.source_budget_s)
+                for row_id, text in texts.items():
+                    if row_id in missing:
+                        missing[row_id]["text"] = text
+                if note:
+                    notes.append(note)
+            if notes:
+                result["notes"] = notes
+            out = self._finish_search(result, info, args, context)
+        except Exception as e:
+            self.reply(context, None, as_error(e, "search (its source texts)"))
+            return
+        if out is not LATER:
+            self.reply(context, out, None)
+
+    def _finish_search(self, result: dict[str, Any], info: Any, args: ops.SearchArgs, context: Any) -> Any:
+        """The search's result, or LATER when a reranker scores its candidates first."""
+        hits = result["hits"]
         if not args.rerank or not hits:
             return result
         missing = sum(1 for h in hits if not h.get("text"))

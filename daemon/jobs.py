@@ -47,7 +47,7 @@ from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingD
 
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
-from .sources import JobSpec, SourceTable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
+from .sources import JobSpec, SourceTable, Unreadable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
 from .store import Item, Ranges, Store, add_missing_columns, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.jobs")
@@ -436,7 +436,7 @@ class JobRunner:
                        job["collection"], job["model"], job["truncate"])
         try:
             self.allowed_source(spec.db)  # job_sources may have changed since it was submitted
-            source = SourceTable(spec, budget_s=self.source_budget_s)
+            source = SourceTable(spec, budget_s=self.source_budget_s, allow=self.allowed_source)  # re-checked per chunk
         except (SourceError, Forbidden) as e:
             queue.set_state(job_id, "failed", error=f"error[{e.code}]: {e.message}")
             return
@@ -569,6 +569,8 @@ class JobRunner:
         for row_id, text in rows:
             if text is None or (isinstance(text, str) and not text.strip()):
                 skipped += 1
+            elif isinstance(text, Unreadable):  # over the size a source's value may have (daemon/sources.py)
+                errors.append((row_id, text.code, text.message))
             elif not isinstance(text, str):
                 errors.append((row_id, "invalid_input", f"text is {type(text).__name__}, not TEXT"))
             elif len(text) > MAX_TEXT_CHARS and not job["truncate"]:
