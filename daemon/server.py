@@ -583,7 +583,8 @@ class Server:
             self._send(sock, identity, P.error_reply(e.extra.get("id", req_id), e.code, e.message, **extra))
             self.stats.record("?", False, started)
         except PocketEmbedError as e:
-            extra = {"retry_after_ms": e.retry_after_ms} if isinstance(e, Busy) else {}
+            retry = getattr(e, "retry_after_ms", None)  # busy, and a connection blocked for bad tokens
+            extra = {"retry_after_ms": retry} if retry is not None else {}
             self._send(sock, identity, P.error_reply(req_id, e.code, e.message, **extra))
             self.stats.record("?", False, started)
 
@@ -606,7 +607,9 @@ class Server:
         now = time.monotonic()
         if until > now:
             self.stats.auth["blocked"] += 1
-            raise Unauthorized(f"too many bad tokens from this connection; refused for {until - now:.0f} s")
+            blocked = Unauthorized(f"too many bad tokens from this connection; refused for {until - now:.0f} s")
+            blocked.retry_after_ms = int((until - now) * 1000) + 1
+            raise blocked
         client = self.clients.authenticate(req.auth) if req.auth else None
         if client is None:
             self.stats.auth["unauthorized"] += 1
@@ -797,7 +800,7 @@ class Server:
             source_store.ensure_collection(source_store.conn, spec.collection, spec.model, self.models.spec(spec.model).dims)
         job, created = jobs.submit(spec)
         self.runner.kick()
-        return {**job, "created": created}
+        return {**job, "new_job": created}
 
     def _check_source(self, db: str) -> None:
         """Forbidden unless ``db`` lies under a configured job source directory (never the daemon's own)."""

@@ -4,7 +4,8 @@ This package must stay importable without llama-cpp-python: an app that only
 talks to the daemon installs no inference stack. (tests/test_package.py checks it.)
 """
 
-from .client import AccessDenied, AsyncClient, Busy, Client, DaemonError, DaemonTimeout, InvalidRequest, ModelError
+from .client import (AccessDenied, AsyncClient, Busy, Client, DaemonError, DaemonTimeout, InvalidRequest, ModelError,
+                     StorageFailed, Unavailable)
 
 __all__ = ["AccessDenied", "AsyncClient", "Busy", "Client", "DaemonError", "DaemonTimeout", "InvalidRequest",
-           "ModelError"]
+           "ModelError", "StorageFailed", "Unavailable"]

@@ -50,6 +50,14 @@ class DaemonTimeout(DaemonError):
     """No reply in time (client side) or the request's deadline passed (server side)."""
 
 
+class StorageFailed(DaemonError):
+    """The daemon's index store could not be written or read (disk full, I/O error); nothing was stored."""
+
+
+class Unavailable(DaemonError):
+    """The daemon is shutting down; retry against its next start."""
+
+
 class AccessDenied(DaemonError):
     """``unauthorized`` (no or unknown token) or ``forbidden`` (the token does not allow this)."""
 
@@ -58,7 +66,8 @@ _BY_CODE: dict[str, type[DaemonError]] = {
     P.BUSY: Busy, P.TIMEOUT: DaemonTimeout,
     P.UNKNOWN_MODEL: ModelError, P.MODEL_NOT_PREPARED: ModelError, P.MODEL_CORRUPT: ModelError,
     P.MODEL_NOT_LOADED: ModelError, P.MODEL_UNLOADING: ModelError, P.MEMORY_BUDGET: ModelError,
-    P.WRONG_MODEL_KIND: ModelError,
+    P.WRONG_MODEL_KIND: ModelError, P.UNSUPPORTED_BUILD: ModelError,
+    P.STORAGE_FULL: StorageFailed, P.STORAGE_ERROR: StorageFailed, P.SHUTTING_DOWN: Unavailable,
     P.BAD_FRAME: InvalidRequest, P.BAD_VERSION: InvalidRequest, P.UNKNOWN_OP: InvalidRequest,
     P.INVALID_ARGS: InvalidRequest, P.TOO_LARGE: InvalidRequest, P.EMPTY_TEXT: InvalidRequest,
     P.TEXT_TOO_LONG: InvalidRequest, P.UNKNOWN_JOB: InvalidRequest, P.INVALID_STATE: InvalidRequest,

@@ -214,7 +214,7 @@ class IndexAddArgs(Args):
 
 class IndexEnqueueArgs(Args):
     collection: D(Collection, "created on first use")
-    items: D(Annotated[list[Item], Meta(max_length=P.MAX_TEXTS)], "0–1,024 items `{id, text, metadata?}` to embed and store") = []
+    items: D(Annotated[list[Item], Meta(max_length=P.MAX_TEXTS)], "0–1,024 items `{id, text, metadata?}` to embed and store; `items` and `delete` may not both be empty") = []
     delete: D(Annotated[list[ItemId], Meta(max_length=MAX_IDS)], "ids to delete, in order with the items") = []
     model: D(ModelName | None, "the collection's model; a new collection is bound to it (default: the default model)") = None
     dims: D(Annotated[int, Meta(ge=1, le=65_536)] | None, "Matryoshka dims of a new collection") = None
@@ -224,7 +224,7 @@ class IndexEnqueueArgs(Args):
     def __post_init__(self) -> None:
         _collection(self.collection)
         if not self.items and not self.delete:
-            raise P.ProtocolError(P.INVALID_ARGS, "give items to add or ids to delete")
+            raise P.ProtocolError(P.INVALID_ARGS, "give items to add or ids to delete (at least one of the two non-empty)")
         for i, it in enumerate(self.items):
             _text(it.text, f"items[{i}].text")
             if it.metadata is not None and len(msgspec.json.encode(it.metadata)) > MAX_METADATA_BYTES:
@@ -298,6 +298,8 @@ class Op:
     """What a client's token must allow: ``embed``, ``search:{collection}``, ``index:{collection}``
     or ``admin``, formatted with the args; None for anyone (``ping``)."""
     summary: str
+    result: Literal["map", "list"] = "map"
+    """The shape of the reply's ``result``."""
     by_executor: bool = False
     """The permission depends on stored state (a job's collection): the executor checks it with the
     caller's permissions; the router only requires an authenticated caller."""
@@ -331,7 +333,7 @@ class Op:
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", NoArgs, "inline", None, "liveness and version"),
-    Op("models.list", NoArgs, "inline", "embed", "the catalog and what is loaded"),
+    Op("models.list", NoArgs, "inline", "embed", "the catalog and what is loaded", result="list"),
     Op("embed", EmbedArgs, "scheduler", "embed", "vectors of texts"),
     Op("rerank", RerankArgs, "scheduler", "embed", "a cross-encoder's score of each (query, document) pair"),
     Op("models.load", ModelArgs, "control", "admin", "load a model"),
@@ -342,10 +344,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("index.delete", IndexDeleteArgs, "index", "index:{collection}", "delete items by id"),
     Op("index.enqueue", IndexEnqueueArgs, "index", "index:{collection}",
        "queue items (and deletions) to embed in the background while the power policy allows"),
-    Op("collections.list", NoArgs, "index", "admin", "the collections"),
+    Op("collections.list", NoArgs, "index", "admin", "the collections", result="list"),
     Op("collections.drop", CollectionArgs, "index", "admin", "delete a collection"),
     Op("jobs.submit", JobSubmitArgs, "source", "admin", "queue a job indexing a SQLite table"),
-    Op("jobs.list", JobsListArgs, "aux", "admin", "jobs, newest first"),
+    Op("jobs.list", JobsListArgs, "aux", "admin", "jobs, newest first", result="list"),
     Op("jobs.status", JobArgs, "aux", "index:{the job's collection}", "one job with its row errors (an app follows "
        "its queue job)", by_executor=True),
     Op("jobs.pause", JobArgs, "aux", "admin", "pause a job"),
@@ -522,9 +524,10 @@ def args_table(op: Op) -> str:
 
 def op_table() -> str:
     """The table of every op: executor and permission."""
-    rows = ["| op | runs on | permission | what it does |", "| --- | --- | --- | --- |"]
+    rows = ["| op | runs on | permission | result | what it does |", "| --- | --- | --- | --- | --- |"]
     for op in OPS.values():
-        rows.append(f"| `{op.name}` | {op.executor} | {f'`{op.permission}`' if op.permission else 'none'} | {op.summary} |")
+        rows.append(f"| `{op.name}` | {op.executor} | {f'`{op.permission}`' if op.permission else 'none'} | {op.result} "
+                    f"| {op.summary} |")
     return "\n".join(rows)
 
 

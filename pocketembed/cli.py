@@ -681,7 +681,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     def run(client):
         job = client.index_table(args.db, args.table, args.id_column, args.text_column, where=args.where,
                                  collection=args.collection, model=args.model, truncate=args.truncate)
-        verb = "queued" if job.get("created") else "already queued as"
+        verb = "queued" if job.get("new_job") else "already queued as"
         print(f"{verb} job {job['id']}: {job['table']} → collection {job['collection']} ({job['model']})",
               file=sys.stderr if args.wait else sys.stdout)
         return _finished(_follow(client, job["id"])) if args.wait else 0

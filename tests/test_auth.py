@@ -146,7 +146,7 @@ def test_jobs_read_only_the_configured_source_directories(served):
     inside = make_sms_db(tmp / "sources" / "sms.db", limit=20)
     outside = make_sms_db(tmp / "elsewhere.db", limit=20)
     with Client(tcp, token=admin) as c:
-        assert c.index_table(str(inside), "messages", "id", "body", collection="inside")["created"]
+        assert c.index_table(str(inside), "messages", "id", "body", collection="inside")["new_job"]
         for db in (outside, root / "index.db", tmp / "sources" / ".." / "elsewhere.db"):
             with pytest.raises(AccessDenied) as e:
                 c.index_table(str(db), "messages", "id", "body")

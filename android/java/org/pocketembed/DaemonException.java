@@ -82,6 +82,8 @@ public class DaemonException extends IOException {
             case "model_not_loaded":
             case "model_unloading":
             case "memory_budget":
+            case "wrong_model_kind":
+            case "unsupported_build":
                 return new ModelError(code, message, details);
             case "bad_frame":
             case "bad_version":
