@@ -129,7 +129,7 @@ def test_items_queued_before_a_drop_never_reach_the_recreated_collection(home, t
             assert c.job(queued["id"])["state"] == "cancelled"
             assert queued_left(root, queued["id"]) == 0
             again = c.index_enqueue("c", [{"id": 100 + i, "text": t} for i, t in enumerate(new)])
-            assert again["created"] and again["total"] == 5
+            assert again["id"] != queued["id"] and again["total"] == 5  # a new job
             battery(sensors, 40, plugged=True)
             wait(c, again["id"], done)
         assert sorted(stored_texts(root, "c")) == [100 + i for i in range(5)]  # none of the 20 the user dropped
@@ -148,7 +148,7 @@ def test_a_full_queue_does_not_outlive_its_dropped_collection(home, tmp_path):
             c.drop_collection("full")
             assert c.job(full["id"])["state"] == "cancelled" and queued_left(root, full["id"]) == 0
             again = c.index_enqueue("full", [{"id": 1, "text": "a new collection of the same name"}])
-            assert again["created"] and again["total"] == 1
+            assert again["id"] != full["id"] and again["total"] == 1  # a new job
 
 
 def test_a_recreated_collection_gets_its_own_calibration_in_the_runner(home, tmp_path):
@@ -254,10 +254,10 @@ def test_a_queue_is_bounded_in_bytes(home, tmp_path):
             rows, size, left = queue_row(root, job["id"])
             assert rows == left == sent * 240 and size <= jobs.MAX_QUEUE_BYTES < size + 240 * 16_000
             small = c.index_enqueue("small", [{"id": 1, "text": "still room for another collection"}])
-            assert small["created"]
+            assert small["id"] != job["id"] and small["total"] == 1
             c.job_cancel(job["id"])  # cancelling a queue job frees its queue
             assert queue_row(root, job["id"]) == (0, 0, 0)
-            assert c.index_enqueue("big", per_request)["created"]
+            assert c.index_enqueue("big", per_request)["id"] != job["id"]
 
 
 def test_queue_byte_caps_per_request_per_collection_and_in_total(tmp_path, monkeypatch):
