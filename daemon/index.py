@@ -303,7 +303,7 @@ class IndexService:
                  for it in args.items]
         job, created = self._job_queue(store).enqueue(args.collection, model, args.truncate, items, list(args.delete))
         self.kick_jobs()
-        return {**job, "created": created, "enqueued": len(items), "deletions": len(args.delete)}
+        return {**job, "new_job": created, "enqueued": len(items), "deletions": len(args.delete)}
 
     def _add(self, store: Store, conn: Any, args: ops.IndexAddArgs) -> dict[str, Any]:
         name = args.collection
