@@ -127,6 +127,8 @@ LIMIT_PROBES: dict[str, Probe | str] = {
     "replies waiting unread per connection": "test_hostile_tcp.py::test_a_client_that_never_reads_its_replies_cannot_grow_the_daemon",
     "TCP connections": "test_hostile_tcp.py::test_connections_beyond_the_cap_are_refused_and_others_still_served",
     "a job source's statements": "test_hardening.py::test_a_never_ending_where_fails_on_its_budget_and_never_blocks_stats",
+    "queued per collection": "test_enqueue_writes.py::test_a_queue_is_bounded_in_bytes",
+    "queued in all": "test_enqueue_writes.py::test_queue_byte_caps_per_request_per_collection_and_in_total",
 }
 
 
