@@ -42,7 +42,7 @@ from .models import ModelRegistry
 from .scheduler import INTERACTIVE, EmbedTask, Scheduler, embed_sync
 from .sources import Allow, JobSpec, SourceReads, allow_none, read_texts, source_spec
 from .store import Ranges
-from .store import CodeCache, Item, Store, connect, text_hash, transaction
+from .store import CodeCache, Item, Store, checkpoint_deleted, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.index")
 
@@ -260,10 +260,14 @@ class IndexService:
             return self._enqueue(store, args)
         if op == "index.delete":
             with transaction(store.conn):
-                return {"deleted": store.delete(store.conn, args.collection, args.ids)}
+                deleted = store.delete(store.conn, args.collection, args.ids)
+            if deleted:
+                checkpoint_deleted(store.conn)  # before the reply: deleted means gone, from the WAL too
+            return {"deleted": deleted}
         with transaction(store.conn):  # the collection and its queue go together
             dropped = store.drop(store.conn, args.collection)
             ended = self._job_queue(store).drop_collection(store.conn, args.collection)
+        checkpoint_deleted(store.conn)
         if ended:
             self.kick_jobs()  # a runner waiting on one of them lets it go now
         return {"collection": args.collection, "dropped": dropped}
@@ -348,13 +352,14 @@ class IndexService:
                 if t is not None:
                     self.lru.put((model, dims, texts[t]), vecs[t])
         out = [Item(items[k].id, hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
-                    text=items[k].text) for k, c, t in plan]
+                    text=items[k].text, lexical_text=items[k].text) for k, c, t in plan]
         if (info is None or info.calibration is None) and self.ranges is not None:
             self.ranges(model, dims)  # the model's int8 ranges, measured now if new: not inside the transaction
         with transaction(conn):
             store.ensure_collection(conn, name, model, dims, float_vectors=args.float_vectors, store_text=args.store_text)
             store.put(conn, name, out)
             store.set_metadata(conn, name, [(items[k].id, meta[k]) for k in unchanged])
+            store.index_texts(conn, name, [(items[k].id, items[k].text) for k in unchanged])  # re-sent: fills a gap
         return {"collection": name, "model": model, "added": len(todo), "unchanged": len(unchanged),
                 "embedded": len(texts), "reused": len(reused), "vectors": len(out)}
 

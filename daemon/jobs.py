@@ -48,7 +48,7 @@ from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingD
 from .power import PowerMonitor
 from .scheduler import BACKGROUND, EmbedTask, Scheduler
 from .sources import JobSpec, SourceTable, Unreadable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
-from .store import Item, Ranges, Store, add_missing_columns, connect, text_hash, transaction
+from .store import Item, Ranges, Store, add_missing_columns, checkpoint_deleted, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.jobs")
 
@@ -251,8 +251,12 @@ class JobQueue:
                               "updated = ?, finished = CASE WHEN ? = 'cancelled' THEN ? ELSE finished END WHERE id = ?",
                               (to, to, now, to, now, job_id))
             if to == "cancelled":  # a cancelled job never resumes: what waits in its queue is dead weight
-                self.conn.execute("DELETE FROM queue_items WHERE job = ?", (job_id,))
+                purged = self.conn.execute("DELETE FROM queue_items WHERE job = ?", (job_id,)).rowcount
                 self.conn.execute("UPDATE jobs SET queue_rows = 0, queue_bytes = 0 WHERE id = ?", (job_id,))
+            else:
+                purged = 0
+        if purged:
+            checkpoint_deleted(self.conn)  # the queued texts are gone from the WAL too
         return self.get(job_id)
 
     def set_state(self, job_id: int, state: str, reason: str | None = None, error: str | None = None) -> bool:
@@ -315,6 +319,8 @@ class _Chunk:
     embedded: np.ndarray | None = None
     error: PocketEmbedError | None = None
     started: float = field(default_factory=time.monotonic)
+    unchanged_texts: dict[Any, str] = field(default_factory=dict)
+    """The unchanged rows' texts: their lexical postings are filled in if missing (rows indexed before it existed)."""
 
 
 class JobRunner:
@@ -374,6 +380,13 @@ class JobRunner:
         conn = connect(self.db_path)
         queue = JobQueue(conn)
         store = Store(conn, ranges=self.ranges)
+        try:  # items jobs wrote before the lexical index existed: their texts are in the sources
+            added = store.lexical_backfill(lambda origin, ids: source_texts(
+                conn, origin, ids, allow=self.allowed_source, budget_s=self.source_budget_s))
+            if added:
+                log.info("lexical index: %d items indexed from their job sources", added)
+        except Exception:  # a source's trouble must not keep the runner from its jobs
+            log.exception("lexical backfill from job sources")
         while not self._stop.is_set():
             try:
                 job = queue.next_runnable()
@@ -480,6 +493,8 @@ class JobRunner:
             with transaction(queue.conn):
                 deleted = store.sweep(queue.conn, spec_collection, origin, job_id)
                 queue.conn.execute("UPDATE jobs SET deleted = deleted + ?, phase = 'done' WHERE id = ?", (deleted, job_id))
+            if deleted:
+                checkpoint_deleted(queue.conn)  # the source's deleted rows are gone from the WAL too
             queue.set_state(job_id, "done")
             final = queue.get(job_id)
             log.info("job %d done: %d rows, %d embedded, %d unchanged, %d skipped, %d failed, %d deleted",
@@ -515,7 +530,8 @@ class JobRunner:
                 break
             chunk, rows, deletes, metadata, seq = inflight.popleft()
             self._finish(chunk, model, job)
-            self._commit_queued(queue, store, job_id, collection, chunk, rows, deletes, metadata, seq)
+            if self._commit_queued(queue, store, job_id, collection, chunk, rows, deletes, metadata, seq):
+                checkpoint_deleted(conn)  # its deletions committed: gone from the WAL too
         with transaction(conn):  # done only if nothing arrived meanwhile: enqueue's transaction waits for this one
             left = conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
             if not left and queue.state(job_id) in ACTIVE:
@@ -523,8 +539,10 @@ class JobRunner:
                 queue.set_state(job_id, "done")
 
     def _commit_queued(self, queue: JobQueue, store: Store, job_id: int, collection: str, chunk: _Chunk,
-                       rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int) -> None:
+                       rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int) -> int:
         """A chunk's vectors, metadata, deletions, errors, counters and the removal of its queue rows: one transaction.
+
+        Returns how many items it deleted.
 
         Which items are unchanged is decided here, against what is committed: the chunk before this one
         (prepared alongside it) may have deleted an id or given it another text since this one was prepared.
@@ -533,14 +551,17 @@ class JobRunner:
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:
             if conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] in FINISHED:
-                return  # cancelled meanwhile (its collection dropped, perhaps made anew): nothing of it applies
+                return 0  # cancelled meanwhile (its collection dropped, perhaps made anew): nothing of it applies
             info = store.info(collection, conn)
             committed = store.hashes(conn, collection, [row_id for row_id, _, _ in chunk.todo])
             unchanged = [row_id for row_id, _, h in chunk.todo if committed.get(row_id) == h]
-            items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text if info.store_text else None)
+            items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text if info.store_text else None,
+                          lexical_text=text)
                      for row_id, text, h in chunk.todo if committed.get(row_id) != h]
             store.put(conn, collection, items)
             store.set_metadata(conn, collection, [(i, metadata.get(i)) for i in unchanged])
+            texts = {row_id: text for row_id, text, _ in chunk.todo}
+            store.index_texts(conn, collection, [(i, texts[i]) for i in unchanged])  # re-sent: fills a gap
             deleted = store.delete(conn, collection, deletes) if deletes else 0
             conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
                              [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
@@ -553,6 +574,7 @@ class JobRunner:
                 "queue_rows = queue_rows - ?, queue_bytes = queue_bytes - ? "
                 "WHERE id = ?", (len(rows), len(items), len(unchanged), chunk.skipped, len(chunk.errors), deleted,
                                  active, time.time(), gone, freed, job_id))
+        return deleted
 
     def _prepare(self, store: Store, conn: sqlite3.Connection, collection: str, model: str,
                  rows: list[tuple[Any, Any]], job: dict[str, Any], *, queued: bool = False,
@@ -579,6 +601,9 @@ class JobRunner:
                 h = text_hash(text)
                 (unchanged.append(row_id) if known.get(row_id) == h else todo.append((row_id, text, h)))
         chunk = _Chunk(len(rows), rows[-1][0], todo, unchanged, skipped, errors, dims=dims)
+        if unchanged:
+            wanted = set(unchanged)
+            chunk.unchanged_texts = {row_id: text for row_id, text in rows if row_id in wanted}
         # The store is the embedding cache: a text it holds (any id, any collection of the model) is reused.
         chunk.vectors = store.known_vectors(conn, model, dims or self.dims(model), {h for _, _, h in todo})
         texts: dict[str, str] = {}
@@ -647,12 +672,14 @@ class JobRunner:
 
     def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, chunk: _Chunk) -> None:
         """Vectors, seen marks, errors, cursor and counters: one transaction."""
-        items = [Item(row_id, h, chunk.vectors[h], origin=origin, seen=job_id) for row_id, _, h in chunk.todo]
+        items = [Item(row_id, h, chunk.vectors[h], origin=origin, seen=job_id, lexical_text=text)
+                 for row_id, text, h in chunk.todo]
         now = time.monotonic()
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:
             store.put(conn, collection, items)
             store.mark_seen(conn, collection, chunk.unchanged, job_id)
+            store.index_texts(conn, collection, list(chunk.unchanged_texts.items()))  # rows indexed before lexical
             conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",
                              [(job_id, i, c, m, time.time()) for i, c, m in chunk.errors])
             conn.execute(

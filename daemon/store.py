@@ -9,6 +9,40 @@ is the user's private data, so it is kept only on request). Search scans the bin
 best ``k × rescore_multiplier`` with the float query against their int8 codes,
 read from SQLite: a phone holds a large index in little memory.
 
+Beside the vectors, in the same file and the same transactions, a lexical index
+(daemon/lexical.py: BM25 over an inverted index in plain tables, and why not
+FTS5 on this SQLite) holds each item's terms, so that search can find the
+numbers, codes and names people type. Every write path feeds it through
+:meth:`Store.put` (``Item.lexical_text``: the text is indexed even when it is not
+stored); deletes reach it through a trigger on ``items``.
+
+Deleted means gone: :func:`connect` turns on ``secure_delete`` (freed cells and
+pages are zeroed), and a writer that deleted something calls
+:func:`checkpoint_deleted` once its transaction has committed and before it
+replies, so that the WAL holds no copy of the old pages either.
+
+The lexical API (for search, fusion and the CLI):
+
+``Store.lexical_search(collection: str, query: str, n: int = 10, allowed: np.ndarray | None = None)
+-> list[tuple[int, float, list[str]]]``
+    (rowid, BM25 score, the query terms it matched), best first; ``allowed``
+    restricts to these rowids (e.g. ``Store.matching_rows(collection, filter)``).
+    A rowid is the item's first row (chunk 0, or chunk 1 of a chunked item).
+``Store.matching_rows(collection: str, filter: dict) -> np.ndarray``
+    rowids of the items whose metadata matches (as ``search``'s ``filter``).
+``Store.rows_to_hits(collection: str, rows: Sequence[int], scores: Sequence[float] | None = None,
+with_text: bool = False, source_text: SourceText | None = None) -> list[dict]``
+    hit dicts as ``Store.search`` makes them (``id``, ``score``, ``metadata``, and
+    ``text`` when asked), in the rows' order.
+``Store.lexical_state(collection: str) -> str``
+    "ready" (every item indexed), "partial", or "missing" (none: texts never
+    seen, e.g. an index.db made before the lexical index with store_text off);
+    ``Store.collection()`` reports it as ``lexical`` with ``lexical_items`` and
+    ``lexical_bytes_per_item`` (dbstat, prorated by items).
+``Store.index_texts(conn, collection, pairs: Sequence[tuple[id, text]]) -> int``
+    index items the store holds whose postings are missing (a re-sent message
+    with unchanged text: nothing is re-embedded).
+
 The store and the job queue share one database file (``<home>/index.db``, WAL)
 so that a job writes vectors and advances its cursor in one transaction. Write
 methods therefore take the caller's connection and never commit on their own;
@@ -21,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -36,6 +71,7 @@ import sqlite_utils
 
 from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollection
 
+from . import lexical
 from .quantize import Calibration, calibrate, nearest, words
 
 RECALIBRATE_UNTIL = 65_536
@@ -48,6 +84,7 @@ DEFAULT_RESCORE = 10
 SourceText = Callable[[str, list[Any]], dict[Any, str]]
 """(origin, ids) → id → text: reads items' texts back from the job source that wrote them."""
 MAX_CANDIDATES = 100_000
+log = logging.getLogger("pocketembed.store")
 
 
 def db_path(home: Path) -> Path:
@@ -61,7 +98,26 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    # Deleted means gone: freed cells and pages are overwritten with zeros (text, codes, postings).
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
+
+
+def checkpoint_deleted(conn: sqlite3.Connection) -> float:
+    """Copy the WAL into the database and truncate it to 0 bytes; call after a delete has committed.
+
+    ``secure_delete`` zeroes what a delete frees, but in WAL mode the zeroed pages are
+    new frames: the old ones, holding the deleted text and vectors, stay in index.db-wal
+    (and the old page in index.db) until a checkpoint copies the new pages back, and in
+    the WAL file until it is truncated. TRUNCATE waits (busy timeout) for readers of
+    older snapshots; the store's reads are short. Returns the seconds it took.
+    """
+    t0 = time.perf_counter()
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        log.warning("wal_checkpoint(TRUNCATE) after a delete was blocked by a reader; the WAL may hold deleted "
+                    "pages until the next checkpoint")
+    return time.perf_counter() - t0
 
 
 @contextmanager
@@ -101,6 +157,9 @@ class Item:
     """0 for a whole text; 1, 2, ... for the token windows of a chunked one."""
     text: str | None = None
     """The item's text, kept when its collection has ``store_text`` (on its first row only)."""
+    lexical_text: str | None = None
+    """The text the lexical index gets for this item (its first row), stored or not; None: ``text``.
+    A first row written with neither loses its postings (its old text's terms would be wrong)."""
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -131,6 +190,42 @@ def create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TRIGGER IF NOT EXISTS items_deleted AFTER DELETE ON items BEGIN "
                  "INSERT INTO tombstones (collection, row, ver) "
                  "SELECT old.collection, old.rowid, version FROM collections WHERE name = old.collection; END")
+    lexical.create_schema(conn)
+    migrate(conn)
+
+
+def _lexical_from_stored_text(conn: sqlite3.Connection) -> None:
+    """Build the lexical index of items whose text is stored (store_text collections of an older index.db).
+
+    The others (store_text off) say ``lexical: "missing"`` until their texts come back: a table
+    job's source rows (:meth:`Store.lexical_backfill`, run by the job runner), or an app
+    re-sending its messages (unchanged texts are indexed without being embedded again).
+    """
+    for (name,) in conn.execute("SELECT name FROM collections").fetchall():
+        rows = conn.execute("SELECT rowid, text_hash, text FROM items WHERE collection = ? AND chunk IN (0, 1) "
+                            "AND text IS NOT NULL AND rowid NOT IN (SELECT row FROM lex_docs)", (name,)).fetchall()
+        lexical.index_docs(conn, name, rows)
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("lexical-1: index stored texts", _lexical_from_stored_text),
+]
+"""Data migrations, each applied once, in order, in its own transaction (``schema_migrations`` says which ran).
+Tables and columns are still made idempotently by create_schema; this is for what must run once."""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
+    done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+    for name, step in MIGRATIONS:
+        if name in done:
+            continue
+        with transaction(conn):
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
+                continue  # another connection ran it while this one waited for the lock
+            step(conn)
+            conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, ?)", (name, time.time()))
+            log.info("index.db migration applied: %s", name)
 
 
 def add_missing_columns(db: sqlite_utils.Database, table: str, columns: dict[str, tuple[type, Any]]) -> None:
@@ -300,11 +395,42 @@ class Store:
         count, items = self.conn.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM items WHERE collection = ?",
                                          (name,)).fetchone()
         created = self.conn.execute("SELECT created FROM collections WHERE name = ?", (name,)).fetchone()[0]
+        docs, _ = lexical.stats(self.conn, name)
         return {"name": name, "model": info.model, "dims": info.dims, "created": created, "items": items,
                 "vectors": count, "float_vectors": info.float_vectors, "store_text": info.store_text,
                 "bytes_per_vector": (info.dims + 7) // 8 + info.dims + (4 * info.dims if info.float_vectors else 0),
                 "calibrated_on": info.calibration.count if info.calibration else 0,
-                "rotation": info.calibration is not None and info.calibration.rotation is not None}
+                "rotation": info.calibration is not None and info.calibration.rotation is not None,
+                "lexical": _lexical_state(items, docs), "lexical_items": docs,
+                "lexical_bytes_per_item": self._lexical_bytes_per_item(docs)}
+
+    def lexical_state(self, collection: str) -> str:
+        """"ready" | "partial" | "missing": whether lexical search sees every item of the collection."""
+        self.info(collection)
+        items = self.conn.execute("SELECT COUNT(*) FROM items WHERE collection = ? AND chunk IN (0, 1)",
+                                  (collection,)).fetchone()[0]
+        return _lexical_state(items, lexical.stats(self.conn, collection)[0])
+
+    def _lexical_bytes_per_item(self, docs: int) -> float | None:
+        """The lexical tables' pages on disk (dbstat), per indexed item of all collections, cached a minute.
+
+        Shared by the collections pro rata: their items are alike (SMS), and one dbstat walk of
+        the tables (it reads every page) per minute is what collections.list can afford.
+        """
+        if not docs:
+            return None
+        now = time.monotonic()
+        cached = getattr(self, "_lex_bytes", None)
+        if cached is None or now - cached[0] > 60:
+            try:
+                size = self.conn.execute(f"SELECT coalesce(SUM(pgsize), 0) FROM dbstat WHERE name IN "
+                                         f"({','.join('?' * len(LEX_BTREES))})", LEX_BTREES).fetchone()[0]
+            except sqlite3.Error:  # no dbstat in this build: estimate from the postings' sizes
+                size = self.conn.execute("SELECT coalesce(SUM(length(term) + 12), 0) FROM lex_postings").fetchone()[0] + \
+                    self.conn.execute("SELECT coalesce(SUM(length(terms) + 16), 0) FROM lex_docs").fetchone()[0]
+            total = self.conn.execute("SELECT coalesce(SUM(n), 0) FROM lex_collections").fetchone()[0]
+            cached = self._lex_bytes = (now, size / total if total else 0.0)
+        return round(cached[1], 1)
 
     def count_collections(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM collections").fetchone()[0]
@@ -315,6 +441,7 @@ class Store:
 
     def drop(self, conn: sqlite3.Connection, name: str) -> int:
         self.info(name, conn)
+        lexical.drop(conn, name)
         n = conn.execute("DELETE FROM items WHERE collection = ?", (name,)).rowcount
         conn.execute("DELETE FROM tombstones WHERE collection = ?", (name,))
         conn.execute("DELETE FROM collections WHERE name = ?", (name,))
@@ -376,8 +503,9 @@ class Store:
         last_chunk: dict[Any, int] = {}
         for it in items:
             last_chunk[it.id] = max(last_chunk.get(it.id, 0), it.chunk)
-        conn.executemany("DELETE FROM items WHERE collection = ? AND id = ? AND chunk > ?",
-                         [(collection, i, c) for i, c in last_chunk.items()])
+        # A chunked item (chunks 1..n) loses its whole-text row 0 too, and a whole one its chunks.
+        conn.executemany("DELETE FROM items WHERE collection = ? AND id = ? AND (chunk > ? OR (chunk = 0 AND ? > 0))",
+                         [(collection, i, c, c) for i, c in last_chunk.items()])
         conn.executemany(
             "INSERT INTO items (collection, id, chunk, text_hash, bin, i8, f32, metadata, origin, seen, ver, text) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id, chunk) DO UPDATE SET "
@@ -389,6 +517,112 @@ class Store:
               it.metadata, it.origin, it.seen, version, it.text if info.store_text and it.chunk <= 1 else None)
              for k, it in enumerate(items)],
         )
+        self._put_lexical(conn, collection, items)
+
+    def _put_lexical(self, conn: sqlite3.Connection, collection: str, items: Sequence[Item]) -> None:
+        """The written items' postings: each first row indexed with its text (one text per item, chunked or not)."""
+        docs: list[tuple[int, str, str]] = []
+        unknown: list[tuple[int, str]] = []
+        for it in items:
+            if it.chunk > 1:
+                continue
+            row = conn.execute("SELECT rowid FROM items WHERE collection = ? AND id = ? AND chunk = ?",
+                               (collection, it.id, it.chunk)).fetchone()[0]
+            text = it.lexical_text if it.lexical_text is not None else it.text
+            if text is not None:
+                docs.append((row, it.text_hash, text))
+            else:
+                unknown.append((row, it.text_hash))
+        if unknown:  # no text given: keep postings only if they are of this very text
+            have = lexical.indexed_rows(conn, [r for r, _ in unknown])
+            lexical.remove_rows(conn, [r for r, h in unknown if r in have and have[r] != h])
+        lexical.index_docs(conn, collection, docs)
+
+    def index_texts(self, conn: sqlite3.Connection, collection: str, pairs: Sequence[tuple[Any, str]]) -> int:
+        """Index items already stored (unchanged texts) whose postings are missing; returns how many were added.
+
+        A re-sent message, or a job's re-run over rows written before the lexical index existed,
+        fills the index this way without being embedded again. Only a text whose hash is the
+        stored item's is indexed (a chunked item's hash carries its ":c").
+        """
+        if not pairs:
+            return 0
+        text_of = dict(pairs)
+        docs: list[tuple[int, str, str]] = []
+        for part in _parts(list(text_of)):
+            for row, item_id, h in conn.execute(
+                    f"SELECT rowid, id, text_hash FROM items WHERE collection = ? AND chunk IN (0, 1) "
+                    f"AND id IN ({','.join('?' * len(part))})", [collection, *part]):
+                text = text_of.get(item_id)
+                if text is not None and h in (text_hash(text), text_hash(text) + ":c"):
+                    docs.append((row, h, text))
+        have = lexical.indexed_rows(conn, [d[0] for d in docs])
+        return lexical.index_docs(conn, collection, [d for d in docs if have.get(d[0]) != d[1]])
+
+    def lexical_backfill(self, source_text: SourceText) -> int:
+        """Index the items a job wrote before the lexical index existed, from their source rows.
+
+        Run by the job runner at its start (in the background: a source may be slow).
+        A source row whose text has changed since is left for the job's next run.
+        """
+        added = 0
+        for (name,) in self.conn.execute("SELECT name FROM collections").fetchall():
+            rows = self.conn.execute(
+                "SELECT id, origin FROM items WHERE collection = ? AND chunk IN (0, 1) AND origin IS NOT NULL "
+                "AND rowid NOT IN (SELECT row FROM lex_docs)", (name,)).fetchall()
+            by_origin: dict[str, list[Any]] = {}
+            for item_id, origin in rows:
+                by_origin.setdefault(origin, []).append(item_id)
+            for origin, ids in by_origin.items():
+                for part in _parts(ids):
+                    texts = source_text(origin, part)
+                    if texts:
+                        with transaction(self.conn):
+                            added += self.index_texts(self.conn, name, list(texts.items()))
+        return added
+
+    def lexical_search(self, collection: str, query: str, n: int = 10,
+                       allowed: np.ndarray | None = None) -> list[tuple[int, float, list[str]]]:
+        """BM25 top n of a collection for a query: (rowid, score, matched query terms), best first.
+
+        The query has no syntax (quotes, ``*``, ``-``, ``NEAR``... are text); see daemon/lexical.py.
+        An unknown collection raises UnknownCollection; one without a lexical index gives [].
+        """
+        self.info(collection)
+        with _snapshot(self.conn):
+            return lexical.search(self.conn, collection, query, n, allowed)
+
+    def matching_rows(self, collection: str, filter: dict[str, Any]) -> np.ndarray:
+        """Rowids of the collection's rows whose metadata has these key/values (``search``'s ``filter``)."""
+        return self._matching(collection, filter)
+
+    def rows_to_hits(self, collection: str, rows: Sequence[int], scores: Sequence[float] | None = None,
+                     with_text: bool = False, source_text: SourceText | None = None) -> list[dict[str, Any]]:
+        """Hits for rowids (e.g. :meth:`lexical_search`'s), in their order, shaped as :meth:`search` makes them.
+
+        ``{"id", "score", "metadata"}`` and, with ``with_text``, ``"text"`` (stored, or read from
+        the item's job source by ``source_text``). A row deleted meanwhile is left out.
+        """
+        rows = [int(r) for r in rows]
+        found: dict[int, tuple] = {}
+        with _snapshot(self.conn):
+            for part in _parts(rows):
+                for r in self.conn.execute(f"SELECT rowid, id, metadata, text, origin FROM items WHERE collection = ? "
+                                           f"AND rowid IN ({','.join('?' * len(part))})", [collection, *part]):
+                    found[r[0]] = r[1:]
+        hits = []
+        for k, r in enumerate(rows):
+            if r not in found:
+                continue
+            item_id, meta, text, origin = found[r]
+            hit = {"id": item_id, "score": None if scores is None else round(float(scores[k]), 6),
+                   "metadata": json.loads(meta) if meta else None}
+            if with_text:
+                hit["text"], hit["_origin"] = text, origin
+            hits.append(hit)
+        if with_text:
+            self._texts_from_sources(hits, source_text)
+        return hits
 
     def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int) -> Calibration:
         """The binary code's mean and rotation refitted to every vector so far; binary codes rewritten.
@@ -570,6 +804,15 @@ class Store:
             out += [r[0] for r in self.conn.execute(
                 f"SELECT rowid FROM items WHERE collection = ? AND id IN ({','.join('?' * len(part))})", [collection, *part])]
         return np.array(out, np.int64)
+
+
+LEX_BTREES = ("lex_docs", "lex_postings", "lex_terms", "sqlite_autoindex_lex_collections_1", "lex_collections")
+
+
+def _lexical_state(items: int, docs: int) -> str:
+    if docs >= items:
+        return "ready"
+    return "missing" if docs == 0 else "partial"
 
 
 @contextmanager
