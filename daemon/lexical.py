@@ -119,9 +119,14 @@ PREFIX_EXPANSIONS = 64
 MAX_QUERY_TERMS = 32
 MAX_TERM_CHARS = 64
 """Longer runs (a URL's token, base64) are cut to this: a term is a key, not a payload."""
-FULL_BUDGET = 20_000
-"""Postings read in full per query. A term whose postings would take the candidates past this (a word
-in every other message, like "u" or "to") only scores the items its rarer terms found."""
+FULL_BUDGET = 5_000
+"""Postings read in full per query (the rarest term's always). A term whose postings would take the
+candidates past this (a word in every other message, like "u" or "to") only scores the candidates
+its rarer terms found, looked up one by one when they are few (:data:`LOOKUP_CAP`), else not at all:
+its IDF is low, it would reorder little."""
+LOOKUP_CAP = 2_000
+FIRST_CAP = 50_000
+"""A query of common words only reads at most this many postings of its rarest term (the oldest rows)."""
 ROW_BATCH = 500
 
 _APOSTROPHES = re.compile(r"(?<=[^\W_])['\u2019\u2018\x92\x91`](?=[^\W_])")
@@ -312,6 +317,15 @@ def stats(conn: sqlite3.Connection, collection: str) -> tuple[int, int]:
 
 # -- reads ------------------------------------------------------------------------------------
 
+def document_frequencies(conn: sqlite3.Connection, collection: str, terms: Sequence[str]) -> dict[str, int]:
+    """How many items of the collection hold each term (absent terms are left out)."""
+    row = conn.execute("SELECT cid FROM lex_collections WHERE name = ?", (collection,)).fetchone()
+    if row is None or not terms:
+        return {}
+    return dict(conn.execute(f"SELECT term, df FROM lex_terms WHERE cid = ? AND term IN ({','.join('?' * len(terms))})",
+                             (row[0], *terms)).fetchall())
+
+
 def _prefix_end(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
@@ -353,12 +367,13 @@ def search(conn: sqlite3.Connection, collection: str, query: str | Query, n: int
     for qi, term, df, weight in plan:
         idf = math.log(1.0 + (N - df + 0.5) / (df + 0.5))
         if candidates is None or seen + df <= FULL_BUDGET:
-            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE cid = ? AND term = ?", (cid, term)).fetchall()
+            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE cid = ? AND term = ? LIMIT ?",
+                               (cid, term, FIRST_CAP)).fetchall()
             seen += len(got)
         else:
-            if candidates is None or not len(candidates):
-                continue
             cand = np.unique(candidates)
+            if not len(cand) or len(cand) > LOOKUP_CAP:
+                continue
             got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE cid = ? AND term = ? AND row IN "
                                "(SELECT value FROM json_each(?))", (cid, term, json.dumps(cand.tolist()))).fetchall()
         if not got:
