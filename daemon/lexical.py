@@ -20,24 +20,30 @@ be newer, but one code path everywhere is worth more than a second one tested le
   (the ``secure-delete`` option that removes them at once arrived in 3.42). "Deleted means
   gone" (DESIGN.md) would then cost an optimize of the whole index per delete.
 
-So the index is three ordinary tables, and a delete is a plain row delete that
+So the index is ordinary tables, and a delete is a plain row delete that
 ``PRAGMA secure_delete=ON`` (set in :func:`daemon.store.connect`) zeroes in the file, the
 WAL emptied by a ``wal_checkpoint(TRUNCATE)`` once the delete has committed
-(:func:`daemon.store.checkpoint_deleted`):
+(:func:`daemon.store.checkpoint_deleted`).
 
-``lex_collections(cid INTEGER PRIMARY KEY AUTOINCREMENT, name UNIQUE, n, total_len)``
-    per collection: its documents and their total length, for BM25's N and average length.
-    ``cid`` is never reused, so nothing of a dropped collection can be mistaken for a new one's.
-``lex_docs(row INTEGER PRIMARY KEY, cid, length, hash, terms)``
+No term is stored as text, anywhere. A B-tree keyed by a value keeps copies of some keys in its
+*interior* pages as dividers, and a delete does not rewrite them (``secure_delete`` zeroes the leaf
+cell only): a first version keyed postings by ``(collection, term, row)`` and the daemon delete test
+found a deleted message's word in index.db. So every key is an integer: a term is filed under a
+64-bit keyed hash (BLAKE2b, a random 16-byte key per collection) and a small term id:
+
+``lex_collections(cid INTEGER PRIMARY KEY AUTOINCREMENT, name UNIQUE, salt, n, total_len)``
+    per collection: the hash key, its documents and their total length (BM25's N and average
+    length). ``cid`` is never reused; a drop zeroes the key with the row.
+``lex_terms(tid INTEGER PRIMARY KEY, cid, h, df)``, index ``lex_terms_h(cid, h)``
+    one row per distinct term of a collection: its hash and document frequency, so a query
+    knows each term's rarity before it reads any posting. Removed when its df reaches 0.
+``lex_postings(tid, row, tf, dl) PRIMARY KEY (tid, row) WITHOUT ROWID``
+    the inverted lists: a term's postings are one range read; ``dl`` (the item's length) is
+    kept with each so that BM25 needs no second lookup.
+``lex_docs(row INTEGER PRIMARY KEY, cid, length, hash, tids)``
     one per item, keyed by the rowid of the item's first row in ``items`` (chunk 0, or chunk 1
-    of a chunked item: its text is indexed once); ``terms`` is the JSON array of its distinct
-    terms, *sorted* (not in text order), which is what lets a delete find its postings without
-    the text.
-``lex_postings(cid, term, row, tf, dl) PRIMARY KEY (cid, term, row) WITHOUT ROWID``
-    the inverted lists: one B-tree, so a term's postings are one range read, and a digit
-    prefix (``term >= ? AND term < ?``) is a range of terms.
-``lex_terms(cid, term, df) PRIMARY KEY (cid, term) WITHOUT ROWID``
-    document frequencies: a query knows each term's rarity before it reads any posting.
+    of a chunked item: its text is indexed once); ``tids`` is the JSON array of its term ids,
+    sorted, which is what lets a delete find its postings without the text.
 
 Triggers keep them exact on every path that removes an item: a delete from ``items``
 (``index.delete``, queued deletions, a job's sweep, the chunks a ``put`` drops) deletes its
@@ -47,12 +53,16 @@ leaves the lexical index and the vectors holding exactly the same items.
 
 What the index reveals without the text
 ---------------------------------------
-With ``store_text`` off no text is stored, but the index is a *bag of words* per item:
-which terms (lower-cased, diacritics folded; numbers whole) occur in which item, and how
-often (``tf``), and the item's length in terms. Word order is not kept (no positions; the
-per-item term list is sorted), but someone holding index.db learns, e.g., which messages
-contain a given phone number or name. That is the price of lexical search; a collection
-that must not reveal it can be searched by vectors alone (the vectors reveal meaning too).
+With ``store_text`` off no text is stored and no term either, but the index is still a *bag of
+words* per item: which (hashed) terms occur in which item, how often (``tf``), and the item's
+length in terms. The hash key lives in the same file, so someone holding index.db can test a
+guess: "which messages contain 07700900123 / this name?" (not read the messages: no word order,
+no positions, and a term's text is never stored). A deleted item's postings are gone; a hash of
+one of its terms may survive as a divider in ``lex_terms_h``'s interior pages while its collection
+lives (confirming a guess that the term was once in it), and becomes meaningless when the
+collection is dropped (its key is zeroed). That is the price of lexical search over private
+texts; a collection that must not reveal it can be searched by vectors alone (which reveal
+meaning too).
 
 Tokenizer (decided on the bundled 5,574 SMS, see :func:`tokenize`)
 ------------------------------------------------------------------
@@ -74,10 +84,14 @@ run of letters and digits. Then, because numbers are what people look for:
 * thousands separators and decimals: ``2,000`` → ``2000``, ``1.50`` → ``1.50``;
   a price keeps its currency: ``£1000`` → ``£1000`` and ``1000``; ``£1.50`` → ``£1.50``,
   ``1.50`` (329 ``£`` in the corpus; ``$`` and ``€`` alike).
-* a query's digit term of >= 4 digits also matches the terms it is a prefix of (a B-tree
-  range over ``lex_terms``), so ``0905000`` finds ``09050000327``, and a number glued to
-  what follows it (``0871277810910p``) is found by the number alone. A prefix-only match
-  counts :data:`PREFIX_WEIGHT` of an exact one.
+* partial numbers match: an indexed digit term of more than 4 digits also files its prefixes
+  of 4 digits and more (as marked terms), so a query's digit term of >= 4 digits finds the
+  longer numbers it begins: ``0905000`` finds ``09050000327``, and a number glued to what
+  follows it (``0871277810910p``) is found by the number alone. A prefix-only match counts
+  :data:`PREFIX_WEIGHT` of an exact one, so ``87239`` ranks the message holding 87239 first.
+  (Hashed terms have no order, so a B-tree range over terms is not available; the prefixes
+  cost ~7 extra postings per phone number, few in SMS. Infixes — the last digits — are not
+  matched.)
 
 Query syntax: none. Quotes, ``*``, ``-``, ``:``, ``^``, ``NEAR``, ``AND``/``OR``/``NOT`` and
 unbalanced quotes are plain text (``near`` is a word); the SQL is parameterised only. A
@@ -88,6 +102,8 @@ API (used by daemon/store.py; the store's own API is in its docstring)
 ----------------------------------------------------------------------
 ``tokenize(text) -> list[str]``
 ``parse_query(text) -> Query``
+``doc_terms(text) -> (Counter, length)``
+``document_frequencies(conn, collection, terms) -> dict[str, int]``
 ``create_schema(conn)``
 ``index_docs(conn, collection, docs: list[tuple[row, text_hash, text]]) -> int``
 ``remove_rows(conn, rows)`` / ``drop(conn, collection)``
@@ -97,9 +113,11 @@ API (used by daemon/store.py; the store's own API is in its docstring)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import secrets
 import sqlite3
 import unicodedata
 from collections import Counter
@@ -114,8 +132,6 @@ PREFIX_MIN = 4
 """A query's digit term this long or longer also matches the longer terms it begins (partial numbers)."""
 PREFIX_WEIGHT = 0.8
 """A prefix-only match counts this share of an exact one: "87239" ranks the message with 87239 first."""
-PREFIX_EXPANSIONS = 64
-"""At most this many terms one prefix stands for (the most frequent), so a short prefix stays cheap."""
 MAX_QUERY_TERMS = 32
 MAX_TERM_CHARS = 64
 """Longer runs (a URL's token, base64) are cut to this: a term is a key, not a payload."""
@@ -125,8 +141,10 @@ candidates past this (a word in every other message, like "u" or "to") only scor
 its rarer terms found, looked up one by one when they are few (:data:`LOOKUP_CAP`), else not at all:
 its IDF is low, it would reorder little."""
 LOOKUP_CAP = 2_000
-FIRST_CAP = 50_000
-"""A query of common words only reads at most this many postings of its rarest term (the oldest rows)."""
+FIRST_CAP = 10_000
+"""A query of common words only ("you", "and") reads at most this many postings of its rarest term, the
+newest rows' (a phone's recent messages): BM25 over a word in a third of the collection ranks little
+that matters, and reading them all cost 35-45 ms at 100,000 items against 2 ms for a typical query."""
 ROW_BATCH = 500
 
 _APOSTROPHES = re.compile(r"(?<=[^\W_])['\u2019\u2018\x92\x91`](?=[^\W_])")
@@ -200,27 +218,32 @@ def _dedupe(terms: Iterable[str]) -> list[str]:
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lex_collections (
-    cid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+    cid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, salt BLOB NOT NULL,
     n INTEGER NOT NULL DEFAULT 0, total_len INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS lex_docs (
-    row INTEGER PRIMARY KEY, cid INTEGER NOT NULL, length INTEGER NOT NULL, hash TEXT, terms TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS lex_postings (
-    cid INTEGER NOT NULL, term TEXT NOT NULL, row INTEGER NOT NULL, tf INTEGER NOT NULL, dl INTEGER NOT NULL,
-    PRIMARY KEY (cid, term, row)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lex_terms (
-    cid INTEGER NOT NULL, term TEXT NOT NULL, df INTEGER NOT NULL, PRIMARY KEY (cid, term)) WITHOUT ROWID;
+    tid INTEGER PRIMARY KEY, cid INTEGER NOT NULL, h INTEGER NOT NULL, df INTEGER NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS lex_terms_h ON lex_terms (cid, h);
+CREATE TABLE IF NOT EXISTS lex_docs (
+    row INTEGER PRIMARY KEY, cid INTEGER NOT NULL, length INTEGER NOT NULL, hash TEXT, tids TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS lex_postings (
+    tid INTEGER NOT NULL, row INTEGER NOT NULL, tf INTEGER NOT NULL, dl INTEGER NOT NULL,
+    PRIMARY KEY (tid, row)) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS lex_docs_deleted AFTER DELETE ON lex_docs
 WHEN EXISTS (SELECT 1 FROM lex_collections WHERE cid = old.cid) BEGIN
-    DELETE FROM lex_postings WHERE cid = old.cid AND term IN (SELECT value FROM json_each(old.terms)) AND row = old.row;
-    UPDATE lex_terms SET df = df - 1 WHERE cid = old.cid AND term IN (SELECT value FROM json_each(old.terms));
-    DELETE FROM lex_terms WHERE cid = old.cid AND term IN (SELECT value FROM json_each(old.terms)) AND df <= 0;
+    DELETE FROM lex_postings WHERE tid IN (SELECT value FROM json_each(old.tids)) AND row = old.row;
+    UPDATE lex_terms SET df = df - 1 WHERE tid IN (SELECT value FROM json_each(old.tids));
+    DELETE FROM lex_terms WHERE tid IN (SELECT value FROM json_each(old.tids)) AND df <= 0;
     UPDATE lex_collections SET n = n - 1, total_len = total_len - old.length WHERE cid = old.cid;
 END;
 CREATE TRIGGER IF NOT EXISTS items_lex_deleted AFTER DELETE ON items BEGIN
     DELETE FROM lex_docs WHERE row = old.rowid;
 END;
 """
-LEX_TABLES = ("lex_collections", "lex_docs", "lex_postings", "lex_terms")
+LEX_BTREES = ("lex_collections", "sqlite_autoindex_lex_collections_1", "lex_terms", "lex_terms_h", "lex_docs",
+              "lex_postings")
+"""The lexical side's B-trees (dbstat names): what its size on disk is summed over."""
+PREFIX_MARK = "\x01"
+"""Marks an indexed digit prefix ("\x010905000"): never equal to a term the tokenizer makes."""
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -231,11 +254,48 @@ def create_schema(conn: sqlite3.Connection) -> None:
             conn.execute(stmt if stmt.startswith("CREATE") else "CREATE " + stmt)
 
 
-def _cid(conn: sqlite3.Connection, collection: str, create: bool = False) -> int | None:
-    row = conn.execute("SELECT cid FROM lex_collections WHERE name = ?", (collection,)).fetchone()
+def doc_terms(text: str) -> tuple[Counter, int]:
+    """An item's indexed terms with their counts, and its length (the tokenizer's terms; prefixes not counted).
+
+    A digit term of more than :data:`PREFIX_MIN` digits also files its prefixes of
+    :data:`PREFIX_MIN` digits and more (marked), so a partial number is an exact lookup.
+    """
+    tf = Counter(tokenize(text))
+    dl = sum(tf.values())
+    for term in [t for t in tf if len(t) > PREFIX_MIN and t.isdigit() and t.isascii()]:
+        for k in range(PREFIX_MIN, len(term)):
+            tf[PREFIX_MARK + term[:k]] += 1
+    return tf, dl
+
+
+def _term_hash(salt: bytes, term: str) -> int:
+    return int.from_bytes(hashlib.blake2b(term.encode("utf-8", "surrogatepass"), key=salt, digest_size=8).digest(),
+                          "little", signed=True)
+
+
+def _collection(conn: sqlite3.Connection, collection: str, create: bool = False) -> tuple[int, bytes] | None:
+    row = conn.execute("SELECT cid, salt FROM lex_collections WHERE name = ?", (collection,)).fetchone()
     if row is None and create:
-        return conn.execute("INSERT INTO lex_collections (name) VALUES (?)", (collection,)).lastrowid
-    return row[0] if row else None
+        salt = secrets.token_bytes(16)
+        return conn.execute("INSERT INTO lex_collections (name, salt) VALUES (?, ?)", (collection, salt)).lastrowid, salt
+    return (row[0], row[1]) if row else None
+
+
+def term_ids(conn: sqlite3.Connection, collection: str, terms: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """term → (its id, df) for the terms the collection's items hold."""
+    coll = _collection(conn, collection)
+    if coll is None or not terms:
+        return {}
+    cid, salt = coll
+    by_hash = {_term_hash(salt, t): t for t in terms}
+    out: dict[str, tuple[int, int]] = {}
+    hashes = list(by_hash)
+    for i in range(0, len(hashes), ROW_BATCH):
+        part = hashes[i:i + ROW_BATCH]
+        for h, tid, df in conn.execute(f"SELECT h, tid, df FROM lex_terms WHERE cid = ? AND h IN ({','.join('?' * len(part))})",
+                                       (cid, *part)):
+            out[by_hash[h]] = (tid, df)
+    return out
 
 
 # -- writes (inside the caller's transaction) -----------------------------------------------
@@ -248,34 +308,33 @@ def index_docs(conn: sqlite3.Connection, collection: str, docs: Sequence[tuple[i
     """
     if not docs:
         return 0
-    cid = _cid(conn, collection, create=True)
-    have: dict[int, str | None] = {}
-    rows = [d[0] for d in docs]
-    for i in range(0, len(rows), ROW_BATCH):
-        part = rows[i:i + ROW_BATCH]
-        have.update(conn.execute(f"SELECT row, hash FROM lex_docs WHERE row IN ({','.join('?' * len(part))})", part))
-    todo = {}
+    cid, salt = _collection(conn, collection, create=True)
+    todo: dict[int, tuple[str | None, str]] = {}
     for row, h, text in docs:  # the last text for a row wins
         todo[row] = (h, text)
+    have = indexed_rows(conn, list(todo))
     todo = {r: v for r, v in todo.items() if not (r in have and have[r] == v[0] and v[0] is not None)}
     if not todo:
         return 0
     remove_rows(conn, [r for r in todo if r in have])
+    parsed = {row: doc_terms(text) for row, (_, text) in todo.items()}
+    vocab = sorted({t for tf, _ in parsed.values() for t in tf})
+    tid_of = {t: v[0] for t, v in term_ids(conn, collection, vocab).items()}
+    for t in vocab:
+        if t not in tid_of:
+            tid_of[t] = conn.execute("INSERT INTO lex_terms (cid, h, df) VALUES (?, ?, 0)",
+                                     (cid, _term_hash(salt, t))).lastrowid
     postings, doc_rows, df = [], [], Counter()
     total = 0
-    for row, (h, text) in todo.items():
-        tf = Counter(tokenize(text))
-        dl = sum(tf.values())
+    for row, (tf, dl) in parsed.items():
         total += dl
-        terms = sorted(tf)
-        doc_rows.append((row, cid, dl, h, json.dumps(terms, ensure_ascii=False)))
-        postings += [(cid, term, row, c, dl) for term, c in tf.items()]
-        df.update(terms)
-    conn.executemany("INSERT INTO lex_docs (row, cid, length, hash, terms) VALUES (?, ?, ?, ?, ?)", doc_rows)
-    conn.executemany("INSERT INTO lex_postings (cid, term, row, tf, dl) VALUES (?, ?, ?, ?, ?)", postings)
-    conn.executemany("INSERT INTO lex_terms (cid, term, df) VALUES (?, ?, ?) "
-                     "ON CONFLICT (cid, term) DO UPDATE SET df = df + excluded.df",
-                     [(cid, term, c) for term, c in df.items()])
+        tids = sorted(tid_of[t] for t in tf)
+        doc_rows.append((row, cid, dl, todo[row][0], json.dumps(tids)))
+        postings += [(tid_of[t], row, c, dl) for t, c in tf.items()]
+        df.update(tids)
+    conn.executemany("INSERT INTO lex_docs (row, cid, length, hash, tids) VALUES (?, ?, ?, ?, ?)", doc_rows)
+    conn.executemany("INSERT INTO lex_postings (tid, row, tf, dl) VALUES (?, ?, ?, ?)", postings)
+    conn.executemany("UPDATE lex_terms SET df = df + ? WHERE tid = ?", [(c, tid) for tid, c in df.items()])
     conn.execute("UPDATE lex_collections SET n = n + ?, total_len = total_len + ? WHERE cid = ?",
                  (len(doc_rows), total, cid))
     return len(doc_rows)
@@ -290,14 +349,15 @@ def remove_rows(conn: sqlite3.Connection, rows: Sequence[int]) -> None:
 
 def drop(conn: sqlite3.Connection, collection: str) -> None:
     """Everything of a collection, in bulk (its stats row first, so the per-row trigger stays idle)."""
-    cid = _cid(conn, collection)
-    if cid is None:
+    coll = _collection(conn, collection)
+    if coll is None:
         return
+    cid = coll[0]
     conn.execute("DELETE FROM lex_collections WHERE cid = ?", (cid,))
-    conn.execute("DELETE FROM lex_postings WHERE cid = ?", (cid,))
+    conn.execute("DELETE FROM lex_postings WHERE tid IN (SELECT tid FROM lex_terms WHERE cid = ?)", (cid,))
     conn.execute("DELETE FROM lex_terms WHERE cid = ?", (cid,))
     conn.execute("DELETE FROM lex_docs WHERE row IN (SELECT rowid FROM items WHERE collection = ?)", (collection,))
-    conn.execute("DELETE FROM lex_docs WHERE cid = ?", (cid,))  # any left (not expected): a scan, rare
+    conn.execute("DELETE FROM lex_docs WHERE cid = ?", (cid,))  # any left (not expected)
 
 
 def indexed_rows(conn: sqlite3.Connection, rows: Sequence[int]) -> dict[int, str | None]:
@@ -319,15 +379,7 @@ def stats(conn: sqlite3.Connection, collection: str) -> tuple[int, int]:
 
 def document_frequencies(conn: sqlite3.Connection, collection: str, terms: Sequence[str]) -> dict[str, int]:
     """How many items of the collection hold each term (absent terms are left out)."""
-    row = conn.execute("SELECT cid FROM lex_collections WHERE name = ?", (collection,)).fetchone()
-    if row is None or not terms:
-        return {}
-    return dict(conn.execute(f"SELECT term, df FROM lex_terms WHERE cid = ? AND term IN ({','.join('?' * len(terms))})",
-                             (row[0], *terms)).fetchall())
-
-
-def _prefix_end(prefix: str) -> str:
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return {t: df for t, (_, df) in term_ids(conn, collection, list(terms)).items()}
 
 
 def search(conn: sqlite3.Connection, collection: str, query: str | Query, n: int = 10,
@@ -342,40 +394,33 @@ def search(conn: sqlite3.Connection, collection: str, query: str | Query, n: int
     q = query if isinstance(query, Query) else parse_query(query)
     if not q.terms or n <= 0:
         return []
-    row = conn.execute("SELECT cid, n, total_len FROM lex_collections WHERE name = ?", (collection,)).fetchone()
-    if row is None or not row[1]:
+    row = conn.execute("SELECT n, total_len FROM lex_collections WHERE name = ?", (collection,)).fetchone()
+    if row is None or not row[0]:
         return []
-    cid, N, total = row
+    N, total = row
     avgdl = max(total / N, 1e-9)
-    # (query term index, index term, df, weight): each query term and, for numbers, the terms it begins.
-    plan: list[tuple[int, str, int, float]] = []
-    for qi, term in enumerate(q.terms):
-        if q.prefix(term):
-            for t, df in conn.execute("SELECT term, df FROM lex_terms WHERE cid = ? AND term >= ? AND term < ? "
-                                      "ORDER BY df DESC LIMIT ?", (cid, term, _prefix_end(term), PREFIX_EXPANSIONS)):
-                plan.append((qi, t, df, 1.0 if t == term else PREFIX_WEIGHT))
-        else:
-            hit = conn.execute("SELECT df FROM lex_terms WHERE cid = ? AND term = ?", (cid, term)).fetchone()
-            if hit:
-                plan.append((qi, term, hit[0], 1.0))
+    # (query term index, term id, df, weight): each query term and, for a number, the longer numbers it begins.
+    wanted = {t: (qi, 1.0) for qi, t in enumerate(q.terms)}
+    wanted.update({PREFIX_MARK + t: (qi, PREFIX_WEIGHT) for qi, t in enumerate(q.terms) if q.prefix(t)})
+    plan = [(wanted[t][0], tid, df, wanted[t][1]) for t, (tid, df) in term_ids(conn, collection, list(wanted)).items()]
     if not plan:
         return []
     plan.sort(key=lambda p: p[2])
     rows_l, contrib_l, qbits_l = [], [], []
     candidates: np.ndarray | None = None
     seen = 0
-    for qi, term, df, weight in plan:
+    for qi, tid, df, weight in plan:
         idf = math.log(1.0 + (N - df + 0.5) / (df + 0.5))
         if candidates is None or seen + df <= FULL_BUDGET:
-            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE cid = ? AND term = ? LIMIT ?",
-                               (cid, term, FIRST_CAP)).fetchall()
+            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE tid = ? ORDER BY row DESC LIMIT ?",
+                               (tid, FIRST_CAP)).fetchall()
             seen += len(got)
         else:
             cand = np.unique(candidates)
             if not len(cand) or len(cand) > LOOKUP_CAP:
                 continue
-            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE cid = ? AND term = ? AND row IN "
-                               "(SELECT value FROM json_each(?))", (cid, term, json.dumps(cand.tolist()))).fetchall()
+            got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE tid = ? AND row IN "
+                               "(SELECT value FROM json_each(?))", (tid, json.dumps(cand.tolist()))).fetchall()
         if not got:
             continue
         arr = np.array(got, np.int64)

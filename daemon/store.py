@@ -88,13 +88,18 @@ log = logging.getLogger("pocketembed.store")
 
 
 def db_path(home: Path) -> Path:
+BUSY_TIMEOUT_S = 30
+CHECKPOINT_WAIT_MS = 5_000
+"""How long the checkpoint after a delete waits for readers of older snapshots (the daemon's own are short)."""
+
+
     return home / "index.db"
 
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, waiting on locks."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -113,10 +118,14 @@ def checkpoint_deleted(conn: sqlite3.Connection) -> float:
     older snapshots; the store's reads are short. Returns the seconds it took.
     """
     t0 = time.perf_counter()
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")  # a reader outside the daemon must not stall writes 30 s
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
     if busy:
-        log.warning("wal_checkpoint(TRUNCATE) after a delete was blocked by a reader; the WAL may hold deleted "
-                    "pages until the next checkpoint")
+        log.warning("wal_checkpoint(TRUNCATE) after a delete was blocked by a reader for %d ms; the WAL may hold "
+                    "deleted pages until the next delete's checkpoint", CHECKPOINT_WAIT_MS)
     return time.perf_counter() - t0
 
 
@@ -424,10 +433,10 @@ class Store:
         if cached is None or now - cached[0] > 60:
             try:
                 size = self.conn.execute(f"SELECT coalesce(SUM(pgsize), 0) FROM dbstat WHERE name IN "
-                                         f"({','.join('?' * len(LEX_BTREES))})", LEX_BTREES).fetchone()[0]
-            except sqlite3.Error:  # no dbstat in this build: estimate from the postings' sizes
-                size = self.conn.execute("SELECT coalesce(SUM(length(term) + 12), 0) FROM lex_postings").fetchone()[0] + \
-                    self.conn.execute("SELECT coalesce(SUM(length(terms) + 16), 0) FROM lex_docs").fetchone()[0]
+                                         f"({','.join('?' * len(lexical.LEX_BTREES))})", lexical.LEX_BTREES).fetchone()[0]
+            except sqlite3.Error:  # no dbstat in this build: estimate from the rows (~14 B a posting)
+                size = self.conn.execute("SELECT 14 * COUNT(*) FROM lex_postings").fetchone()[0] + \
+                    self.conn.execute("SELECT coalesce(SUM(length(tids) + 16), 0) FROM lex_docs").fetchone()[0]
             total = self.conn.execute("SELECT coalesce(SUM(n), 0) FROM lex_collections").fetchone()[0]
             cached = self._lex_bytes = (now, size / total if total else 0.0)
         return round(cached[1], 1)
@@ -804,9 +813,6 @@ class Store:
             out += [r[0] for r in self.conn.execute(
                 f"SELECT rowid FROM items WHERE collection = ? AND id IN ({','.join('?' * len(part))})", [collection, *part])]
         return np.array(out, np.int64)
-
-
-LEX_BTREES = ("lex_docs", "lex_postings", "lex_terms", "sqlite_autoindex_lex_collections_1", "lex_collections")
 
 
 def _lexical_state(items: int, docs: int) -> str:

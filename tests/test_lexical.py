@@ -8,12 +8,12 @@ kill -9 during a job's writes.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sqlite3
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -168,14 +168,14 @@ def test_common_words_do_not_read_every_posting(sms_store, monkeypatch):
 def expected_index(conn: sqlite3.Connection, collection: str, texts: dict) -> tuple[set, Counter, tuple]:
     """What the lexical tables should hold for these id → text: (postings, df, (N, total length))."""
     postings, df, total = set(), Counter(), 0
-    for item_id, text in texts.items():
+    parsed = {i: lexical.doc_terms(t) for i, t in texts.items()}
+    tids = lexical.term_ids(conn, collection, sorted({t for tf, _ in parsed.values() for t in tf}))
+    for item_id, (tf, dl) in parsed.items():
         row = conn.execute("SELECT rowid FROM items WHERE collection = ? AND id = ? AND chunk IN (0, 1)",
                            (collection, item_id)).fetchone()[0]
-        tf = Counter(tokenize(text))
-        dl = sum(tf.values())
         total += dl
-        postings |= {(t, row, c, dl) for t, c in tf.items()}
-        df.update(tf.keys())
+        postings |= {(tids[t][0] if t in tids else t, row, c, dl) for t, c in tf.items()}
+        df.update(tids[t][0] if t in tids else t for t in tf)
     return postings, df, (len(texts), total)
 
 
@@ -183,8 +183,9 @@ def actual_index(conn: sqlite3.Connection, collection: str) -> tuple[set, Counte
     cid = conn.execute("SELECT cid FROM lex_collections WHERE name = ?", (collection,)).fetchone()
     if cid is None:
         return set(), Counter(), (0, 0)
-    postings = set(conn.execute("SELECT term, row, tf, dl FROM lex_postings WHERE cid = ?", cid))
-    df = Counter(dict(conn.execute("SELECT term, df FROM lex_terms WHERE cid = ?", cid)))
+    postings = set(conn.execute("SELECT p.tid, row, tf, dl FROM lex_postings p JOIN lex_terms t ON t.tid = p.tid "
+                                "WHERE t.cid = ?", cid))
+    df = Counter(dict(conn.execute("SELECT tid, df FROM lex_terms WHERE cid = ?", cid)))
     return postings, df, tuple(conn.execute("SELECT n, total_len FROM lex_collections WHERE cid = ?", cid).fetchone())
 
 
@@ -207,7 +208,8 @@ def test_updates_deletes_sweeps_and_drops_keep_postings_exact(tmp_path):
     after = dict(store.conn.execute("SELECT row, hash FROM lex_docs"))
     assert {r for r in before if before[r] != after.get(r)} == {r for r in after if r in before} - \
         {r for r in before if before[r] == after[r]}
-    assert "07700900123" in actual_index(store.conn, "c")[1] and store.lexical_search("c", "07700900123", 1)
+    assert lexical.document_frequencies(store.conn, "c", ["07700900123"]) == {"07700900123": 1}
+    assert store.lexical_search("c", "07700900123", 1)
     # deletes
     with transaction(store.conn):
         store.delete(store.conn, "c", [0, 1, 3, 999])
@@ -246,8 +248,9 @@ def test_updates_deletes_sweeps_and_drops_keep_postings_exact(tmp_path):
         store.drop(store.conn, "c")
     assert actual_index(store.conn, "c") == (set(), Counter(), (0, 0))
     cid_other = store.conn.execute("SELECT cid FROM lex_collections WHERE name = 'other'").fetchone()[0]
-    for table in ("lex_postings", "lex_terms"):
-        assert {r[0] for r in store.conn.execute(f"SELECT DISTINCT cid FROM {table}")} == {cid_other}
+    assert {r[0] for r in store.conn.execute("SELECT DISTINCT cid FROM lex_terms")} == {cid_other}
+    assert store.conn.execute("SELECT COUNT(*) FROM lex_postings WHERE tid NOT IN (SELECT tid FROM lex_terms)"
+                              ).fetchone()[0] == 0
     assert store.conn.execute("SELECT COUNT(*) FROM lex_docs").fetchone()[0] == 1
     put_texts(store, "c", {1: "fresh start"})
     assert_exact(store, "c", {1: "fresh start"})
@@ -272,7 +275,7 @@ def test_older_index_db_gets_its_lexical_index_where_texts_can_be_had(tmp_path):
     put_texts(store, "kept", kept, store_text=True)
     put_texts(store, "private", private, store_text=False)
     # As an index.db made before the lexical index: no lexical tables, no migrations run.
-    for t in ("lex_collections", "lex_docs", "lex_postings", "lex_terms", "schema_migrations"):
+    for t in ("lex_collections", "lex_docs", "lex_postings", "lex_terms", "schema_migrations"):  # (and its index)
         store.conn.execute(f"DROP TABLE {t}")
     store.conn.execute("DROP TRIGGER items_lex_deleted")
     store.conn.close()
@@ -335,7 +338,7 @@ def test_deleted_bytes_leave_the_file_and_wal_model_free(tmp_path):
 
 
 def rows_bytes(home: Path, collection: str) -> list[bytes]:
-    with sqlite3.connect(db_path(home)) as conn:
+    with closing(sqlite3.connect(db_path(home))) as conn:
         return [b for row in conn.execute("SELECT i8, bin, f32 FROM items WHERE collection = ?", (collection,))
                 for b in row if b]
 
@@ -376,17 +379,18 @@ def test_deleted_means_gone_through_the_daemon(home, tmp_path):
                 items = secret(f"add{name}")
                 c.call("index.add", {"collection": name, "items": filler + items, "store_text": store_text,
                                      "float_vectors": name == "kept"})
-                with sqlite3.connect(db_path(root)) as conn:
+                with closing(sqlite3.connect(db_path(root))) as conn:
                     vectors += [b for r in conn.execute("SELECT i8, bin, f32 FROM items WHERE collection = ? AND "
                                                         "id LIKE 'add%'", (name,)) for b in r if b]
-                    assert conn.execute("SELECT COUNT(*) FROM lex_postings WHERE term LIKE 'add%'").fetchone()[0]
+                    word = gone[f"add{name}"][0]
+                    assert lexical.document_frequencies(conn, name, [word]) == {word: 1}
                 assert c.index_delete(name, [it["id"] for it in items]) == len(items)
             # queued: written, then deleted in the next request; a secret enqueued and deleted in one go
             for name, store_text in (("qkept", True), ("qprivate", False)):
                 items = secret(f"enq{name}")
                 job = c.index_enqueue(name, filler + items, store_text=store_text)
                 wait_done(c, job["id"])
-                with sqlite3.connect(db_path(root)) as conn:
+                with closing(sqlite3.connect(db_path(root))) as conn:
                     vectors += [b for r in conn.execute("SELECT i8, bin FROM items WHERE collection = ? AND "
                                                         "id LIKE 'enq%'", (name,)) for b in r if b]
                 job = c.index_enqueue(name, [], delete=[it["id"] for it in items])
