@@ -88,6 +88,9 @@ PROGRESS_STEPS = 10
 COMPANIONS = ("-wal", "-shm", "-journal")
 """Files SQLite opens beside a database by name."""
 
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+"""Directories are walked with O_PATH where there is one (Linux, Android): search permission is enough, as for a path."""
+
 Allow = Callable[[str], None]
 """Raises Forbidden unless a (resolved) path may be read: the daemon's job_sources check."""
 
@@ -234,7 +237,7 @@ def _pin_checked(db: str, allow: Allow | None) -> _Pinned:
     try:
         for name in parts[:-1]:
             try:
-                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                fd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                     raise SourceError(f"{db} changed while it was being opened (a directory on its path was "
