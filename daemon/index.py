@@ -34,6 +34,7 @@ from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedErro
 from pocketembed.gguf_models.catalog import ModelSpec
 from pocketembed.ipc import ops
 
+from . import fusion, lexical
 from .engine import scale_scores
 from .executors import LATER, Executor, Reply, as_error
 
@@ -151,8 +152,8 @@ class IndexService:
             return self._start_search(store, args, context)
         if op == "search.reranked":
             return args
-        info, vec, request_args = args  # "search.run": the query vector is ready
-        return self._run_search(store, info, vec, request_args, context)
+        info, vec, request_args, lexical_side = args  # "search.run": the query vector is ready
+        return self._run_search(store, info, vec, request_args, context, lexical_side)
 
     def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
         if args.rerank is not None:
@@ -161,42 +162,101 @@ class IndexService:
         if args.model is not None and self.models.spec(args.model).name != info.model:
             raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
                                      f"{self.models.spec(args.model).name} cannot search it")
+        if args.mode == "lexical":  # exact matches alone: no query embedding
+            return self._run_search(store, info, None, args, context)
         text = self.models.prefix(info.model, "query") + args.query
         key = (info.model, info.dims, text)
         vec = self.lru.get(key)
         if vec is not None:
             return self._run_search(store, info, vec, args, context)
+        lexical_side: list[Any] = []
 
         def embedded(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
             if err is not None:
                 self.reply(context, None, err)
                 return
             self.lru.put(key, vecs[0])
-            self._search.submit("search.run", (info, vecs[0], args), context, force=True)
+            self._search.submit("search.run", (info, vecs[0], args, lexical_side), context, force=True)
 
         self.scheduler.submit(EmbedTask(texts=[text], model=info.model, on_done=embedded, lane=INTERACTIVE,
                                         dims=info.dims, truncate=True),
                               max_tokens=self.models.max_tokens(info.model))
+        if args.mode == "hybrid":  # read while the query embeds: "search.run" comes after this on this thread
+            lexical_side.append(self._lexical_side(store, info, args))
         return LATER
 
-    def _run_search(self, store: Store, info: Any, vec: np.ndarray, args: ops.SearchArgs, context: Any) -> Any:
+    def _run_search(self, store: Store, info: Any, vec: np.ndarray | None, args: ops.SearchArgs, context: Any,
+                    lexical_side: list[Any] | None = None) -> Any:
         top = (args.rerank_top or max(args.k, 20)) if args.rerank else args.k  # the schema keeps rerank_top >= k
         wanted: dict[str, list[Any]] = {}
 
         def later(origin: str, ids: list[Any]) -> dict[Any, str]:
-            wanted[origin] = ids  # texts kept in a job's source: read below, off this thread
+            wanted.setdefault(origin, []).extend(ids)  # texts kept in a job's source: read below, off this thread
             return {}
 
-        hits = store.search(info.name, vec, k=top, rescore_multiplier=args.rescore_multiplier,
-                            filter=args.filter, rescore=args.rescore, with_text=args.with_text or bool(args.rerank),
-                            source_text=later)
+        with_text = args.with_text or bool(args.rerank)
+        if args.mode == "vector":
+            hits = store.search(info.name, vec, k=top, rescore_multiplier=args.rescore_multiplier,
+                                filter=args.filter, rescore=args.rescore, with_text=with_text, source_text=later)
+            for hit in hits:
+                hit["matched"] = ["vector"]
+        else:
+            side = lexical_side[0] if lexical_side else self._lexical_side(store, info, args)
+            hits = self._lexical_search(store, info, vec, args, top, with_text, later, side)
         self.searches += 1
         result = {"collection": info.name, "model": info.model, "hits": hits}
+        if args.mode != "vector":
+            state = store.lexical_state(info.name)
+            if state != "ready":  # items whose texts the daemon never had (see docs/search.md)
+                result["lexical"] = state
+                result.setdefault("notes", []).append(
+                    f"the lexical index holds {'none' if state == 'missing' else 'only some'} of this collection's items: "
+                    "re-send their texts (index.add or index.enqueue) to make them found by their words")
         if wanted:
             specs = {origin: source_spec(store.conn, origin) for origin in wanted}  # this thread's connection
             self._reads.submit(lambda: self._read_texts(result, specs, wanted, info, args, context))
             return LATER
         return self._finish_search(result, info, args, context)
+
+    def _lexical_side(self, store: Store, info: Any, args: ops.SearchArgs) -> tuple[Any, ...]:
+        """The lexical candidates of a ``lexical`` or ``hybrid`` search (store.lexical_candidates), and its parsed query."""
+        query = lexical.parse_query(args.query)
+        top = (args.rerank_top or max(args.k, 20)) if args.rerank else args.k
+        allowed = store.matching_rows(info.name, args.filter) if args.filter else None
+        hybrid = args.mode == "hybrid"
+        n = max(top, fusion.LEXICAL_CANDIDATES) if hybrid else top
+        return (query, *store.lexical_candidates(info.name, query, n, allowed, vectors=hybrid))
+
+    def _lexical_search(self, store: Store, info: Any, vec: np.ndarray | None, args: ops.SearchArgs, top: int,
+                        with_text: bool, later: Any, side: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """``lexical`` and ``hybrid`` search's hits (daemon/fusion.py): each with ``matched``."""
+        query, found, vectors, idfs = side
+        if vec is None:
+            hits = store.rows_to_hits(info.name, [c[0] for c in found], [c[2] for c in found], with_text, later)
+            for hit in hits:
+                hit["matched"] = ["lexical"]
+            return hits
+        near = store.search(info.name, vec, k=max(top, fusion.VECTOR_CANDIDATES), filter=args.filter,
+                            rescore_multiplier=args.rescore_multiplier, rescore=args.rescore)
+        cosines = dict(zip([c[1] for c in found], (vectors @ vec).tolist())) if vectors is not None else {}
+        fused = fusion.fuse({h["id"]: h["score"] for h in near}, {c[1]: c[3] for c in found}, cosines, idfs,
+                            fusion.query_weight(query), top)
+        row_of = {c[1]: c[0] for c in found}
+        by_id = {h["id"]: h for h in near}
+        # The winners' hits (metadata, text) read once: the vector side's by its search, the rest by row.
+        rows = [row_of[f.id] for f in fused if f.id in row_of]
+        vector_only = [f.id for f in fused if f.id not in row_of]
+        got = {h["id"]: h for h in store.rows_to_hits(info.name, rows, None, with_text, later)}
+        if vector_only and with_text:
+            texts = store.search_texts(info.name, vector_only, later)
+            for i in vector_only:
+                by_id[i]["text"] = texts.get(i)
+        hits = []
+        for f in fused:
+            hit = got.get(f.id) or by_id.get(f.id)
+            if hit is not None:
+                hits.append({**hit, "score": round(f.score, 6), "matched": list(f.matched)})
+        return hits
 
     def _read_texts(self, result: dict[str, Any], specs: dict[str, JobSpec | None], wanted: dict[str, list[Any]],
                     info: Any, args: ops.SearchArgs, context: Any) -> None:

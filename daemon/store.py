@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
 import sqlite3
 import threading
@@ -87,12 +88,12 @@ MAX_CANDIDATES = 100_000
 log = logging.getLogger("pocketembed.store")
 
 
-def db_path(home: Path) -> Path:
 BUSY_TIMEOUT_S = 30
 CHECKPOINT_WAIT_MS = 5_000
 """How long the checkpoint after a delete waits for readers of older snapshots (the daemon's own are short)."""
 
 
+def db_path(home: Path) -> Path:
     return home / "index.db"
 
 
@@ -601,6 +602,33 @@ class Store:
         with _snapshot(self.conn):
             return lexical.search(self.conn, collection, query, n, allowed)
 
+    def lexical_candidates(self, collection: str, query: lexical.Query, n: int, allowed: np.ndarray | None = None,
+                           vectors: bool = True) -> tuple[list[tuple[int, Any, float, list[str]]], np.ndarray | None,
+                                                          dict[str, float]]:
+        """The lexical side of a hybrid search, read in one snapshot.
+
+        Returns the BM25 top ``n`` as (rowid, id, bm25, matched terms); with ``vectors``, the
+        rows' dequantized int8 vectors (so a message only the lexical side found is ranked by
+        its cosine too, on the vector side's scale, once the query's vector is there); and
+        each query term's IDF in this collection (a term no item holds: the rarest possible).
+        """
+        info = self.info(collection)
+        with _snapshot(self.conn):
+            found = lexical.search(self.conn, collection, query, n, allowed)
+            n_docs = lexical.stats(self.conn, collection)[0]
+            dfs = lexical.document_frequencies(self.conn, collection, query.terms)
+            idfs = {t: math.log(1.0 + (n_docs - dfs.get(t, 0) + 0.5) / (dfs.get(t, 0) + 0.5)) for t in query.terms}
+            if not found:
+                return [], None, idfs
+            rows = np.array([r for r, _, _ in found], np.int64)
+            mat = None
+            if vectors and info.calibration is not None:
+                ids, codes = self._column(rows, "id", "i8")
+                mat = info.calibration.dequantize(np.frombuffer(b"".join(codes), np.int8).reshape(len(rows), info.dims))
+            else:
+                ids = self._column(rows, "id")
+        return [(r, i, sc, t) for (r, sc, t), i in zip(found, ids)], mat, idfs
+
     def matching_rows(self, collection: str, filter: dict[str, Any]) -> np.ndarray:
         """Rowids of the collection's rows whose metadata has these key/values (``search``'s ``filter``)."""
         return self._matching(collection, filter)
@@ -771,6 +799,13 @@ class Store:
             for hit in hits:
                 hit["text"], hit["_origin"] = texts.get(hit["id"], (None, None))
         return hits
+
+    def search_texts(self, collection: str, ids: Sequence[Any], source_text: SourceText | None = None) -> dict[Any, str | None]:
+        """id → text of items, as ``with_text`` gives it (stored, else read by ``source_text`` from the item's source)."""
+        with _snapshot(self.conn):
+            hits = [{"id": i, "text": t, "_origin": o} for i, (t, o) in self._texts(collection, ids).items()]
+        self._texts_from_sources(hits, source_text)
+        return {h["id"]: h["text"] for h in hits}
 
     def _texts(self, collection: str, ids: Sequence[Any]) -> dict[Any, tuple[str | None, str | None]]:
         """id → (stored text, origin) of whole items (a chunked item's text is on its first window)."""

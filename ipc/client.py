@@ -222,8 +222,12 @@ class Client:
 
     def search(self, collection: str, query: str, k: int = 10, rescore_multiplier: int | None = None,
                filter: dict[str, Any] | None = None, with_text: bool = False, *, rerank: str | None = None,
-               rerank_top: int | None = None) -> list[dict[str, Any]]:
-        """The ``k`` items nearest to ``query``, best first: ``[{"id", "score", "metadata"}, ...]``.
+               rerank_top: int | None = None, mode: str | None = None) -> list[dict[str, Any]]:
+        """The ``k`` items that best match ``query``, best first: ``[{"id", "score", "metadata", "matched"}, ...]``.
+
+        ``mode``: ``"hybrid"`` (the daemon's default: the words, numbers and names of
+        the query matched exactly, fused with the vectors' meaning), ``"vector"`` or
+        ``"lexical"``; each hit's ``matched`` says which side found it.
 
         Binary (Hamming) search takes ``k × rescore_multiplier`` candidates (default
         ×10), rescored against their int8 vectors. ``filter`` keeps items whose
@@ -237,7 +241,7 @@ class Client:
         if with_text:
             args["with_text"] = True
         for key, value in (("rescore_multiplier", rescore_multiplier), ("filter", filter), ("rerank", rerank),
-                           ("rerank_top", rerank_top)):
+                           ("rerank_top", rerank_top), ("mode", mode)):
             if value is not None:
                 args[key] = value
         return self.call("search", args)["hits"]

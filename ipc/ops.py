@@ -144,6 +144,7 @@ class SearchArgs(Args):
     with_text: D(bool, "add each hit's `text`: kept by a `store_text` collection, or read back from the source row of the table a job indexed; nil when neither has it") = False
     rerank: D(ModelName | None, "a reranker (cross-encoder) that rescores the top `rerank_top` candidates with the query; hits then carry `rerank_score` and come in its order. Needs the candidates' texts (a `store_text` collection, or a job's source rows)") = None
     rerank_top: D(Annotated[int, Meta(ge=1, le=MAX_RERANK_TOP)] | None, f"candidates rescored by `rerank` (default max(k, 20)); at least k, at most {MAX_RERANK_TOP}") = None
+    mode: D(Literal["hybrid", "vector", "lexical"], "`hybrid`: the query's words, numbers and names matched exactly (a lexical index), fused with the vectors' meaning; `vector`: meaning alone; `lexical`: exact matches alone (no query embedding). Each hit's `matched` says which side found it") = "hybrid"
 
     def __post_init__(self) -> None:
         _collection(self.collection)

@@ -38,7 +38,7 @@ class SQLFunctions:
 
 def register(conn: sqlite3.Connection, client: Client | None = None, *, model: str | None = None,
              endpoint: str | None = None, token: str | None = None) -> SQLFunctions:
-    """Add ``pe_embed(text [, model])``, ``pe_cosine(blob, blob)`` and ``pe_search(collection, query, k)``.
+    """Add ``pe_embed(text [, model])``, ``pe_cosine(blob, blob)`` and ``pe_search(collection, query, k [, mode])``.
 
     ``pe_search`` returns the hits as JSON text, a list of ``{"id", "score",
     "metadata"}`` best first, for ``json_each``.
@@ -68,11 +68,11 @@ def register(conn: sqlite3.Connection, client: Client | None = None, *, model: s
         denom = float(np.linalg.norm(va) * np.linalg.norm(vb))
         return float(va @ vb) / denom if denom else 0.0
 
-    def pe_search(collection: str | None, query: str | None, k: int = 10) -> str | None:
+    def pe_search(collection: str | None, query: str | None, k: int = 10, mode: str | None = None) -> str | None:
         if collection is None or query is None:
             return None
         try:
-            hits = funcs.client.search(collection, query, k=int(k))
+            hits = funcs.client.search(collection, query, k=int(k), mode=mode)
         except DaemonError as e:
             funcs.last_error = e
             raise
@@ -80,6 +80,7 @@ def register(conn: sqlite3.Connection, client: Client | None = None, *, model: s
 
     conn.create_function("pe_search", 2, pe_search)
     conn.create_function("pe_search", 3, pe_search)
+    conn.create_function("pe_search", 4, pe_search)
     conn.create_function("pe_embed", 1, pe_embed)
     conn.create_function("pe_embed", 2, pe_embed)
     conn.create_function("pe_cosine", 2, pe_cosine, deterministic=True)

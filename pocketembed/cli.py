@@ -26,6 +26,8 @@ DEMO_QUERIES = [
     "sorry, running late, stuck in traffic",
     "you have won a cash prize, call now to claim it",
     "happy birthday, hope you have a lovely day",
+    "09050000327",   # a number, found by the lexical side (vectors alone miss it)
+    "Nokia",         # a name
 ]
 DEMO_BATCH = 256
 
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"address": "+4479"}\'')
     srch.add_argument("--no-text", dest="text", action="store_false",
                       help="do not show the messages' texts (they come from the collection or the indexed table)")
+    srch.add_argument("--mode", choices=("hybrid", "vector", "lexical"), default=None,
+                      help="hybrid (default: exact words, numbers and names fused with meaning), vector or lexical")
     srch.add_argument("--rerank", metavar="MODEL", help="rescore the best candidates with this reranker (cross-encoder)")
     srch.add_argument("--rerank-top", type=int, help="candidates the reranker rescores (default max(k, 20))")
     srch.add_argument("--json", action="store_true", help="print a JSON list of {id, score, metadata, text}")
@@ -567,12 +571,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--filter is not JSON: {e}") from None
     hits = _ask_daemon(args.socket, lambda c: c.search(args.collection, args.query, k=args.k, with_text=args.text,
                                                         rescore_multiplier=args.rescore_multiplier, filter=flt,
-                                                        rerank=args.rerank, rerank_top=args.rerank_top))
+                                                        rerank=args.rerank, rerank_top=args.rerank_top, mode=args.mode))
     if args.json:
         print(json.dumps(hits, ensure_ascii=False))
         return 0
-    header = (["RERANK"] if args.rerank else []) + ["SCORE", "ID"] + (["TEXT"] if args.text else []) + ["METADATA"]
-    _print_table(header, [([f"{h['rerank_score']:.4f}"] if args.rerank else []) + [f"{h['score']:.4f}", str(h["id"])]
+    header = (["RERANK"] if args.rerank else []) + ["SCORE", "MATCHED", "ID"] + (["TEXT"] if args.text else []) + ["METADATA"]
+    _print_table(header, [([f"{h['rerank_score']:.4f}"] if args.rerank else [])
+                          + [f"{h['score']:.4f}", "+".join(h.get("matched") or []) or "-", str(h["id"])]
                           + ([_one_line(h.get("text")) if h.get("text") is not None else "-"] if args.text else [])
                           + [json.dumps(h["metadata"], ensure_ascii=False) if h["metadata"] else ""] for h in hits])
     return 0
@@ -783,10 +788,11 @@ def _demo(client, model: str, messages: list, k: int) -> None:
         t = time.perf_counter()
         hits = client.search(collection, query, k=k, with_text=True)
         ms = (time.perf_counter() - t) * 1000
-        print(f"\nsearch {query!r}: {ms:.1f} ms (query embedded, binary scan + int8 rescoring)")
+        print(f"\nsearch {query!r}: {ms:.1f} ms (hybrid: exact words and numbers fused with the vectors' meaning)")
         for hit in hits:
             label = (hit.get("metadata") or {}).get("label", "")
-            print(f"  {hit['score']:.3f}  #{hit['id']:<5} {label:<4}  {_one_line(hit.get('text') or '-', 100)}")
+            sides = "+".join(hit.get("matched") or []) or "-"
+            print(f"  {hit['score']:.3f}  {sides:<14} #{hit['id']:<5} {label:<4}  {_one_line(hit.get('text') or '-', 90)}")
 
 
 def _answers(endpoint: str) -> bool:

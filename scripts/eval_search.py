@@ -152,7 +152,7 @@ def write_patterns(texts: list[str], vec: np.ndarray, model: str, queries_n: int
                     with Client(f"ipc://{sock}", timeout=300) as c:
                         good = 0
                         for q in queries[n]:
-                            hits = c.search("sms", texts[q], k=K, rescore_multiplier=10)
+                            hits = c.search("sms", texts[q], k=K, rescore_multiplier=10, mode="vector")
                             exact = vec[:n] @ vec[q]
                             tenth = np.sort(exact)[-K]
                             good += sum(exact[h["id"] - 1] >= tenth - 1e-6 for h in hits)

@@ -77,9 +77,10 @@ def test_demo_indexes_the_sms_through_a_daemon_it_starts_and_shows_the_messages_
         block = out.split(f"search {query!r}: ", 1)[1].split("\nsearch ", 1)[0]
         lines = [ln for ln in block.splitlines()[1:] if ln.strip()][:3]
         assert len(lines) == 3, block
-        for line in lines:  # score, id, label, then the message itself
-            score, ident, label, text = line.split(maxsplit=3)
-            assert -1 <= float(score) <= 1 and ident.startswith("#") and label in ("ham", "spam")
+        for line in lines:  # score, which side matched, id, label, then the message itself
+            score, sides, ident, label, text = line.split(maxsplit=4)
+            assert -1 <= float(score) <= 2 and ident.startswith("#") and label in ("ham", "spam")
+            assert sides in ("vector", "lexical", "lexical+vector"), line
             assert any(t.startswith(text.rstrip("…")) or " ".join(t.split()).startswith(text.rstrip("…")) for t in texts)
     assert not sock.exists()  # the daemon it started is gone
 
@@ -89,6 +90,7 @@ def test_demo_indexes_the_sms_through_a_daemon_it_starts_and_shows_the_messages_
 
 def test_demo_uses_a_running_daemon(home, tmp_path):
     from daemon_proc import DaemonProcess
+    from pocketembed.cli import DEMO_QUERIES
 
     sock = tmp_path / "pe.sock"
     root = fresh_home(home, tmp_path / "home")
@@ -99,7 +101,7 @@ def test_demo_uses_a_running_daemon(home, tmp_path):
         assert f"using the daemon already running on ipc://{sock}" in proc.stdout and "started" not in proc.stdout
         with daemon.client() as c:
             by_op = c.stats()["by_op"]
-            assert by_op["index.add"] == 1 and by_op["search"] == 4  # the demo's requests reached it
+            assert by_op["index.add"] == 1 and by_op["search"] == len(DEMO_QUERIES)  # the demo's requests reached it
             assert {x["name"]: x for x in c.collections()}["demo:all-minilm-l6-v2:q8_0"]["items"] == 100
     finally:
         assert daemon.stop() == 0

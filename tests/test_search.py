@@ -61,7 +61,7 @@ def test_messages_used_as_queries_find_their_neighbours(indexed, engines):
     good = total = 0
     with d.client() as c:
         for q in rng.choice(len(texts), 25, replace=False):
-            hits = c.search("sms", texts[q], k=10)
+            hits = c.search("sms", texts[q], k=10, mode="vector")  # the vectors alone, against exact cosines
             assert len(hits) == 10 and all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(9))
             assert texts[hits[0]["id"] - 1] == texts[q]  # itself (or an identical message) first
             exact = vec @ vec[q]
@@ -113,9 +113,10 @@ def test_results_carry_the_messages_text_when_asked(indexed):
         assert conn.execute("SELECT COUNT(*) FROM items WHERE text IS NOT NULL").fetchone()[0] == 0
     r = run_cli("search", "--socket", str(d.socket_path), "--collection", "sms", "-k", "3", "dinner tonight?")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].split() == ["SCORE", "ID", "TEXT", "METADATA"]
+    assert r.stdout.splitlines()[0].split() == ["SCORE", "MATCHED", "ID", "TEXT", "METADATA"]
     shown = r.stdout.splitlines()[1:]
-    assert len(shown) == 3 and all(" ".join(bodies[int(line.split()[1])].split())[:40] in line for line in shown)
+    assert len(shown) == 3 and all(" ".join(bodies[int(line.split()[2])].split())[:40] in line for line in shown)
+    assert all(line.split()[1] in ("vector", "lexical", "lexical+vector") for line in shown)
 
 
 def test_upsert_delete_readd_and_metadata_filter(indexed):
@@ -127,7 +128,8 @@ def test_upsert_delete_readd_and_metadata_filter(indexed):
         res = c.index_add("inbox", items)
         assert (res["added"], res["embedded"]) == (3, 3)
         assert c.search("inbox", "restaurant booking tonight", k=1)[0] == {"id": "m1", "score": pytest.approx(
-            c.search("inbox", "restaurant booking tonight", k=1)[0]["score"]), "metadata": {"from": "ann"}}
+            c.search("inbox", "restaurant booking tonight", k=1)[0]["score"]), "metadata": {"from": "ann"},
+            "matched": ["vector"]}
         assert [h["id"] for h in c.search("inbox", "delivery", k=3, filter={"from": "ann"})] in (["m1", 3], [3, "m1"])
         # Same texts again: nothing is embedded; a new text that the store already holds is reused.
         again = c.index_add("inbox", items + [{"id": "m4", "text": items[1]["text"]}])

@@ -19,7 +19,7 @@ def recall_at_k(client, collection: str, vec: np.ndarray, texts: list[str], quer
     """Tie-aware recall@10 at x10 rescoring against exact float search (as scripts/eval_search.py counts it)."""
     good = 0
     for q in queries:
-        hits = client.search(collection, texts[q], k=K, rescore_multiplier=10)
+        hits = client.search(collection, texts[q], k=K, rescore_multiplier=10, mode="vector")  # the vectors alone
         exact = vec @ vec[q]
         tenth = np.sort(exact)[-K]
         good += sum(exact[h["id"] - 1] >= tenth - 1e-6 for h in hits)

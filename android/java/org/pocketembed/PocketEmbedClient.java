@@ -50,13 +50,16 @@ public final class PocketEmbedClient implements AutoCloseable {
         public final String text;
         /** The reranker's score when the search named one (option {@code rerank}), else null. */
         public final Double rerankScore;
+        /** Which side of the search found it: {@code "lexical"}, {@code "vector"} or both. */
+        public final List<String> matched;
 
-        Hit(Object id, double score, Map<String, Object> metadata, String text, Double rerankScore) {
+        Hit(Object id, double score, Map<String, Object> metadata, String text, Double rerankScore, List<String> matched) {
             this.id = id;
             this.score = score;
             this.metadata = metadata;
             this.text = text;
             this.rerankScore = rerankScore;
+            this.matched = matched;
         }
     }
 
@@ -226,8 +229,9 @@ public final class PocketEmbedClient implements AutoCloseable {
     }
 
     /**
-     * The k nearest items; {@code options}: rescore_multiplier, filter (a map), with_text, model, and
-     * rerank (a reranker's name) with rerank_top to rescore the best candidates with a cross-encoder.
+     * The k best matching items; {@code options}: mode ({@code "hybrid"}, the default, {@code "vector"} or
+     * {@code "lexical"}), rescore_multiplier, filter (a map), with_text, model, and rerank (a reranker's
+     * name) with rerank_top to rescore the best candidates with a cross-encoder.
      */
     public CompletableFuture<List<Hit>> search(String collection, String query, int k, Map<String, Object> options) {
         Map<String, Object> args = argsFrom(options);
@@ -241,8 +245,15 @@ public final class PocketEmbedClient implements AutoCloseable {
                 @SuppressWarnings("unchecked")
                 Map<String, Object> meta = (Map<String, Object>) h.get("metadata");
                 Object rerank = h.get("rerank_score");
+                List<String> matched = new ArrayList<>();
+                Object sides = h.get("matched");
+                if (sides instanceof List) {
+                    for (Object side : (List<?>) sides) {
+                        matched.add(String.valueOf(side));
+                    }
+                }
                 hits.add(new Hit(h.get("id"), ((Number) h.get("score")).doubleValue(), meta, (String) h.get("text"),
-                        rerank == null ? null : ((Number) rerank).doubleValue()));
+                        rerank == null ? null : ((Number) rerank).doubleValue(), matched));
             }
             return hits;
         });
