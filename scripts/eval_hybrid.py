@@ -2,6 +2,7 @@
 
     python scripts/eval_hybrid.py [--model all-minilm-l6-v2:q8_0] [--repeat 2] [--items 100000]
     python scripts/eval_hybrid.py --check      # only verify the query set's labels against the corpus
+    python scripts/eval_hybrid.py --fusion-variants   # also replay other fusion rules offline (see below)
 
 The query set is scripts/search_queries.json: queries written by reading the
 bundled SMS, of four types — ``number`` (a phone number, short code or price
@@ -35,6 +36,23 @@ corpus: two words swapped at random and " (r)" appended, so every text is new to
 the embedding cache); it prints the same latency per mode on it and the index's
 size on disk per item (dbstat of the daemon's SQLite files, by table: the
 lexical index's tables beside the vectors').
+
+``--fusion-variants`` (issue 29: measure the fusion candidates, keep the best) asks
+the same daemon, per query, for both sides' raw candidates — the vector side's
+cosines (``mode="vector"``, k=1000, rescore_multiplier=10: at 5,574 items the whole
+collection is rescored, so these are the top 1,000 int8 cosines) and the lexical
+side's BM25 top 50 with their texts — and replays fusion offline: reciprocal-rank
+fusion (plain, and with the lexical side weighted 0.5 and 0.3), min-max normalised
+scores summed (lexical share α = 0.5 and 0.3), and the daemon's own rule
+(daemon/fusion.py's ``fuse``, ``query_weight``, ``coverage``) over a grid of
+(EXACT_WEIGHT, HINT_WEIGHT). Approximations, for the daemon's rule: a candidate's
+matched query terms come from tokenizing its text (a digit query term of >= 4
+digits also matches the longer numbers it begins, counted as matched as
+lexical.search reports it; lexical.search may skip a very common term's postings,
+this does not); IDFs come from tokenizing the 5,574 texts; a lexical candidate
+outside the vector top 1,000 gets the 1,000th cosine (an upper bound); the vector
+side is the top 20 of the fully rescored list (the daemon's rescores 200 Hamming
+candidates). The daemon's own hybrid row of the same run is printed beside it.
 """
 
 from __future__ import annotations
@@ -412,13 +430,124 @@ def varied(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def print_quality(results: dict, modes: list) -> None:
+def print_quality(results: dict, modes: list, label: str = "mode", width: int = 8) -> None:
     print(f"\nsuccess@{K} / MRR@{K} per query type")
-    head = f"{'mode':<8}" + "".join(f"{t:>16}" for t in (*TYPES, "overall"))
+    head = f"{label:<{width}}" + "".join(f"{t:>16}" for t in (*TYPES, "overall"))
     print(head)
     for m in modes:
         row = results[m]
-        print(f"{mode_name(m):<8}" + "".join(f"{row[t][0]:>9.2f} / {row[t][1]:.2f}" for t in (*TYPES, "overall")))
+        print(f"{mode_name(m):<{width}}" + "".join(f"{row[t][0]:>9.2f} / {row[t][1]:.2f}" for t in (*TYPES, "overall")))
+
+
+# -- fusion candidates, replayed offline (--fusion-variants) -------------------------------------
+
+RRF_K = 60
+POOL = 50
+"""Candidates per side for the rank- and score-based variants (the daemon's lexical side brings 50)."""
+EXACT_GRID = (0.3, 0.6, 1.0)
+HINT_GRID = (0.0, 0.06, 0.12, 0.25)
+
+
+def collect_sides(c, collection: str, queries: list[str]) -> list[tuple[list, list]]:
+    """Per query: the vector side's (id, cosine) best first, k=1000 of the rescored pool, and the lexical top 50."""
+    out = []
+    for q in queries:
+        vec = c.search(collection, q, k=1000, rescore_multiplier=10, mode="vector")
+        lex = c.search(collection, q, k=POOL, mode="lexical", with_text=True)
+        out.append(([(h["id"], h["score"]) for h in vec], [(h["id"], h["score"], h["text"]) for h in lex]))
+    return out
+
+
+def matched_terms(query, text: str) -> list[str]:
+    """The query's terms a text holds, as lexical.search reports them (a >= 4-digit term also as a number's prefix)."""
+    from pocketembed.daemon.lexical import tokenize
+
+    have = set(tokenize(text))
+    digits = [d for d in have if d.isdigit() and d.isascii()]
+    return [t for t in query.terms if t in have or (query.prefix(t) and any(d.startswith(t) for d in digits))]
+
+
+def rrf(w_lex: float):
+    def rank(vec, lex, side):
+        score: dict = defaultdict(float)
+        for r, (i, _) in enumerate(vec):
+            score[i] += 1 / (RRF_K + r + 1)
+        for r, (i, _, _) in enumerate(lex):
+            score[i] += w_lex / (RRF_K + r + 1)
+        return sorted(score, key=lambda i: -score[i])[:K]
+    return rank
+
+
+def minmax(alpha: float):
+    """(1 − α) × the cosine and α × the BM25, each min-max scaled over its side's candidates (0 when absent)."""
+    def scale(d: dict) -> dict:
+        lo, hi = min(d.values(), default=0), max(d.values(), default=0)
+        return {i: (v - lo) / (hi - lo) if hi > lo else 1.0 for i, v in d.items()}
+
+    def rank(vec, lex, side):
+        cos = scale({i: side["cos"].get(i, side["floor"]) for i in [*dict(vec[:POOL]), *(i for i, _, _ in lex)]})
+        bm25 = scale({i: s for i, s, _ in lex})
+        score = {i: (1 - alpha) * v + alpha * bm25.get(i, 0.0) for i, v in cos.items()}
+        return sorted(score, key=lambda i: -score[i])[:K]
+    return rank
+
+
+def daemon_rule(exact: float, hint: float):
+    """daemon/fusion.py's fuse with these two weights (query_weight decides which one a query gets)."""
+    from pocketembed.daemon import fusion
+
+    def rank(vec, lex, side):
+        weight = exact if fusion.query_weight(side["query"]) == fusion.EXACT_WEIGHT else hint
+        lexical = {i: side["matched"][i] for i, _, _ in lex}
+        cosines = {i: side["cos"].get(i, side["floor"]) for i in lexical}
+        return [f.id for f in fusion.fuse(dict(vec[:max(K, fusion.VECTOR_CANDIDATES)]), lexical, cosines,
+                                          side["idfs"], weight, K)]
+    return rank
+
+
+def fusion_variants(queries: list[dict], texts: list[str], sides: list, daemon_hybrid: list | None) -> None:
+    from pocketembed.daemon import fusion
+    from pocketembed.daemon.lexical import parse_query, tokenize
+
+    df: dict[str, int] = defaultdict(int)
+    for t in texts:
+        for term in set(tokenize(t)):
+            df[term] += 1
+    prepared = []
+    for q, (vec, lex) in zip(queries, sides):
+        query = parse_query(q["query"])
+        prepared.append((vec, lex, {
+            "query": query, "cos": dict(vec), "floor": vec[-1][1] if vec else 0.0,
+            "matched": {i: matched_terms(query, text or "") for i, _, text in lex},
+            "idfs": {t: fusion.idf(len(texts), df.get(t, 0)) for t in query.terms}}))
+    floored = sum(i not in side["cos"] for _, lex, side in prepared for i, _, _ in lex)
+    methods = {"vector (replayed)": lambda vec, lex, side: [i for i, _ in vec[:K]],
+               "lexical (replayed)": lambda vec, lex, side: [i for i, _, _ in lex[:K]],
+               "RRF k=60": rrf(1.0), "RRF lexical×0.5": rrf(0.5), "RRF lexical×0.3": rrf(0.3),
+               "minmax α=0.5": minmax(0.5), "minmax α=0.3": minmax(0.3)}
+    for e in EXACT_GRID:
+        for h in HINT_GRID:
+            methods[f"rule E={e} H={h}" + (" *" if (e, h) == (fusion.EXACT_WEIGHT, fusion.HINT_WEIGHT) else "")] = \
+                daemon_rule(e, h)
+    ranked = {name: [rank(*p) for p in prepared] for name, rank in methods.items()}
+    results = {name: quality(queries, [[{"id": i} for i in r] for r in lists]) for name, lists in ranked.items()}
+    same = ""
+    if daemon_hybrid is not None:
+        results["daemon hybrid (this run)"] = quality(queries, daemon_hybrid)
+        mine = ranked[next(n for n in ranked if n.endswith(" *"))]
+        same = (f"; the replayed * rule's top {K} is the daemon's on "
+                f"{sum(r == [h['id'] for h in d] for r, d in zip(mine, daemon_hybrid))} of {len(queries)} queries")
+    print(f"\nfusion variants, replayed offline on both sides' candidates ({len(queries)} queries; "
+          f"{floored} lexical candidates outside the vector top 1,000 took its last cosine; "
+          f"* = daemon/fusion.py's constants{same})")
+    print_quality(results, list(results), label="fusion", width=26)
+    vec_mrr = results["vector (replayed)"]["paraphrase"][1]
+    rules = [n for n in results if n.startswith("rule ")]
+    ok = [n for n in rules if results[n]["paraphrase"][1] >= vec_mrr - 0.03]
+    if ok:
+        best = max(ok, key=lambda n: (results[n]["overall"][0], results[n]["overall"][1]))
+        print(f"  best rule with paraphrase MRR within 0.03 of vector's {vec_mrr:.2f}: {best} "
+              f"(overall s@{K} {results[best]['overall'][0]:.2f}, MRR {results[best]['overall'][1]:.2f})")
 
 
 def print_latency(lat: dict, modes: list, what: str) -> None:
@@ -437,6 +566,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=0, help="also measure latency and size on a collection this large")
     ap.add_argument("--check", action="store_true", help="only check the query set's labels")
     ap.add_argument("--show-misses", action="store_true", help="list the queries each mode misses")
+    ap.add_argument("--fusion-variants", action="store_true",
+                    help="also replay other fusion rules offline on both sides' candidates (see above)")
     args = ap.parse_args()
 
     messages = load_messages()
@@ -466,6 +597,7 @@ def main() -> None:
                 if note:
                     print(f"note: {note}")
                 hits, lat, cache_note = run_queries(c, "sms", modes, qtexts, args.repeat)
+                raw_sides = collect_sides(c, "sms", qtexts) if args.fusion_variants else None
         finally:
             d.stop()
     results = {m: quality(queries, hits[m]) for m in modes}
@@ -486,6 +618,8 @@ def main() -> None:
     print_latency(lat, modes, f"{len(texts):,} SMS, {args.repeat} × {len(queries)} queries per mode")
     if cache_note:
         print(f"  {cache_note}")
+    if raw_sides is not None:
+        fusion_variants(queries, texts, raw_sides, hits.get("hybrid"))
 
     if args.items:
         big = varied(texts, args.items)
