@@ -369,6 +369,8 @@ class Store:
         self.conn = conn
         self.cache = cache or CodeCache()
         self.ranges = ranges
+        self._lexical_states: dict[str, tuple[tuple[str, int, int], str]] = {}
+        """collection → ((uid, write version, lexical docs), its lexical state): see lexical_state."""
         create_schema(conn)
 
     # -- collections -----------------------------------------------------------------
@@ -416,10 +418,16 @@ class Store:
 
     def lexical_state(self, collection: str) -> str:
         """"ready" | "partial" | "missing": whether lexical search sees every item of the collection."""
-        self.info(collection)
-        items = self.conn.execute("SELECT COUNT(*) FROM items WHERE collection = ? AND chunk IN (0, 1)",
-                                  (collection,)).fetchone()[0]
-        return _lexical_state(items, lexical.stats(self.conn, collection)[0])
+        info = self.info(collection)
+        docs = lexical.stats(self.conn, collection)[0]
+        key = (info.uid, info.version, docs)  # a write bumps the version; a backfill changes docs
+        cached = self._lexical_states.get(collection)
+        if cached is None or cached[0] != key:
+            # Counting the items scans the collection (9 ms at 100,000): once per write, not per search.
+            items = self.conn.execute("SELECT COUNT(*) FROM items WHERE collection = ? AND chunk IN (0, 1)",
+                                      (collection,)).fetchone()[0]
+            cached = self._lexical_states[collection] = (key, _lexical_state(items, docs))
+        return cached[1]
 
     def _lexical_bytes_per_item(self, docs: int) -> float | None:
         """The lexical tables' pages on disk (dbstat), per indexed item of all collections, cached a minute.
@@ -644,7 +652,7 @@ class Store:
         found: dict[int, tuple] = {}
         with _snapshot(self.conn):
             for part in _parts(rows):
-                for r in self.conn.execute(f"SELECT rowid, id, metadata, text, origin FROM items WHERE collection = ? "
+                for r in self.conn.execute(f"SELECT rowid, id, metadata, text, origin FROM items WHERE +collection = ? "
                                            f"AND rowid IN ({','.join('?' * len(part))})", [collection, *part]):
                     found[r[0]] = r[1:]
         hits = []

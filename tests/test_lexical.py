@@ -333,7 +333,8 @@ def test_deleted_bytes_leave_the_file_and_wal_model_free(tmp_path):
         store.delete(store.conn, "c", [1000, 1001])
     checkpoint_deleted(store.conn)
     data = file_bytes(tmp_path)
-    for needle in (b"zyxwvq", b"qqjjxx", b"07999123456", *[c for pair in codes for c in pair]):
+    # The 2-byte binary codes of 16 dims occur in any file by chance (the daemon test checks 48-byte ones).
+    for needle in (b"zyxwvq", b"qqjjxx", b"07999123456", *[c for pair in codes for c in pair if len(c) >= 8]):
         assert needle not in data, needle
 
 
