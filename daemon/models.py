@@ -107,8 +107,12 @@ class ModelRegistry:
     def __init__(self, home: Path, *, threads: int | None = None, contexts: int | None = None,
                  on_demand: bool = True, keep_alive: float = 300.0, budget_bytes: int | None = None,
                  settings: dict[str, ModelSettings] | None = None, on_death: Callable[[str], None] | None = None,
-                 release_after: float = 2.0, release_tokens: int = 20_000) -> None:
+                 release_after: float = 2.0, release_tokens: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.home = home
+        self._clock = clock
+        """Where idle time is read from (seconds, monotonic). A test passes a fake clock to step past a
+        keep_alive instead of sleeping through it and racing the keep-alive thread."""
         self.release_after = release_after
         """Seconds a model must have been idle before its file pages are handed back (see ``_release_pending``)."""
         self.release_tokens = release_tokens
@@ -163,7 +167,7 @@ class ModelRegistry:
                 del self._holds[name]
             entry = self._models.get(name)
             if entry is not None:
-                entry.last_used = time.monotonic()
+                entry.last_used = self._clock()
                 if keep_alive is not None:
                     entry.keep_alive = keep_alive
                 self._idle_check(name, entry)
@@ -177,7 +181,7 @@ class ModelRegistry:
             entry = self._models.get(name)
             if entry is not None:
                 entry.users += 1
-                entry.last_used = time.monotonic()
+                entry.last_used = self._clock()
                 return entry.engine
             if not self.on_demand:
                 raise ModelNotLoaded(f"model {name} is not loaded; load it with `pocketembed models load {name}`")
@@ -190,7 +194,7 @@ class ModelRegistry:
             entry = self._models.get(name)
             if entry is not None:
                 entry.users -= 1
-                entry.last_used = time.monotonic()
+                entry.last_used = self._clock()
                 self._idle_check(name, entry)
                 self._cv.notify_all()
 
@@ -256,7 +260,7 @@ class ModelRegistry:
             load_ms = (time.perf_counter() - t) * 1000
             ka = keep_alive if keep_alive is not None else cfg.keep_alive if cfg.keep_alive is not None else self.keep_alive
             with self._cv:
-                self._models[name] = _Loaded(spec, engine, need, ka, load_ms)
+                self._models[name] = _Loaded(spec, engine, need, ka, load_ms, last_used=self._clock())
                 self._cv.notify_all()
                 self._reap_cv.notify()
         log.info("loaded %s in %.0f ms (%d threads, ~%.0f MB, keep_alive %s)", name, load_ms, engine.threads,
@@ -333,6 +337,15 @@ class ModelRegistry:
         self._reaper = threading.Thread(target=self._reap, name="pe-keepalive", daemon=True)
         self._reaper.start()
 
+    def recheck(self) -> None:
+        """Make the keep-alive thread read its clock now.
+
+        Its waits are computed from the clock but slept in real time; when a test
+        moves a fake ``clock``, this is what makes the thread see the new time.
+        """
+        with self._cv:
+            self._reap_cv.notify()
+
     def _reap(self) -> None:
         """Unload models idle for longer than their keep_alive; a failed unload is logged and retried."""
         try:
@@ -348,7 +361,7 @@ class ModelRegistry:
             with self._cv:
                 if self._stop:
                     return
-                now = time.monotonic()
+                now = self._clock()
                 due = [n for n, e in self._models.items()
                        if self._evictable(n, e) and e.keep_alive >= 0 and now - e.last_used >= e.keep_alive]
                 pending = [e for n, e in self._models.items()
@@ -384,7 +397,7 @@ class ModelRegistry:
                     with self._cv:
                         entry = self._models.get(name)
                         if entry is not None:
-                            entry.last_used = time.monotonic()  # try again after another keep_alive
+                            entry.last_used = self._clock()  # try again after another keep_alive
 
     # -- views -------------------------------------------------------------------------
 
@@ -394,7 +407,7 @@ class ModelRegistry:
 
     def describe(self) -> dict[str, dict[str, object]]:
         with self._cv:
-            now = time.monotonic()
+            now = self._clock()
             return {n: {"bytes": e.bytes, "load_ms": round(e.load_ms, 1), "queued": self._holds.get(n, 0),
                         "keep_alive_s": e.keep_alive,
                         "expires_in_s": None if e.keep_alive < 0 else round(max(0.0, e.keep_alive - (now - e.last_used)), 1),

@@ -297,8 +297,12 @@ class PowerMonitor:
     """
 
     def __init__(self, policy: PowerPolicy | None = None, source_list: list[PowerSource] | None = None,
-                 last_interactive: Callable[[], float] | None = None) -> None:
+                 last_interactive: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy or PowerPolicy()
+        self._clock = clock
+        """Where settle, idle and poll times are read from (seconds, monotonic; ``last_interactive`` is on
+        the same clock). A test passes a fake one to step past ``idle_s`` instead of sleeping and racing it."""
         self.sources = source_list if source_list is not None else sources("auto")
         self._cpu_source: PowerSource = self.sources[-1]
         self._last_interactive = last_interactive or (lambda: float("-inf"))
@@ -314,7 +318,7 @@ class PowerMonitor:
     def decide(self, force: bool = False) -> Decision:
         """Whether background work may run now, with the reason. Never raises."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             settled = self._pending_since is not None and now - self._pending_since >= self.policy.settle_s
             if force or settled or self._reading is None or now - self._reading.at >= self.policy.poll_s:
                 try:
@@ -334,12 +338,12 @@ class PowerMonitor:
         The end of an interactive pause when that is the reason, else ``poll_s``
         (while waiting for the charger the daemon wakes this rarely).
         """
-        since = time.monotonic() - self._last_interactive()
+        since = self._clock() - self._last_interactive()
         if since < self.policy.interactive_pause_s:
             return max(0.05, self.policy.interactive_pause_s - since)
         pending = self._pending_since
         if pending is not None:  # settling towards "allowed": look again when it has held long enough
-            return max(0.05, min(self.policy.poll_s, self.policy.settle_s - (time.monotonic() - pending)))
+            return max(0.05, min(self.policy.poll_s, self.policy.settle_s - (self._clock() - pending)))
         return max(0.05, self.policy.poll_s)
 
     def status(self) -> dict[str, Any]:

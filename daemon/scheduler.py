@@ -402,6 +402,7 @@ class Scheduler:
         vecs = None
         try:
             faults.check("scheduler", "decode")
+            faults.check("scheduler", f"decode:{lane.name}")  # a test may hold one lane only (a job's work)
             engine = self.engines.acquire(name)
             try:
                 with self._cv:

@@ -97,3 +97,30 @@ def assert_same_embedding(got: np.ndarray, want: np.ndarray, min_cos: float = SA
     assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
     cos = row_cosines(got, want)
     assert cos.min() >= min_cos, f"row cosines {np.round(cos, 7).tolist()} below {min_cos}"
+
+
+@pytest.fixture
+def gated_daemon(home, tmp_path):
+    """Start daemons whose decodes wait at a DecodeGate (tests/daemon_proc.py) until the test lets them through.
+
+    ``start(*serve_args, env=..., root=..., lane=...)`` returns ``(daemon, gate)``; each has its own
+    data directory unless ``root`` is given; ``lane="background"`` holds only background decodes.
+    At the end every gate is opened and every daemon must stop cleanly.
+    """
+    from daemon_proc import DaemonProcess, DecodeGate
+
+    started: list = []
+
+    def start(*args: str, env: dict | None = None, root: Path | None = None, lane: str | None = None):
+        n = len(started)
+        gate = DecodeGate(tmp_path / f"gate{n}", lane)
+        d = DaemonProcess(root or fresh_home(home, tmp_path / f"home{n}"), tmp_path / f"pe{n}.sock", *args,
+                          env={**gate.env, **(env or {})})
+        started.append((d, gate))
+        return d.wait_ready(), gate
+
+    yield start
+    for d, gate in started:
+        gate.release()
+        assert d.stop() == 0
+        gate.close()

@@ -50,3 +50,71 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+class DecodeGate:
+    """Holds the daemon's decode workers until the test lets them through.
+
+    The daemon's ``scheduler:decode=hold`` failpoint (daemon/faults.py) reads this
+    FIFO before every decode: ``allow(n)`` lets n decodes through, ``release()``
+    opens the gate for good. A test that needs requests queued, a deadline past or
+    a job midway at some moment holds the decodes there instead of betting on how
+    fast this machine embeds. Pass ``env`` to the DaemonProcess; one gate per daemon.
+    """
+
+    def __init__(self, path: Path, lane: str | None = None) -> None:
+        """``lane="background"`` holds only background decodes (a job's work); interactive requests run."""
+        os.mkfifo(path)
+        self.path = path
+        self.point = "scheduler:decode" + (f":{lane}" if lane else "")
+        # Held open read-write: writes neither block nor fail before the daemon opens its end.
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"POCKETEMBED_FAILPOINTS": f"{self.point}=hold", "POCKETEMBED_FAILPOINT_GATE": str(self.path)}
+
+    def allow(self, n: int = 1) -> None:
+        os.write(self._fd, b"." * n)
+
+    def release(self) -> None:
+        os.write(self._fd, b"R")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def wait_until(predicate, what: str, timeout: float = 120, interval: float = 0.02):
+    """Poll ``predicate()`` until it returns something truthy, and return that.
+
+    ``timeout`` only guards against a wedged daemon: what is awaited normally comes
+    in milliseconds, so the bound is far beyond any machine's speed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout} s")
+        time.sleep(interval)
+
+
+def scheduler_stats(client) -> dict:
+    return client.stats()["scheduler"]
+
+
+def step_until(client, gate: DecodeGate, done, what: str, max_decodes: int = 2000):
+    """Let decodes through one at a time until ``done()`` is truthy; the workers are held again after.
+
+    Progress is then a count of decodes, not of seconds: a job stopped this way is
+    midway on any machine.
+    """
+    for _ in range(max_decodes):
+        value = done()
+        if value:
+            return value
+        before = scheduler_stats(client)["decodes"]
+        gate.allow(1)
+        wait_until(lambda: scheduler_stats(client)["decodes"] > before, f"a decode let through ({what})")
+    raise AssertionError(f"{what}: not reached after {max_decodes} decodes")

@@ -13,8 +13,8 @@ import pytest
 import zmq
 
 from conftest import fresh_home, assert_same_embedding, run_cli
-from daemon_proc import DaemonProcess
-from pocketembed.ipc import AsyncClient, Client, InvalidRequest, ModelError
+from daemon_proc import DaemonProcess, wait_until
+from pocketembed.ipc import AsyncClient, Client, DaemonError, InvalidRequest, ModelError
 from pocketembed.ipc import protocol as P
 from pocketembed.ipc import sqlite as pe_sqlite
 
@@ -62,25 +62,26 @@ def test_output_dtypes_and_dims(daemon, engines):
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1, atol=1e-2)
 
 
-def test_ping_is_answered_during_a_long_embed(daemon):
+def test_ping_is_answered_during_a_long_embed(gated_daemon):
+    """The embed's decodes are held at a gate: the ping is answered while the embed is running,
+    however fast or slow this machine computes it (the I/O thread never blocks on inference)."""
+    d, gate = gated_daemon()
     texts = [f"message number {i} about dinner plans and the weekend" for i in range(600)]
     done = {}
 
     def long_embed():
-        with daemon.client(timeout=120) as c:
-            t = time.perf_counter()
-            c.embed(texts)
-            done["embed_s"] = time.perf_counter() - t
+        with d.client(timeout=120) as c:
+            done["shape"] = c.embed(texts).shape
 
     th = threading.Thread(target=long_embed)
     th.start()
-    time.sleep(0.3)
-    with daemon.client() as c:
-        t = time.perf_counter()
-        c.ping()
-        ping_s = time.perf_counter() - t
-    th.join()
-    assert ping_s < 0.2 and ping_s < done["embed_s"] / 5, (ping_s, done)
+    with d.client() as c:
+        wait_until(lambda: c.stats()["scheduler"]["busy_workers"] > 0, "the embed's first decode held")
+        assert c.ping()["pong"]
+    assert th.is_alive() and not done  # answered during the embed
+    gate.release()
+    th.join(120)
+    assert done["shape"] == (600, 384)
 
 
 def test_error_replies_keep_the_daemon_serving(daemon):
@@ -214,22 +215,44 @@ def test_second_daemon_refuses_and_stale_socket_is_taken_over(home, daemon, tmp_
     assert d.stop() == 0 and not stale.exists()
 
 
-def test_sigterm_answers_everything_sent_before_it(home, tmp_path):
-    d = DaemonProcess(fresh_home(home), tmp_path / "t" / "pe.sock").wait_ready()
+def test_sigterm_answers_everything_sent_before_it(gated_daemon):
+    """40 requests in flight (their decodes held at a gate) when SIGTERM lands: each is answered.
+
+    Eight connections of five: a decode answers up to 32 requests at once, and one
+    connection's burst must stay under the daemon's reply queue (REPLY_HWM, 8).
+    """
+    d, gate = gated_daemon()
     ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(d.endpoint)
+    socks = []
+    for _ in range(8):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(d.endpoint)
+        socks.append(s)
     n = 40
     for i in range(n):
-        s.send(P.request(i, "embed", {"texts": [f"message {i} " * 20]}))
-    time.sleep(0.05)
+        socks[i % 8].send(P.request(i, "embed", {"texts": [f"message {i} " * 20]}))
+    for k, s in enumerate(socks):  # a ping behind them: its reply means the daemon has read them all
+        s.send(P.request(f"sync-{k}", "ping"))
+        assert s.poll(30000) and P.unpack(s.recv())["id"] == f"sync-{k}"  # nothing else is answered yet
     d.proc.send_signal(signal.SIGTERM)
+    with Client(d.endpoint, timeout=30) as probe:  # the daemon has taken the signal: new requests are refused
+        def refused() -> bool:
+            try:
+                probe.ping()
+                return False
+            except DaemonError as e:
+                assert e.code == "shutting_down", e
+                return True
+        wait_until(refused, "the daemon shutting down")
+    gate.release()
     replies = {}
-    while len(replies) < n and s.poll(20000):
-        r = P.unpack(s.recv())
-        replies[r["id"]] = r
-    s.close()
+    for k, s in enumerate(socks):
+        want = set(range(k, n, 8))
+        while want - replies.keys() and s.poll(30000):
+            r = P.unpack(s.recv())
+            replies[r["id"]] = r
+        s.close()
     assert sorted(replies) == list(range(n))
     assert all(r["ok"] for r in replies.values())  # all were received before the signal
     assert d.proc.wait(30) == 0
@@ -251,7 +274,7 @@ def test_tcp_is_loopback_only(home, tmp_path):
 
 def test_cli_without_a_daemon_fails_fast(tmp_path):
     for args in (["status"], ["embed", "--daemon", "hi"]):
-        t = time.perf_counter()
         proc = run_cli(*args, "--socket", str(tmp_path / "none.sock"))
         assert proc.returncode == 1 and "error[no_daemon]" in proc.stderr and "Traceback" not in proc.stderr
-        assert time.perf_counter() - t < 5  # no client timeout waited out
+        # The missing socket file is seen at once: not "no reply from a daemon ..." after the client timeout.
+        assert "start one with `pocketembed serve`" in proc.stderr and "no reply" not in proc.stderr, proc.stderr

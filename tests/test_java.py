@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import fresh_home, run_cli
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, DecodeGate, step_until
 from pocketembed.sms import BUNDLED, load_sms
 from sms_db import make_sms_db
 
@@ -126,7 +126,10 @@ def test_as_the_phone_runs_it_enqueue_on_battery_embed_on_the_charger_through_a_
     args = (root, tmp_path / "pe.sock", "--model", "all-minilm-l6-v2:q8_0", "--tcp", f"127.0.0.1:{port}",
             "--power-source", f"file:{sensors}")
     env = {"POCKETEMBED_POWER_POLL_S": "0.2", "POCKETEMBED_POWER_SETTLE_S": "0.2", "POCKETEMBED_JOB_CHUNK_ROWS": "64"}
-    d = DaemonProcess(*args, env=env).wait_ready()
+    # The first daemon's job decodes wait at a gate: the test lets them through until 500 messages are
+    # in, then kills it midway, on any machine (5,574 could otherwise be done between two polls).
+    gate = DecodeGate(tmp_path / "gate", lane="background")
+    d = DaemonProcess(*args, env={**env, **gate.env}).wait_ready()
 
     def status(job: str) -> list[str]:
         r = java(cp, "org.pocketembed.PhoneMain", "status", endpoint, job, token=token)
@@ -153,7 +156,9 @@ def test_as_the_phone_runs_it_enqueue_on_battery_embed_on_the_charger_through_a_
         assert status(job)[1] == "0"  # still nothing embedded on battery
 
         battery(40, plugged=True)
-        until(job, lambda s: 500 <= int(s[1]) < 5000)
+        with d.client() as c:
+            step_until(c, gate, lambda: c.job(int(job))["scanned"] >= 500, "500 messages embedded")
+        assert 500 <= int(status(job)[1]) < 5000
         d.proc.send_signal(signal.SIGKILL)  # midway, as Android's low-memory killer would
         d.proc.wait()
         d = DaemonProcess(*args, env=env).wait_ready()
@@ -170,4 +175,6 @@ def test_as_the_phone_runs_it_enqueue_on_battery_embed_on_the_charger_through_a_
             first = hit.stdout.decode().splitlines()[0].split("\t", 2)
             assert first[2] == texts[n - 1]  # the message itself (or an identical one) comes first
     finally:
+        gate.release()  # were the test to fail with the first daemon's decodes held
         assert d.stop() == 0
+        gate.close()

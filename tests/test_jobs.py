@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import fresh_home, run_cli
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, step_until, wait_until
 from pocketembed.daemon.store import Store, connect, db_path
 from pocketembed.ipc import InvalidRequest
 from sms_db import make_sms_db, sms_rows, source_ids
@@ -49,13 +49,13 @@ def stored_vectors(home: Path, name: str, ids: list) -> np.ndarray:
         conn.close()
 
 
-def wait_job(client, job_id: int, until, timeout: float = 240) -> dict:
+def wait_job(client, job_id: int, until, timeout: float = 240, interval: float = 0.1) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.job(job_id)
         if until(job):
             return job
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"job never reached the expected state: {job}")
 
 
@@ -117,13 +117,13 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
     with d.client() as c:
         job_id = c.index_table(str(db), "messages", "id", "body", collection="sms")["id"]
     kills = [0]
-    for _ in range(3):
-        # Kill only once this daemon has committed progress of its own (a slow CI machine may take
-        # seconds to load the model), then after a random extra delay: a random point mid-chunk.
+    for k in range(3):
+        # Kill once this daemon has committed progress of its own and passed a random row count in
+        # its quarter of the table: a random point between commits, with chunks in flight, midway
+        # on any machine (a delay in seconds would let a fast one finish first).
+        target = rng.randrange(kills[-1] + 1, max(kills[-1] + 2, 5574 * (k + 1) // 4))
         with d.client() as c:
-            wait_job(c, job_id, lambda j, last=kills[-1]: j["scanned"] > last, timeout=120)
-        time.sleep(rng.uniform(0.0, 3.0))
-        with d.client() as c:
+            wait_job(c, job_id, lambda j: j["scanned"] >= target, timeout=240, interval=0.01)
             kills.append(c.job(job_id)["scanned"])
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
@@ -141,7 +141,9 @@ def test_sigkill_three_times_during_a_job_loses_nothing_and_repeats_nothing(job_
     assert (job["scanned"], job["embedded"], job["failed"]) == (5574, 5574, 0), (seed, kills, job)
 
 
-def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
+def test_power_policy_gates_the_job_and_status_says_why(gated_daemon, job_home, tmp_path):
+    """Its decodes wait at a gate, let through one at a time: the job is midway, running, when the
+    charger goes, however fast this machine would have finished its 1,500 rows."""
     db = make_sms_db(tmp_path / "sms.db", limit=1500)
     sensors = tmp_path / "sensors.json"
 
@@ -153,11 +155,11 @@ def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
     plug(False)
     env = {"POCKETEMBED_POWER_POLL_S": "0.1", "POCKETEMBED_POWER_SETTLE_S": "0.3", "POCKETEMBED_POWER_BATTERY_MIN": "50",
            "POCKETEMBED_JOB_CHUNK_ROWS": "32", **sources(tmp_path)}
-    d = DaemonProcess(job_home, tmp_path / "pe.sock", "--model", Q8, "--power-source", f"file:{sensors}", env=env).wait_ready()
+    d, gate = gated_daemon("--model", Q8, "--power-source", f"file:{sensors}", env=env, root=job_home, lane="background")
     try:
         with d.client() as c:
             job_id = c.index_table(str(db), "messages", "id", "body")["id"]
-            job = wait_job(c, job_id, lambda j: j["state"] == "waiting", timeout=20)
+            job = wait_job(c, job_id, lambda j: j["state"] == "waiting", timeout=60)
             time.sleep(1.0)
             job = c.job(job_id)
             assert job["state"] == "waiting" and job["scanned"] == 0 and "battery at 40%" in job["reason"]
@@ -168,16 +170,18 @@ def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
             assert "background work: paused (on battery at 40%" in r.stdout and f"job {job_id} waiting" in r.stdout
 
             plug(True)
-            job = wait_job(c, job_id, lambda j: j["scanned"] >= 64, timeout=30)
-            assert job["state"] == "running"
+            job = step_until(c, gate, lambda: (j := c.job(job_id))["scanned"] >= 64 and j, "64 rows committed")
+            assert job["state"] == "running" and job["scanned"] < 1500
             assert c.stats()["power"]["reason"].startswith("charging")
             with sqlite3.connect(db, timeout=1.0) as conn:  # the app's writer is never locked out by the job
                 conn.execute("UPDATE messages SET address = 'new' WHERE id = 1400")
 
             plug(False)
-            job = wait_job(c, job_id, lambda j: j["state"] == "waiting", timeout=20)
-            time.sleep(0.5)  # chunks already in the scheduler are committed, then nothing moves
-            paused_at = c.job(job_id)["scanned"]
+            wait_until(lambda: not c.stats()["power"]["allowed"], "the daemon sees the charger gone")
+            gate.release()
+            # "waiting" is set only once the chunks already in the scheduler are committed: then nothing moves.
+            job = wait_job(c, job_id, lambda j: j["state"] == "waiting", timeout=60)
+            paused_at = job["scanned"]
             time.sleep(2.0)
             job = c.job(job_id)
             assert job["state"] == "waiting" and job["scanned"] == paused_at < 1500, job
@@ -197,6 +201,7 @@ def test_power_policy_gates_the_job_and_status_says_why(job_home, tmp_path):
         assert job["scanned"] == job["embedded"] == 1500
         assert set(collection_ids(job_home, "messages")) == source_ids(db)
     finally:
+        gate.release()  # were the test to fail while the decodes are held
         assert d.stop() == 0
 
 

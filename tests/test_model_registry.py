@@ -3,13 +3,14 @@
 import asyncio
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from conftest import fresh_home, SAME_EMBEDDING_COS, assert_same_embedding, mappings_rss_kb, row_cosines, run_cli
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, wait_until
 from pocketembed.daemon.models import parse_keep_alive
 from pocketembed.errors import InvalidInput
 from pocketembed.ipc import AsyncClient, ModelError
@@ -50,29 +51,47 @@ def test_two_models_at_once(daemon, engines):
     assert {Q8, Q4} <= set(stats["models"]) and stats["memory"]["used_bytes"] > 40e6
 
 
-def test_unload_while_requests_are_queued(daemon, engines):
+def test_unload_while_requests_are_queued(gated_daemon, engines):
+    """The decodes are held, so the ten requests are still queued when the unload comes, on any machine."""
+    d, gate = gated_daemon("--model", Q8, "--model", Q4)
     texts = [f"message number {i} about dinner plans and the weather" for i in range(200)]
 
     async def main():
-        async with AsyncClient(daemon.endpoint, timeout=300) as c:
+        async with AsyncClient(d.endpoint, timeout=300) as c:
             queued = [asyncio.create_task(c.embed(texts[i:i + 20], model=Q4)) for i in range(0, 200, 20)]
-            await asyncio.sleep(0.1)
+            while (await c.stats())["scheduler"]["lanes"]["interactive"]["queued_texts"] < 200:
+                await asyncio.sleep(0.01)  # the I/O thread has them all (a wedge ends in the client's timeout)
             unload = asyncio.create_task(c.call("models.unload", {"model": Q4}, timeout=300))
-            await asyncio.sleep(0.05)
-            late = await asyncio.gather(c.embed(["too late"], model=Q4), return_exceptions=True)
+            # Until the control thread has begun the unload, a request for Q4 is still accepted
+            # (and served: it was queued before the unload); from then on it is refused.
+            before_unload = []
+            while True:
+                probe = asyncio.create_task(c.embed(["too late"], model=Q4))
+                done, _ = await asyncio.wait([probe], timeout=0.05)
+                if done and isinstance(probe.exception(), ModelError):
+                    late = probe.exception()
+                    break
+                assert not done, probe.result()  # nothing is decoded while the gate is shut
+                before_unload.append(probe)
+                assert len(before_unload) < 2000, "the unload never began"
+            await asyncio.sleep(0.1)  # a sleep is never shorter: time enough for an unload that did not wait
+            assert not unload.done()  # it waits for the queued requests, which wait at the gate
+            gate.release()
             results = await asyncio.gather(*queued, return_exceptions=True)
-            return await unload, late[0], results
+            early = await asyncio.gather(*before_unload, return_exceptions=True)
+            return await unload, late, results, early
 
-    unloaded, late, results = asyncio.run(main())
+    unloaded, late, results, early = asyncio.run(main())
     assert unloaded == {"model": Q4, "loaded": False}
     # every request queued before the unload was answered with its vectors
     assert all(isinstance(r, np.ndarray) and r.shape == (20, 384) for r in results), results
+    assert all(isinstance(r, np.ndarray) and r.shape == (1, 384) for r in early), early
     # merged across requests into other decodes than the in-process engine's: the promise is cosine > 0.999
     assert_same_embedding(np.vstack(results), engines["q4_0"].embed(texts), min_cos=0.999)
-    # a request that arrived while it drained got a clear error (or, if the unload
-    # had already finished, was served by an on-demand reload)
-    assert isinstance(late, np.ndarray) or (isinstance(late, ModelError) and late.code == "model_unloading")
-    with daemon.client() as c:
+    # a request that arrived while it drained got a clear error
+    assert late.code == "model_unloading", late
+    with d.client() as c:
+        assert Q4 not in loaded(c)  # the queued requests ran before it went, not on an on-demand reload
         c.embed(["back again"], model=Q4)  # on-demand reload after the unload
         assert Q4 in loaded(c)
 
@@ -88,17 +107,117 @@ def test_models_load_and_unload_from_the_cli(daemon, home):
 
 
 def test_keep_alive_zero_unloads_after_the_request(daemon):
+    """Through the socket: a request's keep_alive and a load's keep_alive reach the registry, which
+    unloads once they pass (how long "not before" is, the registry's own clock test below shows)."""
     with daemon.client() as c:
         c.embed(["short lived"], model=Q4, keep_alive=0)
-        deadline = time.monotonic() + 10
-        while Q4 in loaded(c) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert Q4 not in loaded(c)
-        c.load(Q4, keep_alive="1s")
-        assert Q4 in loaded(c)
-        time.sleep(2.5)
-        assert Q4 not in loaded(c)
-        assert Q8 in loaded(c)  # the other model kept its own keep_alive
+        wait_until(lambda: Q4 not in loaded(c), "q4_0 unloaded after its keep_alive=0 request")
+        c.embed(["stay"], model=Q8)  # its own keep_alive (5 min) starts again now
+        res = c.load(Q4, keep_alive="1s")
+        assert res["newly_loaded"] and res["keep_alive_s"] == 1
+        wait_until(lambda: Q4 not in loaded(c), "q4_0 unloaded 1 s after its load")
+        q8 = {m["name"]: m for m in c.models()}[Q8]
+        assert q8["loaded"] and q8["keep_alive_s"] == 300  # the other model kept its own keep_alive
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test moves them; counts the keep-alive thread's reads."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.reaper_reads = 0
+        self._cv = threading.Condition()
+
+    def __call__(self) -> float:
+        with self._cv:
+            if threading.current_thread().name == "pe-keepalive":
+                self.reaper_reads += 1
+                self._cv.notify_all()
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._cv:
+            self.now += seconds
+
+    def acted_on(self, registry) -> None:
+        """Return once the keep-alive thread has acted on the clock as it reads now.
+
+        Woken twice (``recheck``), it reads the clock twice: the second read comes only
+        after whatever the first one made due (unloads, page hand-backs) is done.
+        """
+        for _ in range(2):
+            with self._cv:
+                target = self.reaper_reads + 1
+            registry.recheck()
+            with self._cv:
+                assert self._cv.wait_for(lambda: self.reaper_reads >= target, timeout=60), "the keep-alive thread is stuck"
+
+
+def test_keep_alive_counts_idle_time_on_the_registry_clock(home):
+    """Each model unloads once idle past its own keep_alive, and not a moment before: the registry's
+    clock is a fake one here, so "before" is a clock reading, not a race with the keep-alive thread."""
+    from pocketembed.daemon.models import ModelRegistry
+
+    clock = FakeClock()
+    reg = ModelRegistry(home, keep_alive=120.0, threads=1, contexts=1, budget_bytes=1 << 30, clock=clock)
+    reg.start()
+    try:
+        reg.load(Q8)
+        reg.load(Q4, keep_alive=30)
+        clock.advance(29.9)
+        clock.acted_on(reg)
+        assert reg.loaded() == sorted([Q8, Q4])  # idle 29.9 s of 30 s: still loaded
+        assert reg.describe()[Q4]["expires_in_s"] == 0.1 and reg.describe()[Q8]["expires_in_s"] == 90.1
+        reg.acquire(Q8)
+        reg.release(Q8)  # a use: q8_0 idles from now on
+        clock.advance(0.2)
+        clock.acted_on(reg)
+        assert reg.loaded() == [Q8]  # q4_0 past its 30 s; q8_0 0.2 s into its 120 s
+        clock.advance(119.7)
+        clock.acted_on(reg)
+        assert reg.loaded() == [Q8]  # 119.9 s idle
+        clock.advance(0.2)
+        clock.acted_on(reg)
+        assert reg.loaded() == []
+    finally:
+        reg.close()
+
+
+def test_file_pages_go_back_after_idle_bulk_work_on_the_registry_clock(home):
+    """The hand-back decision of the test below without its sleeps: a few queries never trigger it,
+    a bulk job's tokens do, and only once the model has idled ``release_after`` on the registry's clock."""
+    from pocketembed.daemon.models import ModelRegistry
+    from pocketembed.sms import load_sms
+
+    clock = FakeClock()
+    reg = ModelRegistry(home, keep_alive=-1, threads=1, contexts=1, budget_bytes=1 << 30, clock=clock,
+                        release_after=2.0, release_tokens=2000)
+    reg.start()
+    try:
+        reg.load(Q8)
+        engine = reg.acquire(Q8)
+        calls = []
+        real = engine.release_file_pages
+        engine.release_file_pages = lambda: calls.append(clock.now) or real()
+        engine.embed(SMS)  # a few queries: ~60 tokens
+        reg.release(Q8)
+        clock.advance(10)
+        clock.acted_on(reg)
+        assert calls == []
+        reg.acquire(Q8)
+        engine.embed(load_sms()[:200], truncate=True)  # a bulk job's worth: past the 2,000 tokens
+        reg.release(Q8)
+        clock.advance(1.9)
+        clock.acted_on(reg)
+        assert calls == []  # idle 1.9 s of 2 s
+        clock.advance(0.2)
+        clock.acted_on(reg)
+        assert len(calls) == 1 and engine.tokens_since_release == 0
+        clock.advance(10)
+        clock.acted_on(reg)
+        assert len(calls) == 1  # once per bulk job
+    finally:
+        reg.close()
 
 
 def test_bad_keep_alive_is_invalid_input(daemon):
@@ -201,12 +320,13 @@ def test_model_file_pages_go_back_after_a_bulk_job_not_after_queries(home, tmp_p
             assert after_queries > 0  # the pages the decodes read came back...
             assert _model_file_rss_kb(pid, path) >= after_queries  # ...and stay: not a bulk job's worth
             texts = load_sms()[:1200]  # ~25 tokens each: past the 20,000
+            during = 0
             for s in range(0, len(texts), 64):
                 c.embed(texts[s:s + 64], model=Q8, truncate=True)
-            during = _model_file_rss_kb(pid, path)
-            deadline = time.monotonic() + 10
-            while _model_file_rss_kb(pid, path) >= size_kb * 0.1 and time.monotonic() < deadline:
-                time.sleep(0.2)
+                # The peak over the job: a reading after the last request alone could come after the
+                # hand-back, were this process held up for the 2 s idle time (a loaded machine).
+                during = max(during, _model_file_rss_kb(pid, path))
+            wait_until(lambda: _model_file_rss_kb(pid, path) < size_kb * 0.1, "the file's pages handed back after the bulk job")
             released = _model_file_rss_kb(pid, path)
             assert released < size_kb * 0.1 <= during, (during, released, size_kb)
             assert_same_embedding(np.asarray(c.embed(SMS, model=Q8)), engines["q8_0"].embed(SMS))
