@@ -71,16 +71,26 @@ FRAME_CAP = 16 * 1024 * 1024
 MAX_INFLIGHT_PER_CLIENT = 256
 """Requests one connection may have waiting for replies; beyond it: ``busy``."""
 REPLY_HWM = 8
-"""Replies ZeroMQ queues for one connection that is not reading them (its send high-water mark); past it
-the daemon drops that connection's replies (``stats.replies_dropped``) and answers its new requests
-``busy`` until it reads again. With the reply cap below, one connection holds at most 8 × 16 MiB."""
+"""Replies ZeroMQ queues for one connection (its send high-water mark). Past it the daemon keeps the
+connection's replies in a backlog of its own, bounded in bytes (below), and sends them as the
+connection reads; so a burst is delayed, never lost, and a connection that does not read costs at
+most REPLY_HWM replies in ZeroMQ plus BACKLOG_BYTES_PER_CONNECTION."""
+BACKLOG_BYTES_PER_CONNECTION = 16 * 1024 * 1024
+"""Replies waiting in one connection's backlog; past it its new requests are answered ``busy`` unrun,
+and a reply that does not fit is dropped (``stats.replies_dropped``): that client is not reading."""
+BACKLOG_BYTES = 64 * 1024 * 1024
+"""Replies waiting in all connections' backlogs together."""
+BACKLOG_RETRY_S = 0.002
+"""While some backlog waits, the I/O loop retries it this often (ZeroMQ does not say which peer can take
+more); with no backlog it sleeps until an event."""
+BACKLOG_EXPIRY_S = 60.0
+"""A backlog that has not moved for this long is dropped: its client is gone or never reads."""
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 """A larger reply is answered ``too_large`` instead (ask for fewer hits or texts)."""
 MAX_TCP_CONNECTIONS = 64
-"""Open TCP connections; a new one beyond them is refused at its handshake (ZeroMQ's ZAP)."""
+"""Open TCP connections; a new one beyond them is closed as soon as it is accepted."""
 HANDSHAKE_S = 5
 """A TCP connection that has not finished ZeroMQ's handshake by then is closed (it holds a connection slot)."""
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 EXIT_THREAD_DIED = 70
 BAD_TOKENS_BEFORE_BLOCK = 10
 """Bad tokens a connection may send before it is refused outright for BLOCK_S."""
@@ -125,6 +135,18 @@ class ServeConfig:
 
 
 @dataclass
+class _Backlog:
+    """One connection's replies that ZeroMQ could not take yet, oldest first."""
+
+    sock: zmq.Socket
+    identity: list[bytes]
+    moved: float
+    """When a reply of it last went out (or it was made)."""
+    replies: deque[bytes] = field(default_factory=deque)
+    nbytes: int = 0
+
+
+@dataclass
 class _Held:
     """A request handed to an executor, until its reply goes out."""
 
@@ -150,9 +172,9 @@ class _Stats:
         """Shared with the executors: ``internal_errors`` counts bugs answered ``internal``."""
         self.lock = threading.Lock()
 
-    def count(self, counter: str) -> None:
+    def count(self, counter: str, n: int = 1) -> None:
         with self.lock:
-            self.counters[counter] += 1
+            self.counters[counter] += n
 
     def record(self, op: str, ok: bool, started: float) -> None:
         with self.lock:
@@ -268,16 +290,17 @@ class Server:
         self._bound_path: Path | None = None
         self.clients = ClientStore(config.home)
         self._bad_tokens: dict[bytes, tuple[int, float]] = {}
-        """Connection → (bad tokens in a row, blocked until). On TCP the connection is the id the daemon's
-        ZAP handler gave it at its handshake (its ``User-Id``), which no client can choose or reuse; on the
-        Unix socket, whose only peer is the owner, its routing id."""
-        self._zap: zmq.Socket | None = None
+        """Connection → (bad tokens in a row, blocked until). On TCP the connection is its file descriptor in
+        the daemon (ZeroMQ's SRCFD), which no client can choose; the entry goes when the connection closes
+        (the ROUTER's monitor), so a later connection on the same fd starts clean. A ZMTP 2.0 peer's
+        messages carry no fd: it is keyed by its routing id, apart from the fd keys, so it can lock out
+        only another such peer. On the Unix socket, whose only peer is the owner, its routing id."""
         self._tcp_monitor: zmq.Socket | None = None
         self._tcp_fds: set[int] = set()
-        """Open TCP connections (their fds, from the ROUTER's monitor): the count the ZAP handler caps."""
-        self._tcp_serials = iter(range(1, 1 << 62))
-        self._stalled: set[bytes] = set()
-        """Routing ids of connections whose reply queue was full at the last send (they are not reading)."""
+        """Open TCP connections (their fds, from the ROUTER's monitor), capped at MAX_TCP_CONNECTIONS."""
+        self._backlog: dict[bytes, _Backlog] = {}
+        """Routing id → replies ZeroMQ could not take yet (its queue for that peer at REPLY_HWM), in order."""
+        self._backlog_bytes = 0
 
         counters = self.stats.counters
         self.executors = {
@@ -343,13 +366,9 @@ class Server:
         self._bound_path = path
         os.chmod(path, 0o600)
         if tcp_host is not None:
-            # Every TCP connection passes the ZAP handler (on the I/O thread) at its handshake: it is
-            # refused beyond MAX_TCP_CONNECTIONS and otherwise gets a daemon-chosen id of its own.
-            self._zap = self.net_ctx.socket(zmq.ROUTER)
-            self._zap.setsockopt(zmq.LINGER, 0)
-            self._zap.bind(ZAP_ENDPOINT)
+            # Not ZeroMQ's ZAP (it refuses ZMTP 2.0 peers such as JeroMQ 0.3): the monitor tells each
+            # connection's fd as it opens and closes, on the I/O thread.
             self.tcp_router = self._router()
-            self.tcp_router.setsockopt(zmq.ZAP_DOMAIN, b"pocketembed")
             self.tcp_router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             self._tcp_monitor = self.tcp_router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             self.tcp_router.bind(f"tcp://{tcp_host}:{tcp_port}")
@@ -391,9 +410,8 @@ class Server:
         if self.tcp_router is not None:
             poller.register(self.tcp_router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
-        for aux in (self._zap, self._tcp_monitor):
-            if aux is not None:
-                poller.register(aux, zmq.POLLIN)
+        if self._tcp_monitor is not None:
+            poller.register(self._tcp_monitor, zmq.POLLIN)
         # A signal may land on any thread; Python runs its handler on this one only once it is
         # awake. The wake-up fd makes a signal wake the poll, so it needs no timeout.
         signal_r, signal_w = socket.socketpair()
@@ -404,18 +422,19 @@ class Server:
         log.info("serving on ipc://%s%s (pid %d)", self.config.socket_path,
                  f" and tcp://{self.config.tcp}" if self.config.tcp else "", os.getpid())
         try:
-            while not (self._stop.is_set() and not self._held):
+            while not (self._stop.is_set() and not self._held and not self._backlog):
                 # No timeout: the loop wakes for a request, a reply, a signal, or a thread's wake-up message.
-                events = dict(poller.poll())
+                events = dict(poller.poll(BACKLOG_RETRY_S * 1000 if self._backlog else None))
+                if self._backlog:
+                    self._flush_backlog()
                 if signal_r.fileno() in events:
                     _drain_fd(signal_r)
                 if self._pull in events:
                     self._drain_replies()
                 if self._fatal is not None:
                     return self._die()
-                if self._zap is not None and (self._zap in events or self._tcp_monitor in events):
-                    self._track_connections()  # the monitor first: the ZAP handler counts what it saw
-                    self._serve_zap()
+                if self._tcp_monitor is not None:
+                    self._track_connections()  # before the requests: a closed fd's block is gone first
                 for sock in (self.router, self.tcp_router):
                     if sock is not None and sock in events:
                         self._read_requests(sock)
@@ -480,9 +499,8 @@ class Server:
         os._exit(EXIT_THREAD_DIED)  # wedged threads cannot be joined; the kernel frees the data directory's lock
 
     def _close_sockets(self) -> None:
-        for aux in (self._tcp_monitor, self._zap):
-            if aux is not None:
-                aux.close(linger=0)
+        if self._tcp_monitor is not None:
+            self._tcp_monitor.close(linger=0)
         with self._push_lock:
             for sock in self._push_socks:
                 sock.close(linger=1000)
@@ -502,39 +520,35 @@ class Server:
     def _read_requests(self, sock: zmq.Socket) -> None:
         if sock is self.tcp_router:
             for parts in _pending(sock, copy=False):
-                conn = parts[-1].get("User-Id").encode()  # given by the ZAP handler: per connection, unspoofable
-                self._route(sock, [p.bytes for p in parts], conn)
+                frames = [p.bytes for p in parts]
+                try:
+                    conn = b"fd:%d" % parts[-1].get(zmq.SRCFD)  # the daemon's own fd of the connection: unspoofable
+                except zmq.ZMQError:  # a ZMTP 2.0 peer (JeroMQ 0.3) carries no fd: its routing id, as before
+                    conn = b"id:" + frames[0]
+                self._route(sock, frames, conn)
         else:
             for frames in _pending(sock):
                 self._route(sock, frames, frames[0])
 
     def _track_connections(self) -> None:
-        """Open TCP connections, from the ROUTER's monitor (the fd of each accepted and closed one)."""
+        """Open TCP connections, from the ROUTER's monitor; one beyond MAX_TCP_CONNECTIONS is shut at once."""
         for frames in _pending(self._tcp_monitor):
             event, fd = struct.unpack("=Hi", frames[0][:6])
-            if event == zmq.EVENT_ACCEPTED:
-                self._tcp_fds.add(fd)
-            else:
+            self._bad_tokens.pop(b"fd:%d" % fd, None)  # a new connection, or the end of one: no block carries over
+            if event != zmq.EVENT_ACCEPTED:
                 self._tcp_fds.discard(fd)
-
-    def _serve_zap(self) -> None:
-        """ZeroMQ's ZAP: admit a TCP connection (with an id of its own) unless MAX_TCP_CONNECTIONS are open."""
-        for frames in _pending(self._zap):
-            if len(frames) < 8 or frames[1] != b"":
-                continue
-            request_id = frames[3]
-            if len(self._tcp_fds) > MAX_TCP_CONNECTIONS:  # the connection asking is counted already
+            elif len(self._tcp_fds) >= MAX_TCP_CONNECTIONS:
                 self.stats.count("connections_refused")
-                reply = [b"1.0", request_id, b"300", b"too many connections", b"", b""]
+                _shut(fd)  # ZeroMQ sees the connection fail and closes it (its monitor says so)
             else:
-                reply = [b"1.0", request_id, b"200", b"OK", f"tcp-{next(self._tcp_serials)}".encode(), b""]
-            self._zap.send_multipart([frames[0], b"", *reply])
+                self._tcp_fds.add(fd)
 
     def _route(self, sock: zmq.Socket, frames: list[bytes], conn: bytes) -> None:
         started = time.perf_counter()
         identity, payload = _split_envelope(frames)
-        if identity and identity[0] in self._stalled:
-            # It has not read its last replies: nothing more is run for it until a reply gets through.
+        waiting = self._backlog.get(identity[0]) if identity else None
+        if waiting is not None and waiting.nbytes >= BACKLOG_BYTES_PER_CONNECTION:
+            # It has not read its last replies: nothing more is run for it until they get through.
             self._send(sock, identity, P.error_reply(None, P.BUSY, "this connection is not reading its replies; "
                                                      "read them before sending more", retry_after_ms=1000))
             self.stats.record("?", False, started)
@@ -694,15 +708,49 @@ class Server:
                 self._send(held.sock, held.identity, reply)
 
     def _send(self, sock: zmq.Socket, identity: list[bytes], reply: bytes) -> None:
-        try:
-            sock.send_multipart([*identity, reply], zmq.NOBLOCK)
-        except zmq.Again:  # REPLY_HWM replies wait unread: this one is dropped, and the connection marked
-            self._stalled.add(identity[0])
-            self.stats.count("replies_dropped")
-        except zmq.ZMQError as e:  # the peer is gone
-            log.debug("reply dropped: %s", e)
-        else:
-            self._stalled.discard(identity[0])
+        """Send a reply now, or after the connection's earlier replies if it has a backlog (order is kept)."""
+        backlog = self._backlog.get(identity[0])
+        if backlog is None:
+            try:
+                sock.send_multipart([*identity, reply], zmq.NOBLOCK)
+                return
+            except zmq.Again:  # REPLY_HWM replies wait in ZeroMQ for this peer: keep it for later
+                pass
+            except zmq.ZMQError as e:  # the peer is gone
+                log.debug("reply dropped: %s", e)
+                return
+        if (backlog is not None and backlog.nbytes + len(reply) > BACKLOG_BYTES_PER_CONNECTION) or \
+                self._backlog_bytes + len(reply) > BACKLOG_BYTES:
+            self.stats.count("replies_dropped")  # a client that does not read: bounded, not kept
+            return
+        if backlog is None:
+            backlog = self._backlog[identity[0]] = _Backlog(sock, identity, time.monotonic())
+        backlog.replies.append(reply)
+        backlog.nbytes += len(reply)
+        self._backlog_bytes += len(reply)
+
+    def _flush_backlog(self) -> None:
+        """Send what each backlog's connection can take now; drop backlogs of gone or long-silent clients."""
+        now = time.monotonic()
+        for key, backlog in list(self._backlog.items()):
+            while backlog.replies:
+                try:
+                    backlog.sock.send_multipart([*backlog.identity, backlog.replies[0]], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # the peer is gone: nothing of it can be delivered
+                    backlog.moved = -BACKLOG_EXPIRY_S
+                    break
+                sent = backlog.replies.popleft()
+                backlog.nbytes -= len(sent)
+                self._backlog_bytes -= len(sent)
+                backlog.moved = now
+            expiry = 2.0 if self._stop.is_set() else BACKLOG_EXPIRY_S  # stopping: a last chance, not a minute
+            if not backlog.replies or now - backlog.moved > expiry:
+                if backlog.replies:
+                    self.stats.count("replies_dropped", len(backlog.replies))
+                self._backlog_bytes -= backlog.nbytes
+                del self._backlog[key]
 
     def _push_frames(self, frames: list[bytes]) -> None:
         """From any thread: hand frames to the I/O thread over this thread's own PUSH socket."""
@@ -821,6 +869,7 @@ class Server:
         snap["scheduler"] = sched
         snap["executors"] = {name: {"queued": ex.queued, "alive": ex.alive} for name, ex in self.executors.items()}
         snap["power"] = self.power.status()
+        snap["reply_backlog"] = {"connections": len(self._backlog), "bytes": self._backlog_bytes}  # an I/O-thread read: a glance
         snap["store"] = {"ok": self.store_error is None, "error": self.store_error}
         if self.index is not None:
             snap["index"] = self.index.stats()
@@ -845,6 +894,21 @@ class Server:
 
 def _keep_alive(value: Any) -> float | None:
     return None if value is None else parse_keep_alive(value)
+
+
+def _shut(fd: int) -> None:
+    """End the TCP connection on ``fd`` (a descriptor ZeroMQ owns): shutdown() acts on the connection,
+    and closing our duplicate leaves ZeroMQ's descriptor to ZeroMQ."""
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
 
 
 def _drain_fd(sock: socket.socket) -> None:
