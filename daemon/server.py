@@ -873,6 +873,9 @@ class Server:
         snap["store"] = {"ok": self.store_error is None, "error": self.store_error}
         if self.index is not None:
             snap["index"] = self.index.stats()
+            # Collections whose lexical index lacks items (texts never given to the daemon): see docs/search.md.
+            snap["index"]["lexical_incomplete"] = {name: self.store.lexical_state(name) for name in
+                                                   self.store.collection_names() if self.store.lexical_state(name) != "ready"}
             snap["executors"].update(self.index.executor_stats())
             snap["jobs"] = [j for j in self.jobs.list(limit=20) if j["state"] not in ("done", "failed", "cancelled")]
         return snap

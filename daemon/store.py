@@ -450,6 +450,9 @@ class Store:
             cached = self._lex_bytes = (now, size / total if total else 0.0)
         return round(cached[1], 1)
 
+    def collection_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM collections ORDER BY name")]
+
     def count_collections(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM collections").fetchone()[0]
 
