@@ -61,7 +61,6 @@ import argparse
 import difflib
 import json
 import os
-import platform
 import random
 import re
 import sqlite3
@@ -73,6 +72,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench_peers import cpu_model  # scripts/ is on the path: the same CPU line as the benchmarks
 from pocketembed.sms import load_messages
 
 QUERIES = Path(__file__).resolve().parent / "search_queries.json"
@@ -212,22 +212,6 @@ def load_queries() -> list[dict]:
 
 
 # -- the daemon ------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU as /proc/cpuinfo names it, with the SIMD that matters here (as scripts/bench_peers.py prints it)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name") or fields.get("Hardware") or platform.machine()
-    flags = set(fields.get("flags", fields.get("Features", "")).split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "bf16")
-            if f in flags]
-    return f"{name} [{' '.join(simd)}], {os.cpu_count()} CPUs"
 
 
 class Daemon:
