@@ -144,6 +144,8 @@ class _Backlog:
     """When a reply of it last went out (or it was made)."""
     replies: deque[bytes] = field(default_factory=deque)
     nbytes: int = 0
+    full: bool = False
+    """A reply did not fit: new requests are answered busy unrun until half of the backlog is read."""
 
 
 @dataclass
@@ -547,7 +549,7 @@ class Server:
         started = time.perf_counter()
         identity, payload = _split_envelope(frames)
         waiting = self._backlog.get(identity[0]) if identity else None
-        if waiting is not None and waiting.nbytes >= BACKLOG_BYTES_PER_CONNECTION:
+        if waiting is not None and waiting.full:
             # It has not read its last replies: nothing more is run for it until they get through.
             self._send(sock, identity, P.error_reply(None, P.BUSY, "this connection is not reading its replies; "
                                                      "read them before sending more", retry_after_ms=1000))
@@ -722,6 +724,8 @@ class Server:
         if (backlog is not None and backlog.nbytes + len(reply) > BACKLOG_BYTES_PER_CONNECTION) or \
                 self._backlog_bytes + len(reply) > BACKLOG_BYTES:
             self.stats.count("replies_dropped")  # a client that does not read: bounded, not kept
+            if backlog is not None:
+                backlog.full = True  # its next requests are refused unrun until half of it is read
             return
         if backlog is None:
             backlog = self._backlog[identity[0]] = _Backlog(sock, identity, time.monotonic())
@@ -745,6 +749,7 @@ class Server:
                 backlog.nbytes -= len(sent)
                 self._backlog_bytes -= len(sent)
                 backlog.moved = now
+                backlog.full = backlog.full and backlog.nbytes > BACKLOG_BYTES_PER_CONNECTION // 2
             expiry = 2.0 if self._stop.is_set() else BACKLOG_EXPIRY_S  # stopping: a last chance, not a minute
             if not backlog.replies or now - backlog.moved > expiry:
                 if backlog.replies:
