@@ -25,7 +25,6 @@ chosen on scripts/search_queries.json by scripts/eval_hybrid.py (docs/search.md)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,11 +49,6 @@ class Fused:
     score: float
     matched: tuple[str, ...]
     """"lexical" when the lexical side found it, "vector" when it is among the vector side's candidates."""
-
-
-def idf(n_docs: int, df: int) -> float:
-    """BM25's IDF, as daemon/lexical.py scores with it (a term in no document: the rarest possible)."""
-    return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
 
 
 def query_weight(query: Query) -> float:

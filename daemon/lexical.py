@@ -377,6 +377,11 @@ def stats(conn: sqlite3.Connection, collection: str) -> tuple[int, int]:
 
 # -- reads ------------------------------------------------------------------------------------
 
+def idf(n_docs: int, df: int) -> float:
+    """BM25's IDF of a term in df of n_docs documents (a term in none: the rarest possible)."""
+    return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+
+
 def document_frequencies(conn: sqlite3.Connection, collection: str, terms: Sequence[str]) -> dict[str, int]:
     """How many items of the collection hold each term (absent terms are left out)."""
     return {t: df for t, (_, df) in term_ids(conn, collection, list(terms)).items()}
@@ -410,7 +415,7 @@ def search(conn: sqlite3.Connection, collection: str, query: str | Query, n: int
     candidates: np.ndarray | None = None
     seen = 0
     for qi, tid, df, weight in plan:
-        idf = math.log(1.0 + (N - df + 0.5) / (df + 0.5))
+        term_idf = idf(N, df)
         if candidates is None or seen + df <= FULL_BUDGET:
             got = conn.execute("SELECT row, tf, dl FROM lex_postings WHERE tid = ? ORDER BY row DESC LIMIT ?",
                                (tid, FIRST_CAP)).fetchall()
@@ -426,7 +431,7 @@ def search(conn: sqlite3.Connection, collection: str, query: str | Query, n: int
         arr = np.array(got, np.int64)
         tf, dl = arr[:, 1].astype(np.float64), arr[:, 2].astype(np.float64)
         rows_l.append(arr[:, 0])
-        contrib_l.append(weight * idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * dl / avgdl)))
+        contrib_l.append(weight * term_idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * dl / avgdl)))
         qbits_l.append(np.full(len(arr), 1 << qi, np.int64))
         candidates = arr[:, 0] if candidates is None else np.concatenate([candidates, arr[:, 0]])
     if not rows_l:

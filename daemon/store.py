@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import secrets
 import sqlite3
 import threading
@@ -628,7 +627,7 @@ class Store:
             found = lexical.search(self.conn, collection, query, n, allowed)
             n_docs = lexical.stats(self.conn, collection)[0]
             dfs = lexical.document_frequencies(self.conn, collection, query.terms)
-            idfs = {t: math.log(1.0 + (n_docs - dfs.get(t, 0) + 0.5) / (dfs.get(t, 0) + 0.5)) for t in query.terms}
+            idfs = {t: lexical.idf(n_docs, dfs.get(t, 0)) for t in query.terms}
             if not found:
                 return [], None, idfs
             rows = np.array([r for r, _, _ in found], np.int64)
