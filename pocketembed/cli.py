@@ -437,7 +437,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pocketembed import config
     from pocketembed.daemon.models import parse_keep_alive
     from pocketembed.daemon.power import policy_from_settings
-    from pocketembed.daemon.server import ServeConfig, model_settings, run, scheduler_config
+    from pocketembed.daemon.server import run
+    from pocketembed.daemon.settings import ServeConfig, model_settings, scheduler_config
     from pocketembed.gguf_models.catalog import DEFAULT_MODEL
 
     root = paths.home(args.home)
