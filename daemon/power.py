@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from pocketembed.config import Settings, validate
 from pocketembed.errors import PocketEmbedError
 
 log = logging.getLogger("pocketembed.power")
@@ -441,18 +442,11 @@ class PowerMonitor:
         self._power_reason = reason
 
 
-def policy_from_settings(settings: dict[str, Any]) -> PowerPolicy:
-    """A policy from ``power_*`` config keys (the field names with the prefix)."""
-    base = asdict(PowerPolicy())
-    values = {}
-    for key, default in base.items():
-        v = settings.get(f"power_{key}")
-        if v is None:
-            continue
-        if isinstance(default, bool):
-            values[key] = bool(v)
-        else:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise PocketEmbedError(f"power_{key} must be a non-negative number, got {v!r}", code="invalid_config")
-            values[key] = float(v)
-    return PowerPolicy(**values)
+def policy_from_settings(settings: Settings | dict[str, Any]) -> PowerPolicy:
+    """The policy of the ``power_*`` settings (the field names with the prefix), checked by ``Settings``.
+
+    ``settings`` is a ``pocketembed.config.Settings``, or a dict of some of its keys (the rest: defaults).
+    """
+    if not isinstance(settings, Settings):
+        settings = validate(settings)
+    return PowerPolicy(**{key: getattr(settings, f"power_{key}") for key in asdict(PowerPolicy())})

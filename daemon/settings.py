@@ -1,16 +1,23 @@
-"""The daemon's configuration, as ``pocketembed serve`` hands it to the server."""
+"""The daemon's configuration, as ``pocketembed serve`` hands it to the server.
+
+The settings themselves are declared once, in ``pocketembed.config.Settings``
+(types, defaults, bounds); ``ServeConfig.from_settings`` is the one translation
+into what the server reads.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pocketembed.errors import PocketEmbedError
+import msgspec
+
+from pocketembed import paths
+from pocketembed.config import Settings
 from pocketembed.gguf_models.catalog import DEFAULT_MODEL, get
 
-from .models import ModelSettings, parse_keep_alive
-from .power import PowerPolicy
+from .models import ModelSettings
+from .power import PowerPolicy, policy_from_settings
 from .scheduler import LaneConfig, SchedulerConfig
 
 
@@ -44,37 +51,41 @@ class ServeConfig:
     require_auth_unix: bool = False
     """Also require client tokens on the Unix socket (else its peer, the owner, is admin)."""
 
+    @classmethod
+    def from_settings(cls, s: Settings, home: Path) -> ServeConfig:
+        """The server's view of validated settings (``pocketembed.config.read``) for the data directory ``home``."""
+        return cls(
+            socket_path=paths.socket_path(s.socket),
+            home=home,
+            tcp=s.tcp,
+            allow_remote=s.allow_remote,
+            preload=[m for m in (s.models if s.models is not None else [DEFAULT_MODEL]) if m != "none"],
+            threads=s.threads,
+            scheduler=scheduler_config(s),
+            on_demand=s.on_demand,
+            keep_alive=float(s.keep_alive),
+            memory_budget_bytes=s.memory_budget_mb << 20 if s.memory_budget_mb else None,
+            model_settings={get(name, home).name: ModelSettings(**msgspec.structs.asdict(table))
+                            for name, table in s.model.items()},
+            power_source=s.power_source,
+            power_policy=policy_from_settings(s),
+            power_procfs=s.power_procfs,
+            job_chunk_rows=s.job_chunk_rows,
+            max_collections=s.max_collections,
+            source_budget_s=s.source_budget_s,
+            job_sources=[Path(d).expanduser() for d in s.job_sources],
+            require_auth_unix=s.require_auth_unix,
+        )
 
 
-def scheduler_config(settings: dict[str, Any]) -> SchedulerConfig:
-    """The scheduler's settings from the daemon config (missing keys keep the defaults)."""
+def scheduler_config(s: Settings) -> SchedulerConfig:
+    """The scheduler's settings: the lanes' bounds and the workers from ``s``, the rest the scheduler's own."""
     base = SchedulerConfig()
-    for key in ("workers", "queue_texts", "queue_tokens", "background_queue_texts", "background_queue_tokens",
-                "background_batch_tokens"):
-        v = settings.get(key)
-        if v is not None and v < 1:
-            raise PocketEmbedError(f"{key} must be at least 1, got {v}", code="invalid_config")
-    i, b = base.interactive, base.background
     return SchedulerConfig(
-        workers=settings.get("workers") or base.workers,
+        workers=s.workers,
         max_seqs=base.max_seqs,
-        interactive=LaneConfig(i.batch_tokens, settings.get("queue_texts") or i.max_texts,
-                               settings.get("queue_tokens") or i.max_tokens),
-        background=LaneConfig(settings.get("background_batch_tokens") or b.batch_tokens,
-                              settings.get("background_queue_texts") or b.max_texts,
-                              settings.get("background_queue_tokens") or b.max_tokens),
+        interactive=LaneConfig(base.interactive.batch_tokens, s.queue_texts, s.queue_tokens),
+        background=LaneConfig(s.background_batch_tokens, s.background_queue_texts, s.background_queue_tokens),
         solo_tokens=base.solo_tokens,
         interactive_grace_s=base.interactive_grace_s,
     )
-
-
-
-def model_settings(tables: dict[str, dict[str, Any]], home: Path | None = None) -> dict[str, ModelSettings]:
-    """Per-model settings from the config's ``[model."NAME"]`` tables, keyed by model name."""
-    out = {}
-    for name, table in tables.items():
-        values = dict(table)
-        if "keep_alive" in values:
-            values["keep_alive"] = parse_keep_alive(values["keep_alive"])
-        out[get(name, home).name] = ModelSettings(**values)
-    return out

@@ -155,22 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the embedding daemon until SIGTERM/SIGINT. Settings come from the config file, "
         "then POCKETEMBED_* environment variables, then these flags.",
     )
-    serve.add_argument("--socket", help="Unix socket path (default $POCKETEMBED_SOCKET or a private runtime dir)")
-    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback only unless --allow-remote)")
-    serve.add_argument("--allow-remote", action="store_true", default=None, help="allow a non-loopback --tcp address")
-    serve.add_argument("--model", dest="models", action="append", help="model to load at start (repeatable; default: the catalog default; 'none' for none)")
-    serve.add_argument("--threads", type=int, help="llama.cpp threads per model (default: physical cores)")
-    serve.add_argument("--workers", type=int, help="decode workers, each on its own llama context (default 2)")
-    serve.add_argument("--keep-alive", help="idle time before a model unloads: seconds or 30s/5m/1h, 0, -1 = never (default 5m)")
-    serve.add_argument("--memory-budget-mb", type=int, help="memory for loaded models (default: 1/4 of the memory available at start)")
-    serve.add_argument("--no-on-demand", dest="on_demand", action="store_false", default=None,
-                       help="do not load models on their first request; they must be loaded with `models load`")
-    serve.add_argument("--power-source", help="battery/CPU readings: auto (termux, sysfs, psutil), one of those, or file:PATH")
-    serve.add_argument("--job-source", dest="job_sources", action="append", metavar="DIR",
-                       help="a directory whose SQLite files index jobs may read (repeatable; default: none)")
-    serve.add_argument("--require-auth-unix", action="store_true", default=None,
-                       help="require client tokens on the Unix socket too (TCP always requires them)")
-    serve.add_argument("--config", help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml)")
+    from pocketembed import config  # the flags are the settings' own: one per setting with a flag
+
+    config.add_flags(serve)
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML config file (default $POCKETEMBED_CONFIG or <home>/config.toml; see docs/configuration.md)")
     serve.set_defaults(func=cmd_serve)
 
     clients = sub.add_parser(
@@ -435,41 +424,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     allocator.tune()
     from pocketembed import config
-    from pocketembed.daemon.models import parse_keep_alive
-    from pocketembed.daemon.power import policy_from_settings
-    from pocketembed.daemon.server import run
-    from pocketembed.daemon.settings import ServeConfig, model_settings, scheduler_config
-    from pocketembed.gguf_models.catalog import DEFAULT_MODEL
 
     root = paths.home(args.home)
-    settings = config.load(root, args.config, {"socket": args.socket, "tcp": args.tcp, "allow_remote": args.allow_remote,
-                                                "models": args.models, "threads": args.threads,
-                                                "workers": args.workers, "keep_alive": args.keep_alive,
-                                                "memory_budget_mb": args.memory_budget_mb, "on_demand": args.on_demand,
-                                                "power_source": args.power_source, "job_sources": args.job_sources,
-                                                "require_auth_unix": args.require_auth_unix})
+    settings = config.read(root, args.config, config.flag_values(args))  # a bad setting stops it here, first
+    from pocketembed.daemon.server import run
+    from pocketembed.daemon.settings import ServeConfig
+
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    cfg = ServeConfig(
-        socket_path=paths.socket_path(settings.get("socket")),
-        home=root,
-        tcp=settings.get("tcp"),
-        allow_remote=bool(settings.get("allow_remote", False)),
-        preload=[m for m in settings.get("models") or [DEFAULT_MODEL] if m != "none"],
-        threads=settings.get("threads"),
-        scheduler=scheduler_config(settings),
-        on_demand=bool(settings.get("on_demand", True)),
-        keep_alive=parse_keep_alive(settings.get("keep_alive", 300)),
-        memory_budget_bytes=settings["memory_budget_mb"] << 20 if settings.get("memory_budget_mb") else None,
-        model_settings=model_settings(settings.get("model", {}), root),
-        power_source=settings.get("power_source") or "auto",
-        power_policy=policy_from_settings(settings),
-        power_procfs=settings.get("power_procfs"),
-        job_chunk_rows=settings.get("job_chunk_rows") or 128,
-        max_collections=settings.get("max_collections") or 64,
-        source_budget_s=float(settings.get("source_budget_s") or 5.0),
-        job_sources=[Path(d).expanduser() for d in settings.get("job_sources") or []],
-        require_auth_unix=bool(settings.get("require_auth_unix", False)),
-    )
+    cfg = ServeConfig.from_settings(settings, root)
     return run(cfg, on_ready=lambda: print(f"pocketembed: serving on ipc://{cfg.socket_path}", file=sys.stderr, flush=True))
 
 
