@@ -18,9 +18,6 @@ accurate int8 vectors) as the collection doubles.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
 import numpy as np
 
 from pocketembed.sms import load_sms
@@ -28,10 +25,6 @@ from pocketembed.sms import load_sms
 CALIBRATION_TEXTS = 256
 MARGIN = 0.5
 """Each side of the measured range is widened by this share of its span."""
-
-Embed = Callable[[list[str], str], np.ndarray]
-"""embed(texts, model) → unit vectors at the model's full dims (the scheduler, background lane)."""
-
 
 def calibration_texts() -> list[str]:
     """A fixed spread of the bundled corpus: every 20th message, the first CALIBRATION_TEXTS of them."""
@@ -45,24 +38,3 @@ def ranges_of(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = v.min(axis=0), v.max(axis=0)
     span = np.maximum(hi - lo, 1e-6)
     return (lo - MARGIN * span).astype(np.float32), (hi + MARGIN * span).astype(np.float32)
-
-
-class ModelRanges:
-    """The int8 ranges of each (model, dims), measured on first use and kept in memory.
-
-    A collection stores its ranges at its first calibration, so this is asked
-    once per model and daemon run for new collections only; it touches no
-    database, so it can be asked from inside a caller's write transaction.
-    """
-
-    def __init__(self, embed: Embed) -> None:
-        self.embed = embed
-        self._lock = threading.Lock()
-        self._vectors: dict[str, np.ndarray] = {}
-
-    def get(self, model: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            vectors = self._vectors.get(model)
-            if vectors is None:
-                vectors = self._vectors[model] = self.embed(calibration_texts(), model)
-        return ranges_of(vectors, dims)

@@ -37,6 +37,7 @@ import numpy.ctypeslib  # noqa: F401  loaded now: numpy loads it lazily, and a f
 
 from pocketembed.errors import EmptyText, InvalidInput, ModelCorrupt, TextTooLong
 
+from . import batching
 from . import llama_runtime as rt
 from .segments import SegmentInputs
 from .threadpool import ThreadPool, make_pool
@@ -341,25 +342,8 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Group indices into decodes: longest first, similar lengths together.
-
-        Sorting by length keeps one long outlier from sharing every decode, and
-        makes the decodes of one job similar in cost, which keeps parallel
-        contexts evenly loaded.
-        """
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        cur_tokens = 0
-        for i in order:
-            if cur and (len(cur) >= self.max_seqs or cur_tokens + lengths[i] > self.batch_tokens):
-                batches.append(cur)
-                cur, cur_tokens = [], 0
-            cur.append(i)
-            cur_tokens += lengths[i]
-        if cur:
-            batches.append(cur)
-        return batches
+        """Group indices into this engine's decodes (batching.plan_batches: the daemon's rule too)."""
+        return batching.plan_batches(lengths, self.batch_tokens, self.max_seqs)
 
     def embed(
         self,

@@ -1,21 +1,21 @@
-"""On-demand indexing and search: the ops between the I/O thread and the store.
+"""On-demand indexing and search: the handlers of the index ops, between the op table and the store.
 
-Two threads, so that a search never waits behind a write:
+They run on two executors (daemon/executors.py), so that a search never waits behind a write:
 
-* the **search** thread resolves the collection, takes the query vector from a
-  small LRU or has the scheduler embed it (interactive lane, the model's query
+* the **search** executor resolves the collection, takes the query vector from a
+  small LRU or has the embedder make it (interactive lane, the model's query
   prefix, batched with everyone else's texts), then runs the store's Hamming
-  scan and int8 rescoring. It never blocks on the embedding: the scheduler's
-  callback queues the second half. A search with ``rerank`` has a third: the
-  cross-encoder scores the top candidates' texts (the scheduler again), and its
-  callback queues the reordering.
-* the **write** thread runs ``index.add`` / ``index.delete`` /
-  ``collections.drop`` one at a time, in arrival order, so the last write to an
+  scan and int8 rescoring. It never blocks on the embedding: the query's future
+  continues the search on the search executor (``executors.then``). A search with
+  ``rerank`` continues once more: the cross-encoder scores the top candidates'
+  texts, and its future reorders them.
+* the **write** executor runs ``index.add`` / ``index.delete`` / ``index.enqueue``
+  / ``collections.drop`` one at a time, in arrival order, so the last write to an
   id wins. ``index.add`` embeds only texts the store does not hold yet (same
   model, same text hash): the store doubles as the embedding cache.
 
-Both are executors (daemon/executors.py): bounded queues that answer ``busy``
-when full, and every failure answered instead of ending the thread.
+Each thread has its own connection to the store. Every handler returns its
+result or a future of it: the op table's one way back.
 """
 
 from __future__ import annotations
@@ -30,23 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from pocketembed.errors import CollectionMismatch, InvalidInput, PocketEmbedError, TooLarge, UnknownCollection
+from pocketembed.errors import CollectionMismatch, InvalidInput, TooLarge, UnknownCollection
 from pocketembed.gguf_models.catalog import ModelSpec
 from pocketembed.ipc import ops
 
 from . import fusion, lexical
+from .embedding import Embedder
 from .engine import scale_scores
-from .executors import LATER, Executor, Reply, as_error
-
+from .executors import Executor, then
 from .jobs import JobQueue
 from .models import ModelRegistry
-from .scheduler import INTERACTIVE, EmbedTask, Scheduler, embed_sync
+from .scheduler import INTERACTIVE
 from .sources import Allow, JobSpec, SourceReads, allow_none, read_texts, source_spec
-from .store import Ranges
 from .store import CodeCache, Item, Store, checkpoint_deleted, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.index")
-
 
 
 class EmbeddingLRU:
@@ -86,76 +84,56 @@ class EmbeddingLRU:
 
 
 class IndexService:
-    def __init__(self, db_path: Path, scheduler: Scheduler, models: ModelRegistry, reply: Reply,
-                 cache: CodeCache | None = None, lru_size: int = 1024, *, on_death: Callable[[str], None] | None = None,
-                 counters: dict[str, int] | None = None, max_collections: int = 64, max_queue: int = 256,
-                 kick_jobs: Callable[[], None] | None = None, ranges: Ranges | None = None,
+    """The index ops' handlers: ``search`` and ``collections.list`` on the search executor, the writes on the write one."""
+
+    def __init__(self, db_path: Path, embedder: Embedder, models: ModelRegistry, search_executor: Executor,
+                 cache: CodeCache | None = None, lru_size: int = 1024, *, max_collections: int = 64,
+                 max_queue: int = 256, kick_jobs: Callable[[], None] | None = None,
                  allowed_source: Allow | None = None, source_budget_s: float = 5.0) -> None:
         self.db_path = db_path
-        self.scheduler = scheduler
+        self.embedder = embedder
         self.models = models
-        self.reply = reply
+        self.search_executor = search_executor
+        """Where a search continues once its query is embedded (its thread's store connection)."""
         self.cache = cache or CodeCache()
         self.lru = EmbeddingLRU(lru_size)
         self.max_collections = max_collections
         self.kick_jobs = kick_jobs or (lambda: None)
-        self.ranges = ranges
         self.searches = 0
-        self._stores: dict[str, Store] = {}
-        self._queue: JobQueue | None = None
+        self._stores: dict[int, Store] = {}
+        self._queues: dict[int, JobQueue] = {}
         """The write thread's job queue (its schema checked once, not per index.enqueue)."""
-        self._search = Executor("search", self._search_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
-        self._write = Executor("write", self._write_op, reply, max_queue=max_queue, on_death=on_death, counters=counters)
         self.allowed_source = allowed_source or allow_none
         """The job_sources check, applied again at every read of a job's source (search's with_text)."""
         self.source_budget_s = source_budget_s
-        self._reads = SourceReads(max_queue=max_queue)
+        self.reads = SourceReads(max_queue=max_queue)
         """Reads of job sources for with_text, off the search thread: a locked source holds no other search."""
 
-    def start(self) -> None:
-        self._search.start()
-        self._write.start()
-
-    def stop(self) -> None:
-        """Finish what is queued, then stop (the scheduler must still be running)."""
-        self._search.stop()
-        self._reads.stop()  # after the search thread: it hands reads over until it stops
-        self._write.stop()
+    def close(self) -> None:
+        """After the executors stopped: end the source readers, close the threads' connections."""
+        self.reads.stop()
         for store in self._stores.values():
             store.conn.close()
-
-    def submit(self, op: str, args: Any, context: Any) -> None:
-        """From the I/O thread: queue an op (decoded and validated); Busy when its thread's queue is full."""
-        (self._search if op in ("search", "collections.list") else self._write).submit(op, args, context)
 
     def stats(self) -> dict[str, Any]:
         return {"searches": self.searches, "query_cache": self.lru.stats(), "codes_in_memory": self.cache.stats()}
 
-    def executor_stats(self) -> dict[str, dict[str, Any]]:
-        return {**{ex.name: {"queued": ex.queued, "alive": ex.alive} for ex in (self._search, self._write)},
-                "texts": {"queued": self._reads.queued, "alive": self._reads.alive}}
-
-    def _store(self, thread: str) -> Store:
+    def _store(self) -> Store:
         """The calling thread's own connection to the store (made on first use, on that thread)."""
-        store = self._stores.get(thread)
+        key = threading.get_ident()
+        store = self._stores.get(key)
         if store is None:
-            store = self._stores[thread] = Store(connect(self.db_path), self.cache, self.ranges)
+            store = self._stores[key] = Store(connect(self.db_path), self.cache)
         return store
 
-    # -- search thread -----------------------------------------------------------------
+    # -- search executor ---------------------------------------------------------------
 
-    def _search_op(self, op: str, args: Any, context: Any) -> Any:
-        store = self._store("search")
-        if op == "collections.list":
-            return store.collections()
-        if op == "search":
-            return self._start_search(store, args, context)
-        if op == "search.reranked":
-            return args
-        info, vec, request_args, lexical_side = args  # "search.run": the query vector is ready
-        return self._run_search(store, info, vec, request_args, context, lexical_side)
+    def collections_list(self, args: ops.NoArgs) -> list[dict[str, Any]]:
+        return self._store().collections()
 
-    def _start_search(self, store: Store, args: ops.SearchArgs, context: Any) -> Any:
+    def search(self, args: ops.SearchArgs) -> Any:
+        """The k nearest items, or a future of them while the query embeds (or its candidates are reranked)."""
+        store = self._store()
         if args.rerank is not None:
             self.models.spec(args.rerank, "rerank")
         info = store.info(args.collection)
@@ -163,30 +141,24 @@ class IndexService:
             raise CollectionMismatch(f"collection {info.name!r} holds {info.model} vectors; a query embedded by "
                                      f"{self.models.spec(args.model).name} cannot search it")
         if args.mode == "lexical":  # exact matches alone: no query embedding
-            return self._run_search(store, info, None, args, context)
-        text = self.models.prefix(info.model, "query") + args.query
-        key = (info.model, info.dims, text)
+            return self._run_search(store, info, None, args)
+        key = (info.model, info.dims, "query", args.query)
         vec = self.lru.get(key)
         if vec is not None:
-            return self._run_search(store, info, vec, args, context)
-        lexical_side: list[Any] = []
+            return self._run_search(store, info, vec, args)
+        embedded = self.embedder.embed([args.query], info.model, input_type="query", dims=info.dims, truncate=True,
+                                       label=None)
+        # Read while the query embeds: the continuation runs after this on this executor's thread.
+        side = self._lexical_side(store, info, args) if args.mode == "hybrid" else None
 
-        def embedded(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
-            if err is not None:
-                self.reply(context, None, err)
-                return
+        def with_vector(vecs: np.ndarray) -> Any:
             self.lru.put(key, vecs[0])
-            self._search.submit("search.run", (info, vecs[0], args, lexical_side), context, force=True)
+            return self._run_search(self._store(), info, vecs[0], args, side)
 
-        self.scheduler.submit(EmbedTask(texts=[text], model=info.model, on_done=embedded, lane=INTERACTIVE,
-                                        dims=info.dims, truncate=True),
-                              max_tokens=self.models.max_tokens(info.model))
-        if args.mode == "hybrid":  # read while the query embeds: "search.run" comes after this on this thread
-            lexical_side.append(self._lexical_side(store, info, args))
-        return LATER
+        return then(embedded, with_vector, on=self.search_executor, what="search")
 
-    def _run_search(self, store: Store, info: Any, vec: np.ndarray | None, args: ops.SearchArgs, context: Any,
-                    lexical_side: list[Any] | None = None) -> Any:
+    def _run_search(self, store: Store, info: Any, vec: np.ndarray | None, args: ops.SearchArgs,
+                    lexical_side: tuple[Any, ...] | None = None) -> Any:
         top = (args.rerank_top or max(args.k, 20)) if args.rerank else args.k  # the schema keeps rerank_top >= k
         wanted: dict[str, list[Any]] = {}
 
@@ -201,7 +173,7 @@ class IndexService:
             for hit in hits:
                 hit["matched"] = ["vector"]
         else:
-            side = lexical_side[0] if lexical_side else self._lexical_side(store, info, args)
+            side = lexical_side or self._lexical_side(store, info, args)
             hits = self._lexical_search(store, info, vec, args, top, with_text, later, side)
         self.searches += 1
         result = {"collection": info.name, "model": info.model, "hits": hits}
@@ -214,9 +186,8 @@ class IndexService:
                     "re-send their texts (index.add or index.enqueue) to make them found by their words")
         if wanted:
             specs = {origin: source_spec(store.conn, origin) for origin in wanted}  # this thread's connection
-            self._reads.submit(lambda: self._read_texts(result, specs, wanted, info, args, context))
-            return LATER
-        return self._finish_search(result, info, args, context)
+            return self.reads.submit(lambda: self._read_texts(result, specs, wanted, info, args))
+        return self._finish_search(result, info, args)
 
     def _lexical_side(self, store: Store, info: Any, args: ops.SearchArgs) -> tuple[Any, ...]:
         """The lexical candidates of a ``lexical`` or ``hybrid`` search (store.lexical_candidates), and its parsed query."""
@@ -259,37 +230,31 @@ class IndexService:
         return hits
 
     def _read_texts(self, result: dict[str, Any], specs: dict[str, JobSpec | None], wanted: dict[str, list[Any]],
-                    info: Any, args: ops.SearchArgs, context: Any) -> None:
+                    info: Any, args: ops.SearchArgs) -> Any:
         """On a source-read thread: the hits' texts from their job sources (each read checked and bounded), then
-        the rest of the search; answers the request itself.
+        the rest of the search.
 
         A source that cannot be read now (locked past the budget, gone, swapped, no
         longer under job_sources) leaves its hits' ``text`` nil and says why in ``notes``.
         """
-        try:
-            missing = {h["id"]: h for h in result["hits"] if h.get("text") is None}
-            notes = []
-            for origin, ids in wanted.items():
-                spec = specs[origin]
-                if spec is None:
-                    continue  # its job is gone from the jobs table: no source known
-                texts, note = read_texts(spec, ids, allow=self.allowed_source, budget_s=self.source_budget_s)
-                for row_id, text in texts.items():
-                    if row_id in missing:
-                        missing[row_id]["text"] = text
-                if note:
-                    notes.append(note)
-            if notes:
-                result["notes"] = notes
-            out = self._finish_search(result, info, args, context)
-        except Exception as e:
-            self.reply(context, None, as_error(e, "search (its source texts)"))
-            return
-        if out is not LATER:
-            self.reply(context, out, None)
+        missing = {h["id"]: h for h in result["hits"] if h.get("text") is None}
+        notes = []
+        for origin, ids in wanted.items():
+            spec = specs[origin]
+            if spec is None:
+                continue  # its job is gone from the jobs table: no source known
+            texts, note = read_texts(spec, ids, allow=self.allowed_source, budget_s=self.source_budget_s)
+            for row_id, text in texts.items():
+                if row_id in missing:
+                    missing[row_id]["text"] = text
+            if note:
+                notes.append(note)
+        if notes:
+            result["notes"] = notes
+        return self._finish_search(result, info, args)
 
-    def _finish_search(self, result: dict[str, Any], info: Any, args: ops.SearchArgs, context: Any) -> Any:
-        """The search's result, or LATER when a reranker scores its candidates first."""
+    def _finish_search(self, result: dict[str, Any], info: Any, args: ops.SearchArgs) -> Any:
+        """The search's result, or a future of it while a reranker scores its candidates."""
         hits = result["hits"]
         if not args.rerank or not hits:
             return result
@@ -298,32 +263,28 @@ class IndexService:
             raise InvalidInput(f"rerank needs the candidates' texts, and {missing} of {len(hits)} have none: collection "
                                f"{info.name!r} keeps no texts (create it with store_text) and no source row has them")
         reranker = self.models.spec(args.rerank)
+        scored = self.embedder.rerank(args.query, [h["text"] for h in hits], reranker.name, truncate=True)
+        return then(scored, lambda logits: reranked(result, logits, reranker, args), what="search (rerank)")
 
-        def scored(task: EmbedTask, logits: np.ndarray | None, err: PocketEmbedError | None) -> None:
-            if err is not None:
-                self.reply(context, None, err)
-                return
-            self._search.submit("search.reranked", reranked(result, logits, reranker, args), context, force=True)
+    # -- write executor ----------------------------------------------------------------
 
-        self.scheduler.submit(EmbedTask(texts=[h["text"] for h in hits], query=args.query, model=reranker.name,
-                                        on_done=scored, lane=INTERACTIVE, truncate=True),
-                              max_tokens=self.models.max_tokens(reranker.name))
-        return LATER
+    def index_add(self, args: ops.IndexAddArgs) -> dict[str, Any]:
+        store = self._store()
+        return self._add(store, store.conn, args)
 
-    # -- write thread ------------------------------------------------------------------
+    def index_enqueue(self, args: ops.IndexEnqueueArgs) -> dict[str, Any]:
+        return self._enqueue(self._store(), args)
 
-    def _write_op(self, op: str, args: Any, context: Any) -> dict[str, Any]:
-        store = self._store("write")
-        if op == "index.add":
-            return self._add(store, store.conn, args)
-        if op == "index.enqueue":
-            return self._enqueue(store, args)
-        if op == "index.delete":
-            with transaction(store.conn):
-                deleted = store.delete(store.conn, args.collection, args.ids)
-            if deleted:
-                checkpoint_deleted(store.conn)  # before the reply: deleted means gone, from the WAL too
-            return {"deleted": deleted}
+    def index_delete(self, args: ops.IndexDeleteArgs) -> dict[str, Any]:
+        store = self._store()
+        with transaction(store.conn):
+            deleted = store.delete(store.conn, args.collection, args.ids)
+        if deleted:
+            checkpoint_deleted(store.conn)  # before the reply: deleted means gone, from the WAL too
+        return {"deleted": deleted}
+
+    def collections_drop(self, args: ops.CollectionArgs) -> dict[str, Any]:
+        store = self._store()
         with transaction(store.conn):  # the collection and its queue go together
             dropped = store.drop(store.conn, args.collection)
             ended = self._job_queue(store).drop_collection(store.conn, args.collection)
@@ -333,9 +294,12 @@ class IndexService:
         return {"collection": args.collection, "dropped": dropped}
 
     def _job_queue(self, store: Store) -> JobQueue:
-        """The write thread's job queue, on its connection (its schema checked once, not per op)."""
-        self._queue = self._queue or JobQueue(store.conn)
-        return self._queue
+        """This thread's job queue, on its connection (its schema checked once, not per op)."""
+        key = threading.get_ident()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = JobQueue(store.conn)
+        return queue
 
     def _target(self, store: Store, name: str, model_name: str | None, dims_asked: int | None) -> tuple[Any, str, int]:
         """The collection's info (None if new), model and dims; a mismatch or a new collection over the limit fails."""
@@ -384,49 +348,47 @@ class IndexService:
         texts: list[str] = []
         plan: list[tuple[int, int, int | None]] = []  # item index, chunk number, index into texts (None: reused)
         reused: dict[int, np.ndarray] = {}
-        prefix = self.models.prefix(model, "document")
         if not chunked:
             known = store.known_vectors(conn, model, dims, {hashes[k] for k in todo})
             for k in todo:
                 vec = known.get(hashes[k])
                 if vec is None:
-                    vec = self.lru.get((model, dims, prefix + items[k].text))
+                    vec = self.lru.get((model, dims, "document", items[k].text))
                 if vec is not None:
                     reused[k] = vec
                     plan.append((k, 0, None))
                 else:
                     plan.append((k, 0, len(texts)))
-                    texts.append(prefix + items[k].text)
+                    texts.append(items[k].text)
         else:
             engine = self.models.acquire(model)
             try:
                 for k in todo:
                     for c, window in enumerate(engine.windows(items[k].text), start=1):
                         plan.append((k, c, len(texts)))
-                        texts.append(prefix + window)
+                        texts.append(window)
             finally:
                 self.models.release(model)
         vecs = self._embed(texts, model, dims, args) if texts else np.zeros((0, dims), np.float32)
         if not chunked:
             for k, _, t in plan:
                 if t is not None:
-                    self.lru.put((model, dims, texts[t]), vecs[t])
+                    self.lru.put((model, dims, "document", texts[t]), vecs[t])
         out = [Item(items[k].id, hashes[k], reused[k] if t is None else vecs[t], metadata=meta[k], chunk=c,
                     text=items[k].text, lexical_text=items[k].text) for k, c, t in plan]
-        if (info is None or info.calibration is None) and self.ranges is not None:
-            self.ranges(model, dims)  # the model's int8 ranges, measured now if new: not inside the transaction
+        # The model's int8 ranges, for a collection's first calibration: measured now if new, not inside the transaction.
+        ranges = self.embedder.ranges(model, dims) if info is None or info.calibration is None else None
         with transaction(conn):
             store.ensure_collection(conn, name, model, dims, float_vectors=args.float_vectors, store_text=args.store_text)
-            store.put(conn, name, out)
+            store.put(conn, name, out, ranges)
             store.set_metadata(conn, name, [(items[k].id, meta[k]) for k in unchanged])
             store.index_texts(conn, name, [(items[k].id, items[k].text) for k in unchanged])  # re-sent: fills a gap
         return {"collection": name, "model": model, "added": len(todo), "unchanged": len(unchanged),
                 "embedded": len(texts), "reused": len(reused), "vectors": len(out)}
 
     def _embed(self, texts: list[str], model: str, dims: int, args: ops.IndexAddArgs) -> np.ndarray:
-        return embed_sync(self.scheduler, texts, model, lane=args.priority or INTERACTIVE, dims=dims,
-                          truncate=args.truncate, max_tokens=self.models.max_tokens(model))
-
+        return self.embedder.embed_wait(texts, model, input_type="document", lane=args.priority or INTERACTIVE,
+                                        dims=dims, truncate=args.truncate)
 
 
 def reranked(result: dict[str, Any], logits: np.ndarray, reranker: ModelSpec, args: ops.SearchArgs) -> dict[str, Any]:

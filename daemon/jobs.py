@@ -34,21 +34,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 import numpy as np
-import sqlite_utils
 
 from pocketembed.clients import Forbidden
-from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingDown, SourceError, TooLarge, UnknownJob
+from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError, TooLarge, UnknownJob
 
 from .power import PowerMonitor
-from .scheduler import BACKGROUND, EmbedTask, Scheduler
+from .embedding import Embedder
+from .scheduler import BACKGROUND
 from .sources import JobSpec, SourceTable, Unreadable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
-from .store import Item, Ranges, Store, add_missing_columns, checkpoint_deleted, connect, text_hash, transaction
+from .migrations import migrate
+from .store import Item, Ranges, Store, checkpoint_deleted, connect, text_hash, transaction
 
 log = logging.getLogger("pocketembed.jobs")
 
@@ -88,34 +90,7 @@ class JobQueue:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._lock = threading.RLock()  # one connection, shared by the threads that hold this queue
-        db = sqlite_utils.Database(conn)
-        db["jobs"].create({
-            "id": int, "state": str, "reason": str, "error": str,
-            "db": str, "table_name": str, "id_column": str, "text_column": str, "where_sql": str,
-            "collection": str, "model": str, "truncate": int,
-            "created": float, "started": float, "finished": float, "updated": float,
-            "total": int, "cursor": bytes, "phase": str, "active_s": float,
-            **{c: int for c in _COUNTERS},
-        }, pk="id", not_null={"state", "db", "table_name", "id_column", "text_column", "collection", "model"},
-            defaults={"phase": "scan", "active_s": 0.0, **{c: 0 for c in _COUNTERS}}, if_not_exists=True)
-        db["job_errors"].create({"job": int, "row_id": bytes, "code": str, "message": str, "at": float},
-                                pk=("job", "row_id"), foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
-        add_missing_columns(db, "jobs", {"kind": (str, "table")})
-        # What index.enqueue handed over and no chunk has applied yet, in arrival order.
-        db["queue_items"].create({"seq": int, "job": int, "id": bytes, "op": str, "text": str, "metadata": str},
-                                 pk="seq", foreign_keys=[("job", "jobs", "id")], if_not_exists=True)
-        db["queue_items"].create_index(["job", "seq"], if_not_exists=True)
-        # Each queue row's size, and per job the running sums of its waiting rows, kept in every transaction
-        # that adds or removes queue rows: index.enqueue checks its caps without scanning the queue.
-        if "queue_bytes" not in db["jobs"].columns_dict:
-            add_missing_columns(db, "queue_items", {"bytes": (int, 0)})
-            add_missing_columns(db, "jobs", {"queue_rows": (int, 0), "queue_bytes": (int, 0)})
-            with transaction(conn):  # what an older daemon queued, measured once
-                conn.execute(f"UPDATE queue_items SET bytes = {QUEUE_ROW_BYTES} + length(CAST(id AS BLOB)) "
-                             "+ coalesce(length(CAST(text AS BLOB)), 0) + coalesce(length(CAST(metadata AS BLOB)), 0)")
-                conn.execute("UPDATE jobs SET queue_rows = (SELECT COUNT(*) FROM queue_items q WHERE q.job = jobs.id), "
-                             "queue_bytes = (SELECT coalesce(SUM(bytes), 0) FROM queue_items q WHERE q.job = jobs.id) "
-                             "WHERE kind = 'queue'")
+        migrate(conn)  # the jobs tables are index.db's (daemon/migrations.py); up to date: no DDL
 
     def enqueue(self, collection: str, model: str, truncate: bool, items: list[tuple[Any, str, str | None]],
                 deletes: list[Any]) -> tuple[dict[str, Any], bool]:
@@ -313,11 +288,10 @@ class _Chunk:
     """hash → vector: known to the store already, or embedded for this chunk."""
     pending: list[str] = field(default_factory=list)
     """Hashes being embedded, one per distinct text."""
-    done: threading.Event = field(default_factory=threading.Event)
+    embedded: Future | None = None
+    """The pending texts' vectors (None: nothing to embed)."""
     dims: int | None = None
     """A Matryoshka collection's dims, which its vectors are embedded at (None: the model's own)."""
-    embedded: np.ndarray | None = None
-    error: PocketEmbedError | None = None
     started: float = field(default_factory=time.monotonic)
     unchanged_texts: dict[Any, str] = field(default_factory=dict)
     """The unchanged rows' texts: their lexical postings are filled in if missing (rows indexed before it existed)."""
@@ -326,22 +300,20 @@ class _Chunk:
 class JobRunner:
     """One thread that works through the job queue, a chunk at a time."""
 
-    def __init__(self, db_path: Path, scheduler: Scheduler, power: PowerMonitor,
-                 prefix: Callable[[str], str], dims: Callable[[str], int], chunk_rows: int = 128,
+    def __init__(self, db_path: Path, embedder: Embedder, power: PowerMonitor,
+                 dims: Callable[[str], int], chunk_rows: int = 128,
                  pipeline: int = 2, source_budget_s: float = 5.0,
                  on_death: Callable[[str], None] | None = None,
-                 allowed_source: Callable[[str], None] | None = None, ranges: Ranges | None = None) -> None:
+                 allowed_source: Callable[[str], None] | None = None) -> None:
         self.db_path = db_path
-        self.scheduler = scheduler
+        self.embedder = embedder
         self.power = power
-        self.prefix = prefix
         self.dims = dims
         self.chunk_rows = chunk_rows
         self.pipeline = pipeline
         self.source_budget_s = source_budget_s
         self.on_death = on_death
         self.allowed_source = allowed_source or (lambda db: None)
-        self.ranges = ranges
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -379,7 +351,7 @@ class JobRunner:
     def _work(self) -> None:
         conn = connect(self.db_path)
         queue = JobQueue(conn)
-        store = Store(conn, ranges=self.ranges)
+        store = Store(conn)
         try:  # items jobs wrote before the lexical index existed: their texts are in the sources
             added = store.lexical_backfill(lambda origin, ids: source_texts(
                 conn, origin, ids, allow=self.allowed_source, budget_s=self.source_budget_s))
@@ -429,12 +401,6 @@ class JobRunner:
         return False
 
     def _run(self, queue: JobQueue, store: Store, job: dict[str, Any]) -> None:
-        if self.ranges is not None:  # a new collection's int8 ranges, measured before any chunk's transaction
-            try:
-                info = store.info(job["collection"])
-                self.ranges(info.model, info.dims)
-            except PocketEmbedError:
-                pass  # no collection yet (made at the scan's start, with the model's dims)
         if job["kind"] == "queue":
             try:
                 self._drain(queue, store, job)
@@ -470,8 +436,7 @@ class JobRunner:
         with transaction(queue.conn):
             store.ensure_collection(queue.conn, spec_collection, model, self.dims(model))
             queue.conn.execute("UPDATE jobs SET total = ? WHERE id = ?", (source.count(), job_id))
-        if self.ranges is not None:
-            self.ranges(model, self.dims(model))  # measured now if new, not inside a chunk's transaction
+        ranges = self.embedder.ranges(model, self.dims(model))  # measured now if new, not inside a chunk's transaction
         cursor = queue.cursor(job_id)
         inflight: deque[_Chunk] = deque()
         exhausted = job["phase"] != "scan"
@@ -488,7 +453,7 @@ class JobRunner:
                 break
             chunk = inflight.popleft()
             self._finish(chunk, model, job)
-            self._commit(queue, store, job_id, spec_collection, origin, chunk)
+            self._commit(queue, store, job_id, spec_collection, origin, chunk, ranges)
         if exhausted and queue.state(job_id) in ACTIVE:
             with transaction(queue.conn):
                 deleted = store.sweep(queue.conn, spec_collection, origin, job_id)
@@ -506,6 +471,7 @@ class JobRunner:
         job_id, collection, model = job["id"], job["collection"], job["model"]
         conn = queue.conn
         dims = store.info(collection, conn).dims  # index.enqueue made the collection, maybe with Matryoshka dims
+        ranges = self.embedder.ranges(model, dims)  # measured now if new, not inside a chunk's transaction
         last_seq = 0
         inflight: deque[tuple[_Chunk, list[tuple], list[Any], dict[Any, str | None], int]] = deque()
         while True:
@@ -523,14 +489,12 @@ class JobRunner:
                 metadata = {i: r[4] for i, r in latest.items() if r[2] == "put"}
                 chunk = self._prepare(store, conn, collection, model, puts, job, queued=True, dims=dims) if puts else \
                     _Chunk(0, None, [], [], 0, [])
-                if not puts:
-                    chunk.done.set()
                 inflight.append((chunk, rows, deletes, metadata, last_seq))
             if not inflight:
                 break
             chunk, rows, deletes, metadata, seq = inflight.popleft()
             self._finish(chunk, model, job)
-            if self._commit_queued(queue, store, job_id, collection, chunk, rows, deletes, metadata, seq):
+            if self._commit_queued(queue, store, job_id, collection, chunk, rows, deletes, metadata, seq, ranges):
                 checkpoint_deleted(conn)  # its deletions committed: gone from the WAL too
         with transaction(conn):  # done only if nothing arrived meanwhile: enqueue's transaction waits for this one
             left = conn.execute("SELECT COUNT(*) FROM queue_items WHERE job = ?", (job_id,)).fetchone()[0]
@@ -539,7 +503,8 @@ class JobRunner:
                 queue.set_state(job_id, "done")
 
     def _commit_queued(self, queue: JobQueue, store: Store, job_id: int, collection: str, chunk: _Chunk,
-                       rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int) -> int:
+                       rows: list[tuple], deletes: list[Any], metadata: dict[Any, str | None], seq: int,
+                       ranges: Ranges) -> int:
         """A chunk's vectors, metadata, deletions, errors, counters and the removal of its queue rows: one transaction.
 
         Returns how many items it deleted.
@@ -558,7 +523,7 @@ class JobRunner:
             items = [Item(row_id, h, chunk.vectors[h], metadata=metadata.get(row_id), text=text if info.store_text else None,
                           lexical_text=text)
                      for row_id, text, h in chunk.todo if committed.get(row_id) != h]
-            store.put(conn, collection, items)
+            store.put(conn, collection, items, ranges)
             store.set_metadata(conn, collection, [(i, metadata.get(i)) for i in unchanged])
             texts = {row_id: text for row_id, text, _ in chunk.todo}
             store.index_texts(conn, collection, [(i, texts[i]) for i in unchanged])  # re-sent: fills a gap
@@ -612,72 +577,53 @@ class JobRunner:
                 texts.setdefault(h, text)
         chunk.pending = list(texts)
         if texts:
-            self._submit(chunk, list(texts.values()), model, job["truncate"])
-        else:
-            chunk.done.set()
+            chunk.embedded = self._submit(list(texts.values()), model, job["truncate"], dims)
         return chunk
 
-    def _submit(self, chunk: _Chunk, texts: list[str], model: str, truncate: bool) -> None:
-        """Queue a chunk's texts in the background lane, waiting while the lane is full or the model unloads.
+    def _submit(self, texts: list[str], model: str, truncate: bool, dims: int | None) -> Future:
+        """A chunk's texts (as documents) in the background lane, waiting while the lane is full or the model unloads.
 
         ``models.unload`` refuses new requests for its model while it waits for the queued ones;
         once it has closed the model, a request loads it again on demand. A job waits that out
         (briefly: the unload waits only for work already queued) instead of failing for good.
         """
-        prefix = self.prefix(model)
-
-        def done(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
-            chunk.embedded, chunk.error = vecs, err
-            chunk.done.set()
-
-        task = EmbedTask(texts=[prefix + t[:MAX_TEXT_CHARS] for t in texts], model=model, on_done=done,
-                         lane=BACKGROUND, truncate=truncate, dims=chunk.dims)
-        unloading_wait = 0.05
-        while True:
-            try:
-                self.scheduler.submit(task)
-                return
-            except Busy as e:
-                time.sleep(e.retry_after_ms / 1000)
-            except ModelUnloading:
-                if self._stop.wait(unloading_wait):
-                    raise ShuttingDown("the daemon is shutting down") from None
-                unloading_wait = min(2 * unloading_wait, 1.0)
+        return self.embedder.submit_retrying(lambda: self.embedder.embed(
+            [t[:MAX_TEXT_CHARS] for t in texts], model, input_type="document", lane=BACKGROUND, truncate=truncate,
+            dims=dims, label=None), retry=True, stop=self._stop)
 
     def _finish(self, chunk: _Chunk, model: str, job: dict[str, Any]) -> None:
         """Wait for a chunk; when the whole chunk failed, embed its texts one by one to find the bad ones."""
-        chunk.done.wait()
-        if chunk.error is None:
-            if chunk.pending:
-                chunk.vectors.update(zip(chunk.pending, chunk.embedded))
+        if chunk.embedded is None:
             return
-        if chunk.error.code not in ROW_ERRORS:
-            raise chunk.error
+        error = chunk.embedded.exception()
+        if error is None:
+            chunk.vectors.update(zip(chunk.pending, chunk.embedded.result()))
+            return
+        if getattr(error, "code", None) not in ROW_ERRORS:
+            raise error
         text_of = {h: t for _, t, h in chunk.todo}
-        singles = {h: _Chunk(1, None, [], [], 0, [], dims=chunk.dims) for h in chunk.pending}
-        for h, single in singles.items():
-            self._submit(single, [text_of[h]], model, job["truncate"])
+        singles = {h: self._submit([text_of[h]], model, job["truncate"], chunk.dims) for h in chunk.pending}
         failed: dict[str, PocketEmbedError] = {}
         for h, single in singles.items():
-            single.done.wait()
-            if single.error is None:
-                chunk.vectors[h] = single.embedded[0]
-            elif single.error.code in ROW_ERRORS:
-                failed[h] = single.error
+            single_error = single.exception()
+            if single_error is None:
+                chunk.vectors[h] = single.result()[0]
+            elif getattr(single_error, "code", None) in ROW_ERRORS:
+                failed[h] = single_error
             else:
-                raise single.error
+                raise single_error
         chunk.errors += [(row_id, failed[h].code, failed[h].message) for row_id, _, h in chunk.todo if h in failed]
         chunk.todo = [r for r in chunk.todo if r[2] not in failed]
-        chunk.error = None
 
-    def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, chunk: _Chunk) -> None:
+    def _commit(self, queue: JobQueue, store: Store, job_id: int, collection: str, origin: str, chunk: _Chunk,
+                ranges: Ranges) -> None:
         """Vectors, seen marks, errors, cursor and counters: one transaction."""
         items = [Item(row_id, h, chunk.vectors[h], origin=origin, seen=job_id, lexical_text=text)
                  for row_id, text, h in chunk.todo]
         now = time.monotonic()
         active, self._mark = now - max(chunk.started, self._mark), now
         with transaction(queue.conn) as conn:
-            store.put(conn, collection, items)
+            store.put(conn, collection, items, ranges)
             store.mark_seen(conn, collection, chunk.unchanged, job_id)
             store.index_texts(conn, collection, list(chunk.unchanged_texts.items()))  # rows indexed before lexical
             conn.executemany("INSERT OR REPLACE INTO job_errors (job, row_id, code, message, at) VALUES (?, ?, ?, ?, ?)",

@@ -104,7 +104,6 @@ API (used by daemon/store.py; the store's own API is in its docstring)
 ``parse_query(text) -> Query``
 ``doc_terms(text) -> (Counter, length)``
 ``document_frequencies(conn, collection, terms) -> dict[str, int]``
-``create_schema(conn)``
 ``index_docs(conn, collection, docs: list[tuple[row, text_hash, text]]) -> int``
 ``remove_rows(conn, rows)`` / ``drop(conn, collection)``
 ``search(conn, collection, query, n, allowed) -> list[tuple[int, float, list[str]]]``
@@ -215,43 +214,14 @@ def _dedupe(terms: Iterable[str]) -> list[str]:
 
 
 # -- schema ---------------------------------------------------------------------------------
+# The tables (lex_collections, lex_terms, lex_docs, lex_postings) and their triggers are made by
+# daemon/migrations.py, with the rest of index.db.
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS lex_collections (
-    cid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, salt BLOB NOT NULL,
-    n INTEGER NOT NULL DEFAULT 0, total_len INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS lex_terms (
-    tid INTEGER PRIMARY KEY, cid INTEGER NOT NULL, h INTEGER NOT NULL, df INTEGER NOT NULL);
-CREATE UNIQUE INDEX IF NOT EXISTS lex_terms_h ON lex_terms (cid, h);
-CREATE TABLE IF NOT EXISTS lex_docs (
-    row INTEGER PRIMARY KEY, cid INTEGER NOT NULL, length INTEGER NOT NULL, hash TEXT, tids TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS lex_postings (
-    tid INTEGER NOT NULL, row INTEGER NOT NULL, tf INTEGER NOT NULL, dl INTEGER NOT NULL,
-    PRIMARY KEY (tid, row)) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS lex_docs_deleted AFTER DELETE ON lex_docs
-WHEN EXISTS (SELECT 1 FROM lex_collections WHERE cid = old.cid) BEGIN
-    DELETE FROM lex_postings WHERE tid IN (SELECT value FROM json_each(old.tids)) AND row = old.row;
-    UPDATE lex_terms SET df = df - 1 WHERE tid IN (SELECT value FROM json_each(old.tids));
-    DELETE FROM lex_terms WHERE tid IN (SELECT value FROM json_each(old.tids)) AND df <= 0;
-    UPDATE lex_collections SET n = n - 1, total_len = total_len - old.length WHERE cid = old.cid;
-END;
-CREATE TRIGGER IF NOT EXISTS items_lex_deleted AFTER DELETE ON items BEGIN
-    DELETE FROM lex_docs WHERE row = old.rowid;
-END;
-"""
 LEX_BTREES = ("lex_collections", "sqlite_autoindex_lex_collections_1", "lex_terms", "lex_terms_h", "lex_docs",
               "lex_postings")
 """The lexical side's B-trees (dbstat names): what its size on disk is summed over."""
 PREFIX_MARK = "\x01"
 """Marks an indexed digit prefix ("\x010905000"): never equal to a term the tokenizer makes."""
-
-
-def create_schema(conn: sqlite3.Connection) -> None:
-    """The lexical tables and triggers, idempotently (after the ``items`` table exists)."""
-    for stmt in SCHEMA.split(";\nCREATE"):
-        stmt = stmt.strip()
-        if stmt:
-            conn.execute(stmt if stmt.startswith("CREATE") else "CREATE " + stmt)
 
 
 def doc_terms(text: str) -> tuple[Counter, int]:

@@ -1,8 +1,9 @@
 """The scheduler: one queue per lane, batches merged across requests, decode workers.
 
-The I/O thread calls ``submit`` (never blocks on inference) and gets each
-finished request back through the ``on_done`` callback, called from a worker
-thread. In between, the scheduler:
+``submit`` (never blocks on inference) returns a future that a decode worker
+completes with the request's vectors or its error: the one way a result comes
+back, for the server and the daemon's own threads alike (embedding.py wraps it
+with the model's prefixes and retries). In between, the scheduler:
 
 * keeps two FIFO lanes, **interactive** (default) and **background** (bulk,
   re-index jobs). A free worker always takes interactive work first;
@@ -18,7 +19,8 @@ thread. In between, the scheduler:
 Background batches are smaller than interactive ones and, while interactive
 traffic is recent, background work runs on all workers but one: so an
 interactive request finds a free worker, or waits for at most one background
-decode (see ``SchedulerConfig``).
+decode (see ``SchedulerConfig``). Each of these decisions is a pure function in
+batching.py; this module holds the lanes, the lock and the workers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,7 +39,7 @@ import numpy as np
 
 from pocketembed.errors import Busy, Expired, InvalidInput, PocketEmbedError, ShuttingDown, TooLarge
 
-from . import faults
+from . import batching, faults
 from .engine import Engine, postprocess
 from .executors import as_error
 
@@ -94,7 +97,6 @@ class EmbedTask:
 
     texts: list[str]
     model: str
-    on_done: Callable[[EmbedTask, np.ndarray | None, PocketEmbedError | None], None]
     lane: str = INTERACTIVE
     normalize: bool = True
     dims: int | None = None
@@ -103,14 +105,14 @@ class EmbedTask:
     """time.monotonic() after which the request is not worth computing."""
     keep_alive: float | None = None
     """The request's keep_alive for its model, in seconds (None: the model's own)."""
-    context: Any = None
-    """Opaque to the scheduler (the server keeps the reply address here)."""
     received: float = field(default_factory=time.monotonic)
     query: str | None = None
     """Set for a ``rerank``: ``texts`` are documents, each decoded as one (query, document)
     pair by a cross-encoder, and the result is its raw scores (no normalization)."""
 
     # Filled in by the scheduler.
+    future: Future = field(default_factory=Future)
+    """Completed by a decode worker: the vectors (rerank: the raw scores), or the request's error."""
     est_tokens: int = 0
     tokens: list[list[int]] | None = None
     state: str = "new"  # new → tokenizing → ready → done
@@ -177,23 +179,16 @@ class Scheduler:
 
     # -- the I/O thread's side ---------------------------------------------------------
 
-    def submit(self, task: EmbedTask, max_tokens: int = 512) -> None:
-        """Queue a request or refuse it at once (Busy, TooLarge, ShuttingDown).
+    def submit(self, task: EmbedTask, max_tokens: int = 512) -> Future:
+        """Queue a request, or refuse it at once (Busy, TooLarge, ShuttingDown); returns ``task.future``.
 
         ``max_tokens`` is the model's sequence limit: with truncation a text costs
-        at most that. Tokens are estimated from UTF-8 bytes (+2 for [CLS]/[SEP]),
-        an upper bound for WordPiece/BPE vocabularies, so the bound holds
-        before the text is tokenized.
+        at most that (batching.estimate_tokens bounds a request before it is tokenized).
         """
         lane = self._lanes.get(task.lane)
         if lane is None:
             raise InvalidInput(f"priority must be one of {', '.join(LANES)}, not {task.lane!r}")
-        est = 0
-        pair = len(task.query.encode("utf-8", "surrogatepass")) + 2 if task.query is not None else 0
-        for t in task.texts:
-            n = len(t.encode("utf-8", "surrogatepass")) + 2 + pair
-            est += min(n, max_tokens) if task.truncate else n
-        task.est_tokens = est
+        est = task.est_tokens = batching.estimate_tokens(task.texts, task.query, max_tokens, task.truncate)
         cfg = lane.cfg
         if len(task.texts) > cfg.max_texts or est > cfg.max_tokens:
             raise TooLarge(f"request of {len(task.texts)} texts / ~{est} tokens exceeds the {lane.name} lane's "
@@ -212,6 +207,7 @@ class Scheduler:
             if task.lane == INTERACTIVE:
                 self._last_interactive = time.monotonic()
             self._cv.notify()
+        return task.future
 
     def last_interactive(self) -> float:
         """time.monotonic() of the last interactive request (the power policy pauses jobs after it)."""
@@ -258,19 +254,17 @@ class Scheduler:
         """How long an idle worker may sleep: background work held back by the interactive grace
         period becomes runnable when it ends; anything else that frees work notifies the workers."""
         if self._lanes[BACKGROUND].tasks:
-            left = self._last_interactive + self.config.interactive_grace_s - time.monotonic()
-            if left > 0:
-                return left
+            return batching.grace_left(time.monotonic() - self._last_interactive, self.config.interactive_grace_s)
         return None
 
     def _next_job(self) -> tuple[str, _LaneState, Any] | None:
         """Under the lock: the next thing this worker should do, or None to wait."""
         now = time.monotonic()
         for lane in self._lanes.values():
-            for task in lane.tasks:
-                if task.deadline is not None and task.taken == 0 and now > task.deadline and task.state != "tokenizing":
-                    self._drop(lane, task)
-                    return "expire", lane, task
+            task = batching.first_expired(lane.tasks, now)
+            if task is not None:
+                self._drop(lane, task)
+                return "expire", lane, task
         for lane in self._lanes.values():
             if not lane.tasks:
                 continue
@@ -297,56 +291,21 @@ class Scheduler:
         return False
 
     def _background_allowed(self, now: float) -> bool:
-        workers = max(1, self.config.workers)
-        limit = workers - 1 if workers > 1 and now - self._last_interactive < self.config.interactive_grace_s else workers
+        limit = batching.background_limit(self.config.workers, now - self._last_interactive, self.config.interactive_grace_s)
         return self._background_running < limit
 
     def _claim_new(self, lane: _LaneState) -> list[EmbedTask]:
-        """New tasks at the head of the lane, up to about two decodes' worth, to tokenize."""
-        claimed: list[EmbedTask] = []
-        tokens = 0
-        for task in lane.tasks:
-            if task.state == "ready" and task.taken < len(task.texts):
-                break  # the head is ready to run: batch it now, tokenize the rest later
-            if task.state == "new":
-                if claimed and task.model != claimed[0].model:
-                    break
-                task.state = "tokenizing"
-                claimed.append(task)
-                tokens += task.est_tokens
-                if tokens >= 2 * lane.cfg.batch_tokens:
-                    break
+        """Under the lock: new tasks at the head of the lane to tokenize (batching.claim_new), marked so."""
+        claimed = batching.claim_new(lane.tasks, lane.cfg.batch_tokens)
+        for task in claimed:
+            task.state = "tokenizing"
         return claimed
 
     def _form_batch(self, lane: _LaneState) -> list[tuple[EmbedTask, int, int]] | None:
-        """Texts from the ready tasks at the head of the lane, same model, under the budget."""
-        parts: list[tuple[EmbedTask, int, int]] = []
-        model = None
-        n_tokens = 0
-        n_seqs = 0
-        max_tokens, max_seqs = lane.cfg.batch_tokens, self.config.max_seqs
-        for task in lane.tasks:
-            if task.state != "ready" or task.taken >= len(task.texts):
-                continue
-            if model is None:
-                model = task.model
-                max_tokens, max_seqs = min(max_tokens, task.limits[0]), min(max_seqs, task.limits[1])
-            elif task.model != model:
-                continue
-            start = task.taken
-            i = start
-            while i < len(task.texts) and n_seqs < max_seqs:
-                n = len(task.tokens[i])
-                if n_tokens + n > max_tokens and n_seqs:
-                    break
-                n_tokens += n
-                n_seqs += 1
-                i += 1
-            if i > start:
-                task.taken = i
-                parts.append((task, start, i))
-            if n_seqs >= max_seqs or i < len(task.texts):
-                break
+        """Under the lock: the next decode of the lane (batching.form_batch), its texts marked taken."""
+        parts = batching.form_batch(lane.tasks, lane.cfg.batch_tokens, self.config.max_seqs)
+        for task, _, end in parts:
+            task.taken = end
         return parts or None
 
     def _tokenize(self, lane: _LaneState, tasks: list[EmbedTask]) -> None:
@@ -381,21 +340,21 @@ class Scheduler:
         try:
             return engine.tokenize(text, truncate=truncate)
         except InvalidInput as e:
-            raise type(e)(f"texts[{i}]: {e.message}") from None
+            e.index = i  # the caller names it (embedding.Embedder): texts[i], documents[i]
+            raise
 
     @staticmethod
     def _pair(engine: Engine, i: int, query: str, text: str, truncate: bool) -> list[int]:
         try:
             return engine.tokenize_pair(query, text, truncate=truncate)
         except InvalidInput as e:
-            raise type(e)(f"documents[{i}]: {e.message}") from None
+            e.index = i
+            raise
 
     def _decode(self, index: int, lane: _LaneState, parts: list[tuple[EmbedTask, int, int]]) -> None:
         name = parts[0][0].model
         token_lists = [tok for task, a, b in parts for tok in task.tokens[a:b]]
-        # Longest first, as Engine.plan_batches orders a batch: a request that runs
-        # alone gets the same bits from the daemon as from the in-process engine.
-        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        order = batching.longest_first([len(t) for t in token_lists])
         n_tokens = sum(len(t) for t in token_lists)
         started = time.monotonic()
         error: PocketEmbedError | None = None
@@ -478,7 +437,7 @@ class Scheduler:
         task.pooled = None
         task.tokens = None
         try:
-            task.on_done(task, vecs, None)
+            task.future.set_result(vecs)
         finally:
             self.engines.unhold(task.model, task.keep_alive)
 
@@ -494,7 +453,7 @@ class Scheduler:
         task.pooled = None
         task.tokens = None
         try:
-            task.on_done(task, None, error)
+            task.future.set_exception(error)
         finally:
             self.engines.unhold(task.model)
 
@@ -503,7 +462,7 @@ class Scheduler:
         with self._cv:
             lane.expired += 1
         try:
-            task.on_done(task, None, Expired("the request's deadline passed before it was run"))
+            task.future.set_exception(Expired("the request's deadline passed before it was run"))
         finally:
             self.engines.unhold(task.model)
 
@@ -550,24 +509,6 @@ class Scheduler:
                 "tokens_per_s": round(sum(r[3] for r in recent) / span, 1) if span > 0 else 0.0,
                 "texts_per_s": round(sum(r[2] for r in recent) / span, 1) if span > 0 else 0.0,
             }
-
-
-def embed_sync(scheduler: Scheduler, texts: list[str], model: str, *, lane: str = INTERACTIVE, dims: int | None = None,
-               truncate: bool = False, max_tokens: int = 512) -> np.ndarray:
-    """Embed through the scheduler and wait (for threads that need the vectors to go on: writes, jobs)."""
-    done = threading.Event()
-    result: list[Any] = [None, None]
-
-    def finished(task: EmbedTask, vecs: np.ndarray | None, err: PocketEmbedError | None) -> None:
-        result[0], result[1] = vecs, err
-        done.set()
-
-    scheduler.submit(EmbedTask(texts=texts, model=model, on_done=finished, lane=lane, dims=dims, truncate=truncate),
-                     max_tokens=max_tokens)
-    done.wait()
-    if result[1] is not None:
-        raise result[1]
-    return result[0]
 
 
 def _percentiles(values: np.ndarray | None, qs: Sequence[int] = (50, 90, 99)) -> dict[str, float]:

@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -717,8 +717,8 @@ class SourceReads:
     Each read is bounded by its budget; up to ``workers`` run at once, so one
     locked source holds at most the searches that wait on it (and, once they fill
     every worker, those queued behind them, each for one budget). What waits is
-    bounded too: past ``max_queue`` a search is answered ``busy``. A task
-    answers its request itself, errors included: nothing it raises ends a thread.
+    bounded too: past ``max_queue`` a search is answered ``busy``. What a read
+    raises goes to its future: nothing it raises ends a thread.
     """
 
     def __init__(self, workers: int = 4, max_queue: int = 256) -> None:
@@ -728,24 +728,25 @@ class SourceReads:
         self._pending = 0
         self._stopped = False
 
-    def submit(self, task: Callable[[], None]) -> None:
-        """Run ``task`` on a reader thread; Busy when ``max_queue`` tasks wait already."""
+    def submit(self, task: Callable[[], Any]) -> Future:
+        """Run ``task`` on a reader thread; its future holds what it returns or raises.
+
+        Busy at once when ``max_queue`` tasks wait already.
+        """
         with self._lock:
             if self._pending >= self.max_queue:
                 raise Busy(f"{self._pending} searches wait for their sources' texts", retry_after_ms=500)
             self._pending += 1
         try:
-            self._pool.submit(self._run, task)
+            return self._pool.submit(self._run, task)
         except RuntimeError:  # shut down: the daemon is stopping
             with self._lock:
                 self._pending -= 1
             raise PocketEmbedError("the daemon is shutting down", code="shutting_down") from None
 
-    def _run(self, task: Callable[[], None]) -> None:
+    def _run(self, task: Callable[[], Any]) -> Any:
         try:
-            task()
-        except BaseException:  # the task answers its own errors; this is a bug in that answer
-            log.exception("a source read for a search failed")
+            return task()
         finally:
             with self._lock:
                 self._pending -= 1

@@ -46,9 +46,9 @@ with_text: bool = False, source_text: SourceText | None = None) -> list[dict]``
 The store and the job queue share one database file (``<home>/index.db``, WAL)
 so that a job writes vectors and advances its cursor in one transaction. Write
 methods therefore take the caller's connection and never commit on their own;
-the caller brackets them with :func:`transaction`. sqlite-utils creates the
-schema; writes are plain SQL because its insert helpers commit by themselves,
-which would split the job's transaction.
+the caller brackets them with :func:`transaction`. daemon/migrations.py makes
+and upgrades the schema (versioned with ``PRAGMA user_version``; an up-to-date
+file gets no DDL when a Store or JobQueue is made); writes are plain SQL.
 """
 
 from __future__ import annotations
@@ -67,19 +67,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sqlite_utils
 
 from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollection
 
-from . import lexical
+from . import lexical, migrations
 from .quantize import Calibration, calibrate, nearest, words
 
 RECALIBRATE_UNTIL = 65_536
 """The binary code's centring and rotation are refitted each time a collection doubles, up to this size."""
 RANGE_MARGIN = 0.5
 """Without a model's ranges (a store used on its own), the first batch's ranges widened by this share a side."""
-Ranges = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
-"""(model, dims) → int8 lo/hi per dimension (daemon/calibration.py: measured once per model)."""
+Ranges = tuple[np.ndarray, np.ndarray]
+"""A model's int8 lo/hi per dimension at a collection's dims (embedding.Embedder.ranges: measured once per model)."""
 DEFAULT_RESCORE = 10
 SourceText = Callable[[str, list[Any]], dict[Any, str]]
 """(origin, ids) → id → text: reads items' texts back from the job source that wrote them."""
@@ -171,80 +170,6 @@ class Item:
     A first row written with neither loses its postings (its old text's terms would be wrong)."""
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    db["collections"].create({
-        "name": str, "model": str, "dims": int, "created": float, "float_vectors": int, "store_text": int,
-        "uid": str, "version": int, "calib_version": int, "calib_count": int,
-        "lo": bytes, "hi": bytes, "mean": bytes, "rotation": bytes,
-    }, pk="name", not_null={"model", "dims"},
-        defaults={"version": 0, "calib_version": 0, "float_vectors": 0, "store_text": 0}, if_not_exists=True)
-    # id is BLOB-affinity: integers stay integers, text stays text, as the caller gave them.
-    db["items"].create({
-        "collection": str, "id": bytes, "chunk": int, "text_hash": str, "bin": bytes, "i8": bytes, "f32": bytes,
-        "metadata": str, "origin": str, "seen": int, "ver": int, "text": str,
-    }, pk=("collection", "id", "chunk"), not_null={"text_hash", "bin", "i8"},
-        foreign_keys=[("collection", "collections", "name")], if_not_exists=True)
-    # uid tells a collection from an earlier one of the same name (dropped, made again): every
-    # cache of per-collection state (calibration, codes) is filed under it.
-    add_missing_columns(db, "collections", {"store_text": (int, 0), "uid": (str, "")})
-    add_missing_columns(db, "items", {"text": (str, None)})
-    db["items"].create_index(["collection", "origin", "seen"], if_not_exists=True)
-    db["items"].create_index(["collection", "ver"], if_not_exists=True)
-    db["items"].create_index(["text_hash"], if_not_exists=True)
-    db["tombstones"].create({"collection": str, "row": int, "ver": int}, if_not_exists=True)
-    db["tombstones"].create_index(["collection", "ver"], if_not_exists=True)
-    # Every deleted row leaves a tombstone stamped with its collection's write version, so a
-    # search cache (in this process or another) can drop it without reloading everything.
-    conn.execute("CREATE TRIGGER IF NOT EXISTS items_deleted AFTER DELETE ON items BEGIN "
-                 "INSERT INTO tombstones (collection, row, ver) "
-                 "SELECT old.collection, old.rowid, version FROM collections WHERE name = old.collection; END")
-    lexical.create_schema(conn)
-    migrate(conn)
-
-
-def _lexical_from_stored_text(conn: sqlite3.Connection) -> None:
-    """Build the lexical index of items whose text is stored (store_text collections of an older index.db).
-
-    The others (store_text off) say ``lexical: "missing"`` until their texts come back: a table
-    job's source rows (:meth:`Store.lexical_backfill`, run by the job runner), or an app
-    re-sending its messages (unchanged texts are indexed without being embedded again).
-    """
-    for (name,) in conn.execute("SELECT name FROM collections").fetchall():
-        rows = conn.execute("SELECT rowid, text_hash, text FROM items WHERE collection = ? AND chunk IN (0, 1) "
-                            "AND text IS NOT NULL AND rowid NOT IN (SELECT row FROM lex_docs)", (name,)).fetchall()
-        lexical.index_docs(conn, name, rows)
-
-
-MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
-    ("lexical-1: index stored texts", _lexical_from_stored_text),
-]
-"""Data migrations, each applied once, in order, in its own transaction (``schema_migrations`` says which ran).
-Tables and columns are still made idempotently by create_schema; this is for what must run once."""
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
-    done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-    for name, step in MIGRATIONS:
-        if name in done:
-            continue
-        with transaction(conn):
-            if conn.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
-                continue  # another connection ran it while this one waited for the lock
-            step(conn)
-            conn.execute("INSERT INTO schema_migrations (name, applied) VALUES (?, ?)", (name, time.time()))
-            log.info("index.db migration applied: %s", name)
-
-
-def add_missing_columns(db: sqlite_utils.Database, table: str, columns: dict[str, tuple[type, Any]]) -> None:
-    """Columns added after a data directory was first made (an older index.db gains them empty)."""
-    have = db[table].columns_dict
-    for name, (typ, default) in columns.items():
-        if name not in have:
-            db[table].add_column(name, typ, not_null_default=default)
-
-
 @dataclass
 class _Info:
     name: str
@@ -256,7 +181,7 @@ class _Info:
     calib_version: int
     calibration: Calibration | None
     uid: str = ""
-    """This collection, not an earlier one of its name (see create_schema)."""
+    """This collection, not an earlier one of its name (dropped, made again): per-collection caches are filed under it."""
 
 
 class _Codes:
@@ -364,13 +289,12 @@ def _word_rows(blobs: list[bytes], dims: int) -> np.ndarray:
 class Store:
     """Collections bound to a model and dims; items keyed by (collection, id, chunk)."""
 
-    def __init__(self, conn: sqlite3.Connection, cache: CodeCache | None = None, ranges: Ranges | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, cache: CodeCache | None = None) -> None:
         self.conn = conn
         self.cache = cache or CodeCache()
-        self.ranges = ranges
         self._lexical_states: dict[str, tuple[tuple[str, int, int], str]] = {}
         """collection → ((uid, write version, lexical docs), its lexical state): see lexical_state."""
-        create_schema(conn)
+        migrations.migrate(conn)  # an up-to-date index.db: one header read, no DDL
 
     # -- collections -----------------------------------------------------------------
 
@@ -505,8 +429,12 @@ class Store:
         conn.execute("UPDATE collections SET version = version + 1 WHERE name = ?", (collection,))
         return conn.execute("SELECT version FROM collections WHERE name = ?", (collection,)).fetchone()[0]
 
-    def put(self, conn: sqlite3.Connection, collection: str, items: Sequence[Item]) -> None:
-        """Insert or replace items; an id written here loses any chunks it had beyond the new ones."""
+    def put(self, conn: sqlite3.Connection, collection: str, items: Sequence[Item], ranges: Ranges | None = None) -> None:
+        """Insert or replace items; an id written here loses any chunks it had beyond the new ones.
+
+        ``ranges``: the model's int8 ranges, which a collection's first calibration
+        fixes (without them, a store used on its own widens its first batch's).
+        """
         if not items:
             return
         info = self.info(collection, conn)
@@ -518,7 +446,7 @@ class Store:
         if cal is None or cal.count < RECALIBRATE_UNTIL:
             count = conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
             if cal is None or count + len(items) >= 2 * cal.count:
-                cal = self._recalibrate(conn, info, vecs, version)
+                cal = self._recalibrate(conn, info, vecs, version, ranges)
         codes, bits = cal.encode(vecs)
         last_chunk: dict[Any, int] = {}
         for it in items:
@@ -671,7 +599,8 @@ class Store:
             self._texts_from_sources(hits, source_text)
         return hits
 
-    def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int) -> Calibration:
+    def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int,
+                     ranges: Ranges | None) -> Calibration:
         """The binary code's mean and rotation refitted to every vector so far; binary codes rewritten.
 
         The int8 ranges are fixed when a collection is first calibrated (the
@@ -683,8 +612,8 @@ class Store:
         rows = conn.execute("SELECT rowid, i8, f32 FROM items WHERE collection = ?", (info.name,)).fetchall()
         if info.calibration is not None:
             lo, hi = info.calibration.lo, info.calibration.hi
-        elif self.ranges is not None:
-            lo, hi = self.ranges(info.model, info.dims)
+        elif ranges is not None:
+            lo, hi = ranges
         else:
             lo, hi = new.min(axis=0), new.max(axis=0)
             lo, hi = lo - (hi - lo) * RANGE_MARGIN, hi + (hi - lo) * RANGE_MARGIN

@@ -1,4 +1,10 @@
-"""Protocol v1's ops as one declarative table: argument schema, executor, permission.
+"""Protocol v1's ops as one declarative table: argument schema, permission, executor, handler.
+
+The table runs the daemon: its transport decodes and authenticates a request,
+then calls the op's handler (daemon/handlers.py, by the name ``Op.handler``) on
+the executor ``Op.executor`` names, and that is all it knows of the op. Adding
+an op is a row here and a handler there (tests/test_coverage.py then asks for
+its PROTOCOL.md entry, client methods and CLI command).
 
 The router decodes each request in two steps with msgspec: the envelope
 (``v``, ``id``, ``op``, ``auth``) with ``args`` left as raw bytes, then
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -277,12 +284,13 @@ class JobArgs(Args):
 
 # -- the table ----------------------------------------------------------------------
 
-EXECUTORS = ("inline", "scheduler", "index", "control", "aux", "source")
+EXECUTORS = ("inline", "scheduler", "search", "write", "control", "aux", "source")
 """Where an op runs in the daemon:
 
 * inline: on the I/O thread (cheap, no I/O);
-* scheduler: the embedding scheduler's lanes and decode workers;
-* index: the index service (a search thread; a write thread);
+* scheduler: handed straight to the embedding scheduler's lanes and decode workers;
+* search: the search thread (a search waits for no write);
+* write: the write thread (writes one at a time, in arrival order: the last write to an id wins);
 * control: model loads and unloads;
 * aux: reads of the daemon's own state (stats, jobs);
 * source: work on a caller's SQLite file (``jobs.submit`` checks the source, under a time budget),
@@ -296,14 +304,25 @@ class Op:
     args: type[Args]
     executor: str
     permission: str | None
-    """What a client's token must allow: ``embed``, ``search:{collection}``, ``index:{collection}``
-    or ``admin``, formatted with the args; None for anyone (``ping``)."""
+    """What a client's token must allow: ``embed``, ``admin``, ``search:{collection}`` or
+    ``index:{collection}`` (the request's collection), ``index:{job}`` (the collection of the job
+    the request names: a function of stored state, checked on the executor); None for anyone."""
     summary: str
     result: Literal["map", "list"] = "map"
     """The shape of the reply's ``result``."""
-    by_executor: bool = False
-    """The permission depends on stored state (a job's collection): the executor checks it with the
-    caller's permissions; the router only requires an authenticated caller."""
+    handler: str = ""
+    """The daemon's handler of the op (daemon/handlers.py); default: the name with ``_`` for ``.``."""
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"op {self.name}: unknown executor {self.executor!r}")
+        if not self.handler:
+            object.__setattr__(self, "handler", self.name.replace(".", "_"))
+
+    @property
+    def by_stored_state(self) -> bool:
+        """Whether the permission depends on stored state (a job's collection): known only on the executor."""
+        return self.permission is not None and "{job}" in self.permission
 
     def allowed_before_args(self, granted: tuple[str, ...], raw_args: bytes) -> bool:
         """Whether ``granted`` may make this request at all, decided before its arguments are validated.
@@ -319,17 +338,25 @@ class Op:
         if "{" not in self.permission:
             return allows(granted, self.permission)
         kind = self.permission.partition(":")[0]
-        collection = None if self.by_executor else _peek_collection(raw_args)
+        collection = None if self.by_stored_state else _peek_collection(raw_args)
         if isinstance(collection, str):
             return allows(granted, f"{kind}:{collection}")
         return "admin" in granted or any(g.startswith(kind + ":") for g in granted)
 
-    def needs(self, args: Args) -> str | None:
-        if self.by_executor:
-            return None
+    def needs(self, args: Args, job_collection: Callable[[int], str | None] | None = None) -> str | None:
+        """The permission this request needs, from its arguments (and, for ``{job}``, the job's collection).
+
+        ``job_collection`` looks a job's collection up (None: no such job); for an op
+        whose permission names the job, a missing job needs what no token has
+        (``admin`` aside), so that "no job" and "not yours" are one answer.
+        """
         if self.permission is None or "{" not in self.permission:
             return self.permission
-        return self.permission.format(collection=getattr(args, "collection", ""))
+        kind = self.permission.partition(":")[0]
+        if self.by_stored_state:
+            collection = job_collection(args.job) if job_collection is not None else None
+            return f"{kind}:{collection}" if collection is not None else "admin"
+        return f"{kind}:{getattr(args, 'collection', '')}"
 
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -340,17 +367,17 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("models.load", ModelArgs, "control", "admin", "load a model"),
     Op("models.unload", UnloadArgs, "control", "admin", "unload a model"),
     Op("stats", NoArgs, "aux", "admin", "counters, queues, models, power"),
-    Op("search", SearchArgs, "index", "search:{collection}", "the k nearest items of a collection"),
-    Op("index.add", IndexAddArgs, "index", "index:{collection}", "embed and store items now"),
-    Op("index.delete", IndexDeleteArgs, "index", "index:{collection}", "delete items by id"),
-    Op("index.enqueue", IndexEnqueueArgs, "index", "index:{collection}",
+    Op("search", SearchArgs, "search", "search:{collection}", "the k nearest items of a collection"),
+    Op("index.add", IndexAddArgs, "write", "index:{collection}", "embed and store items now"),
+    Op("index.delete", IndexDeleteArgs, "write", "index:{collection}", "delete items by id"),
+    Op("index.enqueue", IndexEnqueueArgs, "write", "index:{collection}",
        "queue items (and deletions) to embed in the background while the power policy allows"),
-    Op("collections.list", NoArgs, "index", "admin", "the collections", result="list"),
-    Op("collections.drop", CollectionArgs, "index", "admin", "delete a collection"),
+    Op("collections.list", NoArgs, "search", "admin", "the collections", result="list"),
+    Op("collections.drop", CollectionArgs, "write", "admin", "delete a collection"),
     Op("jobs.submit", JobSubmitArgs, "source", "admin", "queue a job indexing a SQLite table"),
     Op("jobs.list", JobsListArgs, "aux", "admin", "jobs, newest first", result="list"),
-    Op("jobs.status", JobArgs, "aux", "index:{the job's collection}", "one job with its row errors (an app follows "
-       "its queue job)", by_executor=True),
+    Op("jobs.status", JobArgs, "aux", "index:{job}", "one job with its row errors (an app follows "
+       "its queue job)"),
     Op("jobs.pause", JobArgs, "aux", "admin", "pause a job"),
     Op("jobs.resume", JobArgs, "aux", "admin", "resume a job"),
     Op("jobs.cancel", JobArgs, "aux", "admin", "cancel a job"),
@@ -532,9 +559,18 @@ def op_table() -> str:
     return "\n".join(rows)
 
 
+def error_table() -> str:
+    """The table of every error code of the registry (protocol.ERRORS): what it means, whether a retry can help."""
+    rows = ["| code | meaning | retry |", "| --- | --- | --- |"]
+    for e in P.ERRORS.values():
+        rows.append(f"| `{e.code}` | {e.meaning} | {e.retry} |")
+    return "\n".join(rows)
+
+
 def render_tables() -> dict[str, str]:
     """Marker name → generated markdown, for the blocks PROTOCOL.md holds between ``<!-- gen:NAME -->`` markers."""
-    return {"ops": op_table(), **{f"args:{name}": args_table(op) for name, op in OPS.items()}}
+    return {"ops": op_table(), "errors": error_table(),
+            **{f"args:{name}": args_table(op) for name, op in OPS.items()}}
 
 
 def update_protocol_md(text: str) -> str:

@@ -71,12 +71,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         conn = connect(Path(tmp) / "index.db")
-        store = Store(conn, ranges=lambda model, dims: model_ranges)
+        store = Store(conn)
         with transaction(conn):
             store.ensure_collection(conn, "sms", spec.name, vec.shape[1])
         for s in range(0, len(texts), 128):
             with transaction(conn):
-                store.put(conn, "sms", [Item(i, text_hash(texts[i]), vec[i]) for i in range(s, min(len(texts), s + 128))])
+                store.put(conn, "sms", [Item(i, text_hash(texts[i]), vec[i]) for i in range(s, min(len(texts), s + 128))], model_ranges)
         info = store.info("sms")
         rng = np.random.default_rng(args.seed)
         queries = rng.choice(len(texts), args.queries, replace=False)
