@@ -594,9 +594,8 @@ def _job_line(job: dict, bar: bool = False) -> str:
     pct = f"{100 * job['progress']:5.1f}%"
     progress = f"{done}/{total} {unit}" if total else f"{done} {unit}"
     if bar:
-        width = 24
-        filled = int(width * min(1.0, job["progress"]))
-        progress = f"[{'#' * filled}{'.' * (width - filled)}] {progress}"
+        from tqdm import tqdm
+        progress = tqdm.format_meter(min(1.0, job["progress"]), 1, 0, bar_format="|{bar:24}| ") + progress
     extra = []
     if job.get("rate_rows_s"):
         extra.append(f"{job['rate_rows_s']:.0f} {unit}/s")
@@ -609,31 +608,50 @@ def _job_line(job: dict, bar: bool = False) -> str:
             + (f"  {', '.join(extra)}" if extra else "") + (f"  ({why})" if why else ""))
 
 
+def _job_note(job: dict) -> str:
+    """What the live progress bar shows after tqdm's counts, rate and ETA: the source, skipped and failed rows, why."""
+    note = _job_source(job)
+    if job["skipped"] or job["failed"]:
+        note += f", {job['skipped']} skipped, {job['failed']} failed"
+    why = job.get("error") or job.get("reason")
+    return note + (f" ({why})" if why else "")
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _follow(client, job_id: int) -> dict:
-    """Poll a job until it ends; a live progress bar on a terminal, a line per state change otherwise."""
+    """Poll a job until it ends: a tqdm progress bar on a terminal (stderr), a line per state change otherwise."""
     import time
 
+    from tqdm import tqdm
+
     tty = sys.stderr.isatty()
+    bar = None
     last = None
-    while True:
-        job = client.job(job_id)
-        line = _job_line(job, bar=True)
-        if tty:
-            sys.stderr.write("\r\033[K" + line[: os.get_terminal_size(sys.stderr.fileno()).columns - 1])
-            sys.stderr.flush()
-        elif (job["state"], job.get("reason")) != last:
-            print(line, file=sys.stderr, flush=True)
-            last = (job["state"], job.get("reason"))
-        if job["state"] in ("done", "failed", "cancelled"):
+    try:
+        while True:
+            job = client.job(job_id)
             if tty:
-                sys.stderr.write("\n")
-            return job
-        time.sleep(0.5)
+                if bar is None:  # counts from where the job is: the rate and ETA are this wait's
+                    bar = tqdm(total=job.get("total") or None, initial=job["scanned"], unit=_job_unit(job)[:-1],
+                               desc=f"job {job_id} {job['state']}", file=sys.stderr, dynamic_ncols=True, mininterval=0)
+                bar.set_description_str(f"job {job_id} {job['state']}", refresh=False)
+                bar.set_postfix_str(_job_note(job), refresh=False)
+                bar.total = job.get("total") or None
+                bar.n = job["scanned"]  # set, not update(): the rate is the average since the wait began
+                bar.refresh()
+            elif (job["state"], job.get("reason")) != last:
+                print(_job_line(job), file=sys.stderr, flush=True)
+                last = (job["state"], job.get("reason"))
+            if job["state"] in ("done", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _finished(job: dict) -> int:
@@ -735,7 +753,7 @@ def _demo(client, model: str, messages: list, k: int) -> None:
     counts = {"embedded": 0, "unchanged": 0, "reused": 0}
     started = time.perf_counter()
     with tqdm(total=len(messages), unit="msg", desc="indexing the bundled SMS", file=sys.stderr,
-              mininterval=0.5, dynamic_ncols=True) as bar:
+              mininterval=0.5, dynamic_ncols=True, disable=None) as bar:  # None: no bar unless stderr is a terminal
         for at in range(0, len(messages), DEMO_BATCH):
             batch = [{"id": at + i + 1, "text": m.text, "metadata": {"label": m.label}}
                      for i, m in enumerate(messages[at : at + DEMO_BATCH])]
@@ -768,9 +786,11 @@ def _answers(endpoint: str) -> bool:
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    """Left-aligned columns, cells printed as given (no number parsing: "0.4000" stays "0.4000", "007" stays "007")."""
+    from tabulate import tabulate
+
+    table = tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True, stralign="left")
+    print("\n".join(line.rstrip() for line in table.splitlines()))
 
 
 if __name__ == "__main__":  # pragma: no cover

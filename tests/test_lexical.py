@@ -21,7 +21,7 @@ import pytest
 
 from conftest import fresh_home
 from daemon_proc import DaemonProcess
-from pocketembed.daemon import lexical
+from pocketembed.daemon import lexical, migrations
 from pocketembed.daemon.lexical import parse_query, tokenize
 from pocketembed.daemon.store import Item, Store, checkpoint_deleted, connect, db_path, text_hash, transaction
 from pocketembed.sms import load_sms
@@ -274,10 +274,11 @@ def test_older_index_db_gets_its_lexical_index_where_texts_can_be_had(tmp_path):
     private = {i: t for i, t in enumerate(load_sms()[50:80])}
     put_texts(store, "kept", kept, store_text=True)
     put_texts(store, "private", private, store_text=False)
-    # As an index.db made before the lexical index: no lexical tables, no migrations run.
-    for t in ("lex_collections", "lex_docs", "lex_postings", "lex_terms", "schema_migrations"):  # (and its index)
+    # As an index.db made before the lexical index: no lexical tables, no schema version.
+    for t in ("lex_collections", "lex_docs", "lex_postings", "lex_terms"):  # (and its index)
         store.conn.execute(f"DROP TABLE {t}")
     store.conn.execute("DROP TRIGGER items_lex_deleted")
+    store.conn.execute("PRAGMA user_version = 0")
     store.conn.close()
     store = open_store(path)
     assert_exact(store, "kept", kept)
@@ -294,9 +295,10 @@ def test_older_index_db_gets_its_lexical_index_where_texts_can_be_had(tmp_path):
         store.index_texts(store.conn, "private", list(private.items()))
     assert store.lexical_state("private") == "ready"
     assert_exact(store, "private", private)
-    assert store.conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == migrations.VERSION
+    docs = store.conn.execute("SELECT COUNT(*) FROM lex_docs").fetchone()[0]
     open_store(path).conn.close()  # runs nothing twice
-    assert store.conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+    assert store.conn.execute("SELECT COUNT(*) FROM lex_docs").fetchone()[0] == docs
 
 
 def test_job_items_are_backfilled_from_their_source(tmp_path):
