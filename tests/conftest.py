@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "model: uses the prepared GGUF models (a real engine or daemon); "
+                                       "`pytest -m 'not model'` runs the fast model-free subset")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the prepared models asks for ``home`` (directly or through a fixture)."""
+    for item in items:
+        if "home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def home() -> Path:
     root = paths.home()
