@@ -48,7 +48,7 @@ from pocketembed.errors import Busy, PocketEmbedError, ShuttingDown, SourceError
 from .power import PowerMonitor
 from .embedding import Embedder
 from .scheduler import BACKGROUND
-from .sources import JobSpec, SourceTable, Unreadable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
+from .sources import MAX_TEXT_CHARS, JobSpec, SourceTable, Unreadable, check_source_allowed, source_texts  # noqa: F401 (re-exported)
 from .migrations import migrate
 from .store import Item, Ranges, Store, checkpoint_deleted, connect, text_hash, transaction
 
@@ -57,8 +57,6 @@ log = logging.getLogger("pocketembed.jobs")
 ACTIVE = ("queued", "running", "waiting")
 FINISHED = ("done", "failed", "cancelled")
 STATES = (*ACTIVE, "paused", *FINISHED)
-MAX_TEXT_CHARS = 65_536
-"""Longer texts are cut to this before tokenizing (with truncate) or refused: a row cannot stall the runner."""
 ROW_ERRORS = {"too_large", "text_too_long", "invalid_input", "empty_text", "invalid_args"}
 """Error codes that belong to one row; any other error stops the job."""
 MAX_QUEUED = 200_000

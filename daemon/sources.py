@@ -77,7 +77,11 @@ from pocketembed.errors import Busy, InvalidInput, PocketEmbedError, SourceError
 log = logging.getLogger("pocketembed.sources")
 
 MAX_TEXT_CHARS = 65_536
-"""Texts are read cut to this many characters (+1, so a longer one shows): what a job embeds at most."""
+"""Texts are read cut to this many characters (+1, so a longer one shows): what a job embeds at most.
+
+More than a request's text may carry (ipc/protocol.py's MAX_TEXT_BYTES, 16 KiB): a job reads rows
+it did not choose, so a long one is cut and truncated (``truncate``) or recorded as its error, never
+refusing the job; a request's sender can split its own texts."""
 MAX_VALUE_BYTES = 4 * MAX_TEXT_CHARS
 """The largest string or blob a statement on a source may read or compute (SQLITE_LIMIT_LENGTH): 256 KiB, what
 MAX_TEXT_CHARS characters of any script take in UTF-8. A longer text is one row error (too_large)."""

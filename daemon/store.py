@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollection
+from pocketembed.ipc.ops import MAX_CANDIDATES
 
 from . import lexical, migrations
 from .quantize import Calibration, calibrate, nearest, words
@@ -82,7 +83,6 @@ Ranges = tuple[np.ndarray, np.ndarray]
 DEFAULT_RESCORE = 10
 SourceText = Callable[[str, list[Any]], dict[Any, str]]
 """(origin, ids) → id → text: reads items' texts back from the job source that wrote them."""
-MAX_CANDIDATES = 100_000
 log = logging.getLogger("pocketembed.store")
 
 
