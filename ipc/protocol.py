@@ -7,6 +7,7 @@ argument schemas are in ops.py). It imports no llama.cpp.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -19,35 +20,102 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_TEXT_BYTES = 16 * 1024
 MAX_TEXTS = 1024
 
-# Stable error codes.
-BAD_FRAME = "bad_frame"            # not msgpack, not a map, wrong frame count
-BAD_VERSION = "bad_version"
-UNKNOWN_OP = "unknown_op"
-INVALID_ARGS = "invalid_input"     # missing / wrong-typed / out-of-range argument
-TOO_LARGE = "too_large"            # frame, text or text count over its limit
-EMPTY_TEXT = "empty_text"
-TEXT_TOO_LONG = "text_too_long"    # over the model's max tokens without truncate
-UNKNOWN_MODEL = "unknown_model"
-MODEL_NOT_PREPARED = "model_not_prepared"
-MODEL_CORRUPT = "model_corrupt"
-MODEL_NOT_LOADED = "model_not_loaded"
-MODEL_UNLOADING = "model_unloading"  # the model is being unloaded on purpose
-MEMORY_BUDGET = "memory_budget"      # loading it would exceed the memory budget
-WRONG_MODEL_KIND = "wrong_model_kind"  # a reranker where vectors are needed, or an embedder given to rerank
-BUSY = "busy"
-TIMEOUT = "timeout"
-SHUTTING_DOWN = "shutting_down"
-STORAGE_FULL = "storage_full"        # the disk is full: nothing of the request was stored
-STORAGE_ERROR = "storage_error"      # the index store failed (I/O, read-only, corrupt, unavailable)
-UNSUPPORTED_BUILD = "unsupported_build"  # the daemon's llama.cpp build is known to crash with this model
-UNKNOWN_JOB = "unknown_job"
-INVALID_STATE = "invalid_state"      # e.g. resume a job that is not paused
-BAD_SOURCE = "bad_source"            # an index job's database/table/columns/where cannot be read
-UNKNOWN_COLLECTION = "unknown_collection"
-COLLECTION_MISMATCH = "collection_mismatch"  # a collection is bound to one model and dims
-UNAUTHORIZED = "unauthorized"        # no client token, or an unknown or revoked one
-FORBIDDEN = "forbidden"              # the token's permissions do not cover the op (or the job's path)
-INTERNAL = "internal"
+# -- stable error codes ----------------------------------------------------------------
+#
+# The one declaration of every code a reply's ``error.code`` may carry. The
+# constants below, the Python client's exception classes (client.py), PROTOCOL.md's
+# error table (generated: ``python -m pocketembed.ipc.ops``) and the Java client's
+# DaemonException are all checked against it (tests/test_coverage.py).
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    kind: str
+    """The family a client raises it as: one of ``KINDS``."""
+    meaning: str
+    """When the daemon answers it (markdown, as PROTOCOL.md shows it)."""
+    retry: str
+    """Whether, and when, the same request may succeed if sent again."""
+
+
+KINDS = {
+    "request": "the request is wrong; fix it (Python InvalidRequest, Java InvalidRequest)",
+    "model": "the model named cannot be used as asked (ModelError)",
+    "busy": "a queue is full; retry after retry_after_ms (Busy)",
+    "timeout": "the deadline passed before the request ran (DaemonTimeout, Java Timeout)",
+    "storage": "the index store cannot be written or read (StorageFailed, Java Storage)",
+    "unavailable": "the daemon is going away (Unavailable)",
+    "access": "the token does not allow the request (AccessDenied)",
+    "internal": "a bug in the daemon (DaemonError, Java DaemonException)",
+}
+
+ERRORS: dict[str, ErrorCode] = {}
+"""Every error code of protocol v1, in PROTOCOL.md's order."""
+
+
+def _error(code: str, kind: str, meaning: str, retry: str) -> str:
+    assert kind in KINDS and code not in ERRORS, code
+    ERRORS[code] = ErrorCode(code, kind, meaning, retry)
+    return code
+
+
+NO = "no: fix the request"
+BAD_FRAME = _error("bad_frame", "request", "not msgpack, not a map, bad `id` type, or wrong number of frames", NO)
+BAD_VERSION = _error("bad_version", "request", "`v` is not 1", NO)
+UNKNOWN_OP = _error("unknown_op", "request", "no such op", NO)
+INVALID_ARGS = _error("invalid_input", "request", "an argument is missing, of the wrong type or out of range", NO)
+TOO_LARGE = _error("too_large", "request", "a frame, text, list, string, map or reply over its limit",
+                   "no: split the request (or ask for less)")
+EMPTY_TEXT = _error("empty_text", "request", "a text is empty or whitespace only, or has no tokens", NO)
+TEXT_TOO_LONG = _error("text_too_long", "request", "a text is over the model's token limit and `truncate` is false",
+                       "with `truncate` (or `chunk`)")
+UNKNOWN_MODEL = _error("unknown_model", "model", "the model name is neither in the catalog nor imported", NO)
+WRONG_MODEL_KIND = _error("wrong_model_kind", "model", "a reranker where vectors are needed (`embed`, `index.*`, "
+                          "jobs), or an embedding model given to `rerank` / search's `rerank`", NO)
+MODEL_NOT_PREPARED = _error("model_not_prepared", "model",
+                            "the model's file is missing: run `pocketembed models prepare NAME`", "once it is prepared")
+MODEL_CORRUPT = _error("model_corrupt", "model",
+                       "the file fails its sha256 / is not GGUF / is not an embedding model",
+                       "once it is prepared again (`models prepare --force`)")
+MODEL_NOT_LOADED = _error("model_not_loaded", "model", "`models.unload` of a model that is not loaded; or the model "
+                          "is not loaded and on-demand loading is off", "after `models.load`")
+MODEL_UNLOADING = _error("model_unloading", "model",
+                         "the model is being unloaded on purpose; load it again or retry later", "yes, later")
+MEMORY_BUDGET = _error("memory_budget", "model", "loading the model would exceed the daemon's memory budget even "
+                       "after evicting idle models", "once another model is unloaded or idle")
+UNSUPPORTED_BUILD = _error("unsupported_build", "model",
+                           "the daemon's llama.cpp build is known to crash with this model",
+                           "no: another model, or another llama.cpp build")
+BUSY = _error("busy", "busy", "the lane's queue is full; the error map has `retry_after_ms`",
+              "yes, after `retry_after_ms`")
+TIMEOUT = _error("timeout", "timeout", "the request's `timeout_ms` passed before it ran (not computed)",
+                 "yes (a longer `timeout_ms`, or when the daemon is less loaded)")
+SHUTTING_DOWN = _error("shutting_down", "unavailable", "the daemon received SIGTERM and takes no new work",
+                       "yes, once the daemon is started again")
+UNKNOWN_JOB = _error("unknown_job", "request", "no job with that id (that this client may read)", NO)
+INVALID_STATE = _error("invalid_state", "request",
+                       "the job's state does not allow that action (e.g. resume a running job)",
+                       "once the job is in a state that allows it")
+BAD_SOURCE = _error("bad_source", "request",
+                    "an index job's database, table, columns or `where` cannot be read as asked",
+                    "no: fix the source or the request")
+UNKNOWN_COLLECTION = _error("unknown_collection", "request", "no collection with that name", NO)
+COLLECTION_MISMATCH = _error("collection_mismatch", "request", "the collection is bound to another model or dims", NO)
+STORAGE_FULL = _error("storage_full", "storage", "the daemon's index store cannot be written because the disk is "
+                      "full; nothing of the request was stored", "once disk space is freed")
+STORAGE_ERROR = _error("storage_error", "storage", "the index store failed (I/O error, read-only, corrupt, or "
+                       "unavailable since start: see `stats.store`); nothing of the request was stored",
+                       "once the store's cause is fixed (often a daemon restart)")
+UNAUTHORIZED = _error("unauthorized", "access", "no client token, or an unknown or revoked one, where one is needed "
+                      "(TCP); or a connection blocked for bad tokens (with `retry_after_ms`)",
+                      "with a valid token (a blocked connection: after `retry_after_ms`)")
+FORBIDDEN = _error("forbidden", "access", "the token's permissions do not cover the op or its collection; or a "
+                   "job's `db` outside the configured `job_sources`", "no: a token that allows it")
+INTERNAL = _error("internal", "internal", "a bug in the daemon; the message says what failed. The daemon goes on; if "
+                  "one of its threads died, every request it held gets `internal` and the daemon exits with status 70 "
+                  "for its supervisor to restart it", "perhaps, after the restart")
+del NO
 
 DTYPES = ("float32", "int8", "binary")
 

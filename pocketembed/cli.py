@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = msub.add_parser("list", help="show the catalog and the prepared files",
                          description="Show every catalog model; dims, pooling and context are read from the GGUF file itself.")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--daemon", action="store_true", help="ask the running daemon (what it has loaded, for how long)")
+    _socket_option(ls)
     ls.set_defaults(func=cmd_models_list)
     prep = msub.add_parser(
         "prepare",
@@ -249,6 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--json", action="store_true", help="print JSON")
         ap.set_defaults(func=cmd_jobs, action=action)
 
+    ping = sub.add_parser("ping", help="check that the daemon answers",
+                          description="Ask the running daemon for its version; exit non-zero if none answers.")
+    ping.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _socket_option(ping)
+    ping.set_defaults(func=cmd_ping)
+
+    items = sub.add_parser(
+        "items", help="add, queue or delete items of a collection (running daemon)",
+        description="Write a collection item by item. `add` and `enqueue` read JSON lines "
+        '{"id": ..., "text": ..., "metadata": {...}} from --file or stdin; `add` embeds them now, `enqueue` queues '
+        "them for the background lane (while the power policy allows) and prints the queue job.")
+    isub = items.add_subparsers(title="actions", metavar="ACTION")
+    for action, text in (("add", "embed and store items now (index.add)"),
+                         ("enqueue", "queue items for background embedding; prints the queue job (index.enqueue)"),
+                         ("delete", "delete items by id (index.delete)")):
+        ap = isub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        ap.add_argument("--collection", "-c", required=True, help="the collection (created on first use)")
+        if action == "delete":
+            ap.add_argument("ids", nargs="+", metavar="ID", help="item ids (an integer-looking id is sent as an int)")
+        else:
+            ap.add_argument("--file", help="JSON lines of items (default: stdin)")
+            ap.add_argument("--model", help="the model of a new collection (default: the catalog default)")
+            ap.add_argument("--store-text", action="store_true", default=None,
+                            help="a new collection keeps the texts, so that searches can show them")
+        if action == "add":
+            ap.add_argument("--chunk", action="store_true", help="split long texts into overlapping token windows")
+            ap.add_argument("--truncate", action="store_true", help="embed the first max_tokens of long texts")
+        if action == "enqueue":
+            ap.add_argument("--delete", dest="delete_ids", action="append", metavar="ID", help="also delete this id (repeatable)")
+        ap.add_argument("--json", action="store_true", help="print the reply as JSON")
+        _socket_option(ap)
+        ap.set_defaults(func=cmd_items, action=action)
+    items.set_defaults(func=lambda a: (items.print_help(), 2)[1])
+
     demo = sub.add_parser("demo", help="index the bundled SMS through the daemon and search them",
                           description="The main job end to end: indexes the bundled SMS corpus (5,574 real messages) "
                                       "into a collection through the running daemon, or one it starts and stops again, "
@@ -266,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    if args.daemon:
+        return _models_list_daemon(args)
     from pocketembed.gguf_models import manifest, metadata
     from pocketembed.gguf_models.catalog import DEFAULT_MODEL, all_specs
 
@@ -783,6 +821,97 @@ def _answers(endpoint: str) -> bool:
         return True
     except PocketEmbedError:
         return False
+
+
+# -- ops without a command of their own above ---------------------------------------
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    reply = _ask_daemon(args.socket, lambda c: c.ping())
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print(f"pong: pocketembed {reply.get('version', '?')}, protocol {reply.get('protocol', '?')}")
+    return 0
+
+
+def _models_list_daemon(args: argparse.Namespace) -> int:
+    models = _ask_daemon(args.socket, lambda c: c.models())
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    _print_table(["NAME", "KIND", "DIMS", "PREPARED", "LOADED", "EXPIRES IN"],
+                 [[m["name"] + (" *" if m.get("default") else ""), m.get("kind", "embed"), str(m.get("dims", "-")),
+                   "yes" if m.get("prepared") else "no", "yes" if m.get("loaded") else "no",
+                   "-" if not m.get("loaded") else "never" if m.get("expires_in_s") is None
+                   else _duration(m["expires_in_s"])] for m in models])
+    return 0
+
+
+ITEMS_PER_REQUEST = 256
+"""Items per ``index.add`` / ``index.enqueue`` request of ``items`` (the protocol takes up to 1,024)."""
+
+
+def _read_items(path: str | None) -> list[dict]:
+    """JSON lines of ``{"id", "text", "metadata"?}`` from a file or stdin; blank lines are skipped."""
+    if path is None and sys.stdin.isatty():
+        raise InvalidInput("no items: give --file or JSON lines on stdin")
+    lines = (Path(path).read_text(encoding="utf-8") if path else sys.stdin.read()).splitlines()
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"line {n} is not JSON: {e}") from None
+        if not isinstance(item, dict) or "id" not in item or "text" not in item:
+            raise InvalidInput(f'line {n} is not an item {{"id", "text", "metadata"?}}')
+        items.append(item)
+    return items
+
+
+def _item_id(text: str) -> int | str:
+    """A command-line id: an integer if it looks like one (ids are ints or strings on the wire)."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def cmd_items(args: argparse.Namespace) -> int:
+    if args.action == "delete":
+        deleted = _ask_daemon(args.socket, lambda c: c.index_delete(args.collection, [_item_id(i) for i in args.ids]))
+        print(json.dumps({"deleted": deleted}) if args.json else f"deleted {deleted} vectors from {args.collection}")
+        return 0
+    items = _read_items(args.file)
+    batches = [items[i:i + ITEMS_PER_REQUEST] for i in range(0, len(items), ITEMS_PER_REQUEST)]
+    if args.action == "add":
+        if not batches:
+            raise InvalidInput("no items to add")
+
+        def add(c) -> list[dict]:
+            return [c.index_add(args.collection, batch, model=args.model, chunk=args.chunk, truncate=args.truncate,
+                                store_text=args.store_text) for batch in batches]
+
+        replies = _ask_daemon(args.socket, add, timeout=120)
+        if args.json:
+            print(json.dumps(replies))
+        else:
+            added, embedded = sum(r["added"] for r in replies), sum(r["embedded"] for r in replies)
+            print(f"{added} items added to {args.collection} ({embedded} texts embedded)")
+        return 0
+    delete = [_item_id(i) for i in args.delete_ids or []]
+    if not batches and not delete:
+        raise InvalidInput("no items to queue and no --delete")
+
+    def enqueue(c) -> dict:
+        job = None
+        for i, batch in enumerate(batches or [[]]):
+            job = c.index_enqueue(args.collection, batch, delete=delete if i == 0 else None, model=args.model,
+                                  store_text=args.store_text)
+        return job
+
+    job = _ask_daemon(args.socket, enqueue)
+    print(json.dumps(job) if args.json else _job_line(job))
+    return 0
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -21,7 +21,8 @@ def assert_clean_error(proc, code):
 
 
 def test_help_for_every_command():
-    for args in ([], ["models"], ["models", "list"], ["models", "prepare"], ["embed"], ["demo"]):
+    for args in ([], ["models"], ["models", "list"], ["models", "prepare"], ["embed"], ["demo"], ["ping"], ["items"],
+                 ["items", "enqueue"]):
         proc = run_cli(*args, "--help")
         assert proc.returncode == 0 and "usage: pocketembed" in proc.stdout, args
 
@@ -217,5 +218,41 @@ def test_status_and_jobs_list_an_apps_queue_job(home, tmp_path):
         assert re.search(rf"job {job['id']} done .* 30/30 items  queue → sms(?!, \d+ waiting)", listed.stdout), listed.stdout
         waited = run_cli("jobs", "wait", str(job["id"]), "--socket", str(sock), home=root)
         assert waited.returncode == 0 and "job %d done: 30 items" % job["id"] in waited.stdout, (waited.stdout, waited.stderr)
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_ping_items_and_models_list_against_the_daemon(home, tmp_path):
+    """The commands of the ops that had none: ping, items add / enqueue / delete, models list --daemon."""
+    from daemon_proc import DaemonProcess
+
+    sock = tmp_path / "pe.sock"
+    root = fresh_home(home, tmp_path / "home")
+    daemon = DaemonProcess(root, sock, "--model", "all-minilm-l6-v2:q8_0").wait_ready()
+    on = ("--socket", str(sock))
+    try:
+        pong = run_cli("ping", *on, home=root)
+        assert pong.returncode == 0 and pong.stdout.startswith("pong: pocketembed "), pong.stderr
+        lines = "\n".join(json.dumps({"id": i, "text": t, "metadata": {"n": i}})
+                          for i, t in enumerate(["dinner at eight?", "the train is late", "happy birthday!"], 1))
+        added = run_cli("items", "add", "-c", "notes", "--store-text", *on, home=root, stdin=lines + "\n\n")
+        assert added.returncode == 0 and "3 items added to notes" in added.stdout, added.stderr
+        found = run_cli("search", "when is dinner", "-c", "notes", "-k", "1", "--json", *on, home=root)
+        hit = json.loads(found.stdout)[0]
+        assert hit["id"] == 1 and hit["text"] == "dinner at eight?" and hit["metadata"] == {"n": 1}
+        deleted = run_cli("items", "delete", "-c", "notes", "1", "2", "404", "--json", *on, home=root)
+        assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"deleted": 2}, deleted.stderr
+        queued = run_cli("items", "enqueue", "-c", "notes", "--delete", "3", "--json", *on, home=root,
+                         stdin=json.dumps({"id": "later", "text": "on the charger"}))
+        assert queued.returncode == 0, queued.stderr
+        job = json.loads(queued.stdout)
+        assert job["kind"] == "queue" and job["collection"] == "notes" and job["enqueued"] == 1 and job["deletions"] == 1
+        bad = run_cli("items", "add", "-c", "notes", *on, home=root, stdin='{"id": 1}\n')
+        assert_clean_error(bad, "invalid_input")
+        models = run_cli("models", "list", "--daemon", "--json", *on, home=root)
+        loaded = {m["name"] for m in json.loads(models.stdout) if m["loaded"]}
+        assert loaded == {"all-minilm-l6-v2:q8_0"}, models.stdout
+        table = run_cli("models", "list", "--daemon", *on, home=root)
+        assert re.search(r"^all-minilm-l6-v2:q8_0 \*\s+embed\s+384\s+yes\s+yes\s", table.stdout, re.M), table.stdout
     finally:
         assert daemon.stop() == 0

@@ -108,6 +108,17 @@ def test_the_java_client_speaks_every_op(home, tmp_path):
         assert d.stop() == 0
 
 
+def test_the_java_client_raises_every_error_code_as_the_class_of_its_kind(tmp_path):
+    from pocketembed.ipc import protocol as P
+    from test_coverage import JAVA_CLASS
+
+    cp = compile_java(tmp_path)
+    r = java(cp, "org.pocketembed.CodeClasses", *P.ERRORS, "a_code_from_a_newer_daemon")
+    assert r.returncode == 0, r.stderr.decode()
+    got = dict(line.split("\t") for line in r.stdout.decode().splitlines())
+    assert got == {**{c: JAVA_CLASS[e.kind] for c, e in P.ERRORS.items()}, "a_code_from_a_newer_daemon": "DaemonException"}
+
+
 def test_as_the_phone_runs_it_enqueue_on_battery_embed_on_the_charger_through_a_kill(home, tmp_path):
     """The SMS app (Java, over TCP, with its token) hands the whole inbox over on battery; the charger comes."""
     cp = compile_java(tmp_path)

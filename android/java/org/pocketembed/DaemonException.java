@@ -6,6 +6,36 @@ import java.util.Map;
 
 /** An error reply from the daemon, carrying its stable code (ipc/PROTOCOL.md "Error codes"). */
 public class DaemonException extends IOException {
+    // The protocol's error codes, to compare with {@link #code} (PROTOCOL.md's error table has their meanings).
+    public static final String BAD_FRAME = "bad_frame";
+    public static final String BAD_VERSION = "bad_version";
+    public static final String UNKNOWN_OP = "unknown_op";
+    public static final String INVALID_INPUT = "invalid_input";
+    public static final String TOO_LARGE = "too_large";
+    public static final String EMPTY_TEXT = "empty_text";
+    public static final String TEXT_TOO_LONG = "text_too_long";
+    public static final String UNKNOWN_MODEL = "unknown_model";
+    public static final String WRONG_MODEL_KIND = "wrong_model_kind";
+    public static final String MODEL_NOT_PREPARED = "model_not_prepared";
+    public static final String MODEL_CORRUPT = "model_corrupt";
+    public static final String MODEL_NOT_LOADED = "model_not_loaded";
+    public static final String MODEL_UNLOADING = "model_unloading";
+    public static final String MEMORY_BUDGET = "memory_budget";
+    public static final String UNSUPPORTED_BUILD = "unsupported_build";
+    public static final String BUSY = "busy";
+    public static final String TIMEOUT = "timeout";
+    public static final String SHUTTING_DOWN = "shutting_down";
+    public static final String UNKNOWN_JOB = "unknown_job";
+    public static final String INVALID_STATE = "invalid_state";
+    public static final String BAD_SOURCE = "bad_source";
+    public static final String UNKNOWN_COLLECTION = "unknown_collection";
+    public static final String COLLECTION_MISMATCH = "collection_mismatch";
+    public static final String STORAGE_FULL = "storage_full";
+    public static final String STORAGE_ERROR = "storage_error";
+    public static final String UNAUTHORIZED = "unauthorized";
+    public static final String FORBIDDEN = "forbidden";
+    public static final String INTERNAL = "internal";
+
     public final String code;
     /** Extra fields of the error map, e.g. {@code retry_after_ms} of {@code busy}. */
     public final Map<String, Object> details;
@@ -63,7 +93,14 @@ public class DaemonException extends IOException {
         }
     }
 
-    /** The exception class for a code; unknown codes are plain DaemonExceptions. */
+    /** The daemon is shutting down ({@code shutting_down}): retry against its next start. */
+    public static final class Unavailable extends DaemonException {
+        Unavailable(String code, String message, Map<String, Object> details) {
+            super(code, message, details);
+        }
+    }
+
+    /** The exception class for a code; {@code internal} and unknown codes are plain DaemonExceptions. */
     static DaemonException of(String code, String message, Map<String, Object> details) {
         switch (code) {
             case "busy":
@@ -73,6 +110,8 @@ public class DaemonException extends IOException {
             case "unauthorized":
             case "forbidden":
                 return new AccessDenied(code, message, details);
+            case "shutting_down":
+                return new Unavailable(code, message, details);
             case "storage_full":
             case "storage_error":
                 return new Storage(code, message, details);
@@ -98,6 +137,7 @@ public class DaemonException extends IOException {
             case "unknown_collection":
             case "collection_mismatch":
                 return new InvalidRequest(code, message, details);
+            case "internal":
             default:
                 return new DaemonException(code, message, details);
         }
