@@ -567,14 +567,6 @@ def error_table() -> str:
     return "\n".join(rows)
 
 
-def error_table() -> str:
-    """The table of every error code of the registry (protocol.ERRORS): what it means, whether a retry can help."""
-    rows = ["| code | meaning | retry |", "| --- | --- | --- |"]
-    for e in P.ERRORS.values():
-        rows.append(f"| `{e.code}` | {e.meaning} | {e.retry} |")
-    return "\n".join(rows)
-
-
 def render_tables() -> dict[str, str]:
     """Marker name → generated markdown, for the blocks PROTOCOL.md holds between ``<!-- gen:NAME -->`` markers."""
     return {"ops": op_table(), "errors": error_table(),
