@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import json
 import logging
 import os
 import re
@@ -64,6 +66,8 @@ def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     if not msg:
         return
     pylevel = _LEVELS.get(level, logging.DEBUG)
+    if "load" in msg or "buffer type" in msg:
+        _note_load(msg)
     sink = getattr(_capture, "sink", None)
     if sink is not None:
         sink.lines.append((pylevel, msg))
@@ -104,6 +108,89 @@ def cpu_features() -> dict[str, bool]:
     for name, val in re.findall(r"([A-Z0-9_]+) = (\d)", system_info()):
         feats[name] = val == "1"
     return feats
+
+
+BUILD_RECORD = "pocketembed_build.json"
+"""The file scripts/setup.sh puts into the llama_cpp package it builds (see build_record)."""
+
+_LOAD_START = re.compile(r"loaded meta data with \d+ key-value pairs and (\d+) tensors from (.+) \(version ")
+_LOAD_BUFFER = re.compile(r"load_tensors: +(\S+) model buffer size = +([\d.]+) MiB")
+_LOAD_FALLBACK = re.compile(r"tensor '[^']*' \(\w+\) (?:\(and (\d+) others\) )?cannot be used with preferred buffer type (\S+),")
+_loads_lock = threading.Lock()
+_loads: dict[str, dict] = {}
+"""Per model file, what llama.cpp logged about its weights' buffers at its last load (see model_kernels)."""
+
+
+def _note_load(msg: str) -> None:
+    """Keep the lines of a model load that say where its weights went (called from the log callback).
+
+    A load runs on one thread from its "loaded meta data ... from PATH" line to its "model buffer
+    size" lines, so the thread's current file tells which model they belong to.
+    """
+    if m := _LOAD_START.search(msg):
+        _capture.loading = m.group(2)
+        with _loads_lock:
+            _loads[m.group(2)] = {"tensors": int(m.group(1)), "buffers_mib": {}, "not_repacked_tensors": 0}
+        return
+    path = getattr(_capture, "loading", None)
+    if path is None:
+        return
+    with _loads_lock:
+        entry = _loads.get(path)
+        if entry is None:
+            return
+        if m := _LOAD_BUFFER.search(msg):
+            entry["buffers_mib"][m.group(1)] = float(m.group(2))
+        elif (m := _LOAD_FALLBACK.search(msg)) and m.group(2).endswith("REPACK"):
+            entry["not_repacked_tensors"] += 1 + int(m.group(1) or 0)
+
+
+@functools.lru_cache(maxsize=1)
+def build_record() -> dict:
+    """What this llama-cpp-python was built from: scripts/setup.sh's record in the package, or "unknown".
+
+    The record (llama-cpp-python version, llama.cpp commit, patches applied, CMAKE_ARGS) is put in
+    the wheel before it is built, so it goes and comes with that wheel; a wheel built any other way
+    (PyPI, a distribution, pip without setup.sh) has none.
+    """
+    path = os.path.join(os.path.dirname(llama.__file__), BUILD_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {"llama_cpp_python": getattr(llama, "__version__", None), "patched": "unknown",
+                "note": "no build record: this llama-cpp-python was not built by scripts/setup.sh"}
+    record["patched"] = bool(record.get("patches"))
+    return record
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_features_cached() -> dict[str, bool]:
+    return cpu_features()
+
+
+def model_kernels(path: str | os.PathLike[str]) -> dict:
+    """Which kernels a loaded model runs on: the CPU features, where its weights went, the build.
+
+    - ``cpu``: the features llama.cpp's CPU backend was compiled with and uses
+      (``llama_print_system_info``; "REPACK" = the build can repack weights at load);
+    - ``weights``: llama.cpp's own report at the model's load, from its log: the MiB of each
+      buffer type ("CPU_Mapped": the file's pages used as they are; "CPU_REPACK": weights copied
+      into an interleaved layout for the repacked GEMM kernels) and how many tensors it could not
+      repack. ``repacked`` is true when any weight was. On x86, stock llama.cpp repacks q4_0 (AVX2)
+      but not q8_0; our patch 6 repacks q8_0 on AVX512-VNNI, so a q8_0 model shows "CPU_REPACK"
+      only with it. None when the load's lines were not seen (a load before ``ensure_backend``);
+    - ``build``: ``build_record()``, patched or stock.
+    """
+    with _loads_lock:
+        entry = _loads.get(os.fspath(path))
+        entry = None if entry is None else {**entry, "buffers_mib": dict(entry["buffers_mib"])}
+    if entry is not None:
+        repacked_mib = sum(v for k, v in entry["buffers_mib"].items() if k.endswith("REPACK"))
+        entry["repacked"] = repacked_mib > 0
+        entry["repacked_tensors"] = entry["tensors"] - entry["not_repacked_tensors"] if entry["repacked"] else 0
+    return {"cpu": sorted(k for k, v in _cpu_features_cached().items() if v), "weights": entry,
+            "build": build_record()}
 
 
 def check_build_supports_quantized(quantized: bool) -> None:

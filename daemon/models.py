@@ -24,6 +24,7 @@ from pocketembed.errors import ModelNotLoaded, ModelUnloading, OverBudget, Wrong
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
+from . import llama_runtime
 from .engine import Engine, EngineConfig
 
 log = logging.getLogger("pocketembed.models")
@@ -411,7 +412,8 @@ class ModelRegistry:
             return {n: {"bytes": e.bytes, "load_ms": round(e.load_ms, 1), "queued": self._holds.get(n, 0),
                         "keep_alive_s": e.keep_alive,
                         "expires_in_s": None if e.keep_alive < 0 else round(max(0.0, e.keep_alive - (now - e.last_used)), 1),
-                        "idle_s": round(now - e.last_used, 1)}
+                        "idle_s": round(now - e.last_used, 1),
+                        "kernels": llama_runtime.model_kernels(e.engine.path)}
                     for n, e in self._models.items() if not e.closing}
 
     def memory(self) -> dict[str, int]:

@@ -547,6 +547,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"daemon on {paths.endpoint(args.socket)}: up {stats['uptime_s']:.0f} s, {stats['requests']} requests, "
           f"{stats['errors']} errors, RSS " + (f"{stats['rss_bytes'] / 1e6:.0f} MB" if stats.get("rss_bytes") else "?"))
     print(f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; loaded: {', '.join(stats['loaded_models']) or 'none'}")
+    for name, model in (stats.get("models") or {}).items():
+        if kern := model.get("kernels"):  # daemon/llama_runtime.py: model_kernels
+            build, weights = kern.get("build") or {}, kern.get("weights") or {}
+            patched = ("patched: " + ", ".join(p.split("-")[0] for p in build["patches"]) if build.get("patches")
+                       else "stock llama.cpp" if build.get("patched") is False else "unknown build (no record)")
+            repack = ("?" if not weights else f"{weights['repacked_tensors']} tensors repacked "
+                      f"({weights['buffers_mib'].get('CPU_REPACK', 0):g} MiB CPU_REPACK)" if weights["repacked"] else "not repacked")
+            print(f"  {name}: llama-cpp-python {build.get('llama_cpp_python')} "
+                  f"(llama.cpp {(build.get('llama_cpp_commit') or '?')[:9]}, {patched}); weights {repack}; "
+                  f"CPU {' '.join(kern.get('cpu') or []) or '?'}")
     store = stats.get("store") or {}
     if store and not store.get("ok"):
         print(f"index store: UNAVAILABLE ({store.get('error')}); embedding works, index and job ops fail")

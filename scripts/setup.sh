@@ -21,7 +21,11 @@
 # converted an f16 accumulator per key; and the q8_0 matmul split its tiles between threads
 # in fixed halves, so one delayed thread held the other at every barrier; and q8_0 had no
 # repacked x86 layout, so its matmuls ran at a third of VNNI's rate. Each patch's header has
-# the measurements.
+# the measurements. The sdist is the one scripts/llama.lock pins (its sha256 is checked), the
+# patches are applied by scripts/patches/apply.sh, and POCKETEMBED_LLAMA_PATCHES=none builds stock
+# llama.cpp (or "1,2,6": those patches only); scripts/patches/README.md has the workflow. The wheel
+# carries a build record (llama_cpp/pocketembed_build.json: version, llama.cpp commit, patches,
+# CMAKE_ARGS) that the daemon reports in `pocketembed status`.
 # On x86 the build is not "native": GCC 12 miscompiles ggml's AMX matmul and a
 # native build on an AMX Xeon dies with SIGSEGV on the first q8_0/q4_0 embed
 # (llama.cpp #20824). We enable the SIMD the CPU has, AMX excluded. If the smoke
@@ -31,8 +35,18 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-LLAMA_VERSION=0.3.36
-LLAMA_PATCHES=(scripts/patches/*.patch)
+LLAMA_LOCK=scripts/llama.lock
+lock() { sed -n "s/^$1=//p" "$LLAMA_LOCK" | head -n1; }
+LLAMA_VERSION=$(lock LLAMA_CPP_PYTHON_VERSION)
+LLAMA_SDIST=$(lock LLAMA_CPP_PYTHON_SDIST)
+LLAMA_SHA256=$(lock LLAMA_CPP_PYTHON_SHA256)
+if [ -z "$LLAMA_VERSION" ] || [ -z "$LLAMA_SDIST" ] || [ -z "$LLAMA_SHA256" ]; then
+    echo "$LLAMA_LOCK lacks LLAMA_CPP_PYTHON_VERSION, _SDIST or _SHA256" >&2
+    exit 1
+fi
+LLAMA_PATCHES=() # the patches POCKETEMBED_LLAMA_PATCHES selects (all by default), in order
+LLAMA_PATCH_LIST=$(bash scripts/patches/apply.sh --list)
+[ -z "$LLAMA_PATCH_LIST" ] || mapfile -t LLAMA_PATCHES <<<"$LLAMA_PATCH_LIST"
 TORCH_VERSION=2.13.0
 
 say() { printf '==> %s\n' "$*"; }
@@ -71,9 +85,35 @@ EOF
 }
 
 wheel_cache() {
-    # One cached wheel per llama-cpp-python version, build flags and source patches.
+    # One cached wheel per pinned sdist, build flags and selected source patches (none: stock).
     printf '%s/pocketembed/wheels/%s' "${XDG_CACHE_HOME:-$HOME/.cache}" \
-        "$({ printf '%s %s\n' "$LLAMA_VERSION" "$CMAKE_ARGS"; cat "${LLAMA_PATCHES[@]}"; } | sha256sum | cut -c1-12)"
+        "$({
+            printf '%s %s %s record-1\n' "$LLAMA_VERSION" "$LLAMA_SHA256" "$CMAKE_ARGS"
+            if [ ${#LLAMA_PATCHES[@]} -eq 0 ]; then echo "patches: none"; else cat "${LLAMA_PATCHES[@]}"; fi
+        } | sha256sum | cut -c1-12)"
+}
+
+download_llama_sdist() {
+    # The pinned sdist into directory $1, its sha256 checked against scripts/llama.lock.
+    "$VENV/bin/pip" download -q --no-deps --no-binary :all: --no-cache-dir -d "$1" "llama-cpp-python==$LLAMA_VERSION"
+    bash scripts/patches/apply.sh --verify-sdist "$1/$LLAMA_SDIST"
+}
+
+write_build_record() {
+    # What the wheel is built from, into the package itself ($1): the daemon reports it at run time.
+    "$VENV/bin/python" - "$1" "$LLAMA_LOCK" "${LLAMA_PATCHES[@]}" <<'PY'
+import json, os, sys, time
+out, lock, patches = sys.argv[1], sys.argv[2], sys.argv[3:]
+pin = dict(line.split("=", 1) for line in open(lock).read().splitlines() if "=" in line and not line.startswith("#"))
+record = {"llama_cpp_python": pin["LLAMA_CPP_PYTHON_VERSION"], "sdist_sha256": pin["LLAMA_CPP_PYTHON_SHA256"],
+          "llama_cpp_commit": pin.get("LLAMA_CPP_COMMIT"), "llama_cpp_build": pin.get("LLAMA_CPP_BUILD"),
+          "patches": [os.path.basename(p) for p in patches],
+          "patch_set": os.environ.get("POCKETEMBED_LLAMA_PATCHES") or "all",
+          "cmake_args": os.environ.get("CMAKE_ARGS", ""), "built_by": "scripts/setup.sh",
+          "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+with open(out, "w") as f:
+    json.dump(record, f, indent=1)
+PY
 }
 
 build_llama_wheel() {
@@ -83,12 +123,13 @@ build_llama_wheel() {
     # The sources and the build tree take ~0.5 GB: gone even if a step below fails.
     # shellcheck disable=SC2064  # expanded now: $src is local
     trap "rm -rf '$src'" EXIT
-    tree="$src/llama_cpp_python-$LLAMA_VERSION"
-    "$VENV/bin/pip" download -q --no-deps --no-binary :all: --no-cache-dir -d "$src" "llama-cpp-python==$LLAMA_VERSION"
-    tar xzf "$tree.tar.gz" -C "$src"
-    local patch
-    for patch in "${LLAMA_PATCHES[@]}"; do git -C "$tree" apply -p1 "$PWD/$patch"; done
+    download_llama_sdist "$src"
+    tar xzf "$src/$LLAMA_SDIST" -C "$src"
+    tree="$src/${LLAMA_SDIST%.tar.gz}"
+    bash scripts/patches/apply.sh "$tree"
+    write_build_record "$tree/llama_cpp/pocketembed_build.json"
     mkdir -p "$1"
+    cp "$tree/llama_cpp/pocketembed_build.json" "$1/build.json"
     # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand back an older build.
     CMAKE_ARGS="$CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir --wheel-dir "$1" "$tree"
     rm -rf "$src"
@@ -99,7 +140,7 @@ install_llama() {
     local cache
     cache=$(wheel_cache)
     if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        say "building llama-cpp-python $LLAMA_VERSION from source with ${LLAMA_PATCHES[*]} (5-8 min on 2 cores)"
+        say "building llama-cpp-python $LLAMA_VERSION from source with ${LLAMA_PATCHES[*]:-no patches (stock llama.cpp)} (5-8 min on 2 cores)"
         build_llama_wheel "$cache"
     else
         say "reusing the llama-cpp-python wheel built earlier ($cache)"

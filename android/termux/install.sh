@@ -6,7 +6,8 @@
 # What it does:
 #   1. installs Termux packages: python and its numpy, a C/C++ toolchain, cmake, ZeroMQ, termux-api
 #      (battery readings) and termux-services (runit);
-#   2. builds llama-cpp-python from source for this phone's CPU: GGML_NATIVE=OFF with an explicit
+#   2. builds llama-cpp-python from source for this phone's CPU, the version scripts/llama.lock pins
+#      (the sdist's sha256 checked; the x86 patches of scripts/patches are not applied): GGML_NATIVE=OFF with an explicit
 #      -march that has the ARM features /proc/cpuinfo reports (asimddp → dotprod, i8mm → i8mm),
 #      keeping llama.cpp's load-time repacking of q4_0/q8_0 weights (GGML_CPU_REPACK) that lets the
 #      dotprod/i8mm kernels run on interleaved blocks;
@@ -17,6 +18,13 @@ set -euo pipefail
 PREFIX=${PREFIX:-/data/data/com.termux/files/usr}
 SRC=${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 say() { printf 'pocketembed-install: %s\n' "$*"; }
+# The llama-cpp-python release the desktop build pins too, read from this script's own checkout.
+LLAMA_LOCK="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/scripts/llama.lock"
+lock() { sed -n "s/^$1=//p" "$LLAMA_LOCK" | head -n1; }
+[ -f "$LLAMA_LOCK" ] || { say "$LLAMA_LOCK is missing: run this script from a pocketembed checkout"; exit 1; }
+LLAMA_VERSION=$(lock LLAMA_CPP_PYTHON_VERSION)
+LLAMA_SDIST=$(lock LLAMA_CPP_PYTHON_SDIST)
+LLAMA_SHA256=$(lock LLAMA_CPP_PYTHON_SHA256)
 
 # Android's own termux package names (Termux main repository).
 if [ "${POCKETEMBED_SKIP_PKG:-0}" != 1 ]; then
@@ -47,7 +55,21 @@ fi
 # pyzmq links Termux's libzmq instead of building its bundled copy.
 export ZMQ_PREFIX="$PREFIX"
 
-python -m pip install --no-cache-dir "llama-cpp-python>=0.3.36"
+if python -m pip show llama-cpp-python 2>/dev/null | grep -qx "Version: $LLAMA_VERSION"; then
+    say "llama-cpp-python $LLAMA_VERSION is installed"
+else
+    sdist_dir=$(mktemp -d "${TMPDIR:-$PREFIX/tmp}/pe-llama.XXXXXX")
+    python -m pip download -q --no-deps --no-binary :all: --no-cache-dir -d "$sdist_dir" "llama-cpp-python==$LLAMA_VERSION"
+    got=$(sha256sum "$sdist_dir/$LLAMA_SDIST" | cut -d' ' -f1)
+    if [ "$got" != "$LLAMA_SHA256" ]; then
+        say "$LLAMA_SDIST: sha256 mismatch: expected $LLAMA_SHA256 (scripts/llama.lock), got $got"
+        rm -rf "$sdist_dir"
+        exit 1
+    fi
+    say "building llama-cpp-python $LLAMA_VERSION (sha256 checked)"
+    python -m pip install --no-cache-dir "$sdist_dir/$LLAMA_SDIST"
+    rm -rf "$sdist_dir"
+fi
 python -m pip install "${SRC}[daemon]"
 if ! pocketembed models list >/dev/null 2>&1 || ! pocketembed models prepare all-minilm-l6-v2:q8_0; then
     say "model preparation needs pip's 'prepare' extra (torch); prepare the models on a computer with"
