@@ -140,6 +140,9 @@ class Handlers:
     def collections_list(self, a: ops.NoArgs) -> list[dict[str, Any]]:
         return self.storage.require().index.collections_list(a)
 
+    def collections_stats(self, a: ops.CollectionArgs) -> dict[str, Any]:
+        return self.storage.require().index.collections_stats(a)
+
     def index_add(self, a: ops.IndexAddArgs) -> dict[str, Any]:
         return self.storage.require().index.index_add(a)
 

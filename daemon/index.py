@@ -131,6 +131,14 @@ class IndexService:
     def collections_list(self, args: ops.NoArgs) -> list[dict[str, Any]]:
         return self._store().collections()
 
+    def collections_stats(self, args: ops.CollectionArgs) -> dict[str, Any]:
+        """``collections.list``'s entry of one collection, and the items its queue holds for the runner."""
+        store = self._store()
+        out = store.collection(args.collection)
+        queued = store.conn.execute("SELECT coalesce(SUM(queue_rows), 0) FROM jobs WHERE collection = ? AND kind = 'queue' "
+                                    "AND state IN ('queued', 'running', 'waiting', 'paused')", (args.collection,)).fetchone()[0]
+        return {**out, "queued": queued}
+
     def search(self, args: ops.SearchArgs) -> Any:
         """The k nearest items, or a future of them while the query embeds (or its candidates are reranked)."""
         store = self._store()

@@ -251,6 +251,10 @@ class _Ops:
     def drop_collection(self, collection: str) -> dict[str, Any]:
         return self._call("collections.drop", {"collection": collection})
 
+    def collection_stats(self, collection: str) -> dict[str, Any]:
+        """One collection's ``collections.list`` entry and ``queued`` items; needs ``search:COLLECTION``."""
+        return self._call("collections.stats", {"collection": collection})
+
     def index_table(self, db: str, table: str, id_column: str, text_column: str, *, where: str | None = None,
                     collection: str | None = None, model: str | None = None, truncate: bool = True) -> dict[str, Any]:
         """Queue a background job embedding every row of ``table`` in the SQLite file ``db``.

@@ -374,6 +374,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "queue items (and deletions) to embed in the background while the power policy allows"),
     Op("collections.list", NoArgs, "search", "admin", "the collections", result="list"),
     Op("collections.drop", CollectionArgs, "write", "admin", "delete a collection"),
+    Op("collections.stats", CollectionArgs, "search", "search:{collection}",
+       "one collection's size, codes, lexical index and queued work (an app sees its own)"),
     Op("jobs.submit", JobSubmitArgs, "source", "admin", "queue a job indexing a SQLite table"),
     Op("jobs.list", JobsListArgs, "aux", "admin", "jobs, newest first", result="list"),
     Op("jobs.status", JobArgs, "aux", "index:{job}", "one job with its row errors (an app follows "

@@ -204,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_option(srch)
     srch.set_defaults(func=cmd_search)
 
-    cols = sub.add_parser("collections", help="list or drop collections",
-                          description="List the daemon's collections; `collections drop NAME` deletes one.")
-    cols.add_argument("action", nargs="?", choices=["list", "drop"], default="list")
+    cols = sub.add_parser("collections", help="list, inspect or drop collections",
+                          description="List the daemon's collections; `collections stats NAME` shows one (and its "
+                                      "queued items); `collections drop NAME` deletes one.")
+    cols.add_argument("action", nargs="?", choices=["list", "stats", "drop"], default="list")
     cols.add_argument("name", nargs="?", metavar="NAME")
     cols.add_argument("--json", action="store_true", help="print JSON")
     _socket_option(cols)
@@ -601,6 +602,15 @@ def _one_line(text: str, width: int = 90) -> str:
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
+    if args.action == "stats":
+        if not args.name:
+            raise InvalidInput("collections stats needs a NAME")
+        res = _ask_daemon(args.socket, lambda c: c.collection_stats(args.name))
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            _print_table(["KEY", "VALUE"], [[k, str(v)] for k, v in res.items()])
+        return 0
     if args.action == "drop":
         if not args.name:
             raise InvalidInput("collections drop needs a NAME")

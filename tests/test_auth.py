@@ -172,6 +172,28 @@ def test_an_app_follows_its_own_queue_job_and_no_one_elses(served):
     assert "inbox" not in theirs.value.message
 
 
+def test_an_app_reads_its_own_collections_stats_and_no_one_elses(served):
+    d, root, tcp, _ = served
+    token = add_client(root, "stats-app", "search:sms")
+    with Client(tcp, token=token) as c:
+        mine = c.collection_stats("sms")
+        assert mine["name"] == "sms" and mine["items"] == 2 and mine["store_text"] and mine["queued"] == 0
+        for other in ("work", "no-such-collection"):  # refused before the store is read: nothing to learn
+            with pytest.raises(AccessDenied) as e:
+                c.collection_stats(other)
+            assert e.value.code == "forbidden" and other not in e.value.message
+    with d.client() as owner:
+        job = owner.index_enqueue("work", [{"id": 9, "text": "queued while paused"}])
+        owner.job_pause(job["id"])
+        try:
+            assert owner.collection_stats("work")["queued"] >= 1  # the queue's items, not yet embedded
+        finally:
+            owner.job_resume(job["id"])
+        with pytest.raises(DaemonError) as e:
+            owner.collection_stats("no-such-collection")
+        assert e.value.code == "unknown_collection"
+
+
 def test_tokens_never_reach_the_log(served):  # last of the module's tests: it stops the shared daemon
     d, root, tcp, _ = served
     token = add_client(root, "logged", "embed")

@@ -145,6 +145,7 @@ SAMPLE_ARGS: dict[str, tuple[tuple, dict]] = {
     "index.enqueue": (("sms", [{"id": 1, "text": "hi"}]), {"delete": [2]}),
     "collections.list": ((), {}),
     "collections.drop": (("sms",), {}),
+    "collections.stats": (("sms",), {}),
     "jobs.submit": (("/tmp/sms.db", "sms", "id", "body"), {"where": "id > 3"}),
     "jobs.list": ((), {"limit": 5}),
     "jobs.status": ((7,), {}),
@@ -241,6 +242,7 @@ CLI_ARGS: dict[str, list[str]] = {
     "models.load": ["all-minilm-l6-v2:q8_0"], "models.unload": ["all-minilm-l6-v2:q8_0"], "stats": [],
     "search": ["dinner", "-c", "sms"], "index.add": ["-c", "sms"], "index.delete": ["-c", "sms", "1"],
     "index.enqueue": ["-c", "sms"], "collections.list": [], "collections.drop": ["sms"],
+    "collections.stats": ["sms"],
     "jobs.submit": ["--db", "sms.db", "--table", "sms", "--id", "id", "--text", "body"], "jobs.list": [],
     "jobs.status": ["7"], "jobs.pause": ["7"], "jobs.resume": ["7"], "jobs.cancel": ["7"],
 }

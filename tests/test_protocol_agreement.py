@@ -181,7 +181,7 @@ VALID_ARGS: dict[str, dict] = {
     "index.add": {"collection": "doc", "items": [{"id": 3, "text": "dinner at eight"}]},
     "index.delete": {"collection": "doc", "ids": [3]},
     "index.enqueue": {"collection": "queued", "items": [{"id": 2, "text": "later, on the charger"}]},
-    "collections.list": {}, "jobs.list": {},
+    "collections.list": {}, "collections.stats": {"collection": "doc"}, "jobs.list": {},
 }
 ELSEWHERE = {"rerank": "test_import.py (a reranker model)", "jobs.submit": "test_jobs.py (a job source)"}
 

@@ -348,6 +348,11 @@ public final class PocketEmbedClient implements AutoCloseable {
         return map(call("collections.drop", withCollection(collection, null), timeoutMs));
     }
 
+    /** One collection's size, codes, lexical index and queued items; an app's token needs search:COLLECTION. */
+    public CompletableFuture<Map<String, Object>> collectionsStats(String collection) {
+        return map(call("collections.stats", withCollection(collection, null), timeoutMs));
+    }
+
     public CompletableFuture<Map<String, Object>> stats() {
         return map(call("stats", null, timeoutMs));
     }
