@@ -10,6 +10,7 @@ private to the daemon's user, whose requests are admin unless
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -42,6 +43,8 @@ class Authenticator:
         self.clock = clock
         self._bad_tokens: dict[bytes, tuple[int, float]] = {}
         """Connection → (bad tokens in a row, blocked until)."""
+        self._lock = threading.Lock()
+        """The ZeroMQ I/O thread and the HTTP thread both authenticate."""
 
     def authenticate(self, req: ops.Request, conn: bytes, unix: bool) -> tuple[str, ...]:
         """The permissions this request carries; Unauthorized without a known token where one is needed.
@@ -53,6 +56,10 @@ class Authenticator:
             return ()
         if unix and not self.require_auth_unix:
             return ("admin",)  # the Unix socket is 0600 in a 0700 directory: the peer is the owner
+        with self._lock:
+            return self._token(req, conn)
+
+    def _token(self, req: ops.Request, conn: bytes) -> tuple[str, ...]:
         bad, until = self._bad_tokens.get(conn, (0, 0.0))
         now = self.clock()
         if until > now:
@@ -68,7 +75,8 @@ class Authenticator:
                 if len(self._bad_tokens) > MAX_TRACKED:
                     self._bad_tokens.clear()
                 self._bad_tokens[conn] = (bad, now + BLOCK_S if bad >= BAD_TOKENS_BEFORE_BLOCK else 0.0)
-            raise Unauthorized("this endpoint needs a client token in the request's auth"
+            raise Unauthorized("this endpoint needs a client token (the request's auth; on HTTP "
+                               "`Authorization: Bearer TOKEN`)"
                                + (" (this one is unknown or revoked)" if req.auth else "")
                                + "; the phone's owner creates one with `pocketembed clients add`")
         self._bad_tokens.pop(conn, None)
@@ -76,7 +84,8 @@ class Authenticator:
 
     def forget(self, conn: bytes) -> None:
         """A connection opened or closed: no block carries over to whoever gets its key next."""
-        self._bad_tokens.pop(conn, None)
+        with self._lock:
+            self._bad_tokens.pop(conn, None)
 
     def forbidden(self, op: ops.Op) -> Forbidden:
         """The refusal of an op the caller's permissions do not cover (counted)."""

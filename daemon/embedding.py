@@ -20,13 +20,14 @@ import copy
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pocketembed.errors import Busy, ModelUnloading, PocketEmbedError, ShuttingDown
 
 from .calibration import calibration_texts, ranges_of
+from .executors import then
 from .models import ModelRegistry
 from .scheduler import INTERACTIVE, EmbedTask, Scheduler
 
@@ -36,6 +37,16 @@ Label = Callable[[int], str]
 
 def _label(name: str) -> Label:
     return lambda i: f"{name}[{i}]"
+
+
+class Embedded(NamedTuple):
+    """A request's vectors (or raw scores) with what they cost, for replies that report usage."""
+
+    values: np.ndarray
+    tokens: int
+    """Tokens decoded, special tokens and prefixes included."""
+    load_ms: float
+    """Time spent waiting for the model (a load on demand, else ~0)."""
 
 
 class Embedder:
@@ -52,21 +63,31 @@ class Embedder:
     def embed(self, texts: Sequence[str], model: str | None, *, input_type: str | None = None,
               lane: str = INTERACTIVE, dims: int | None = None, normalize: bool = True, truncate: bool = False,
               deadline: float | None = None, keep_alive: float | None = None,
-              label: Label | None = _label("texts")) -> Future:
-        """A future of the texts' vectors (float32, one row per text); refused at once when the lane is full."""
+              label: Label | None = _label("texts"), counted: bool = False) -> Future:
+        """A future of the texts' vectors (float32, one row per text); refused at once when the lane is full.
+
+        ``counted``: an ``Embedded`` instead, the vectors with their token count and model wait.
+        """
         spec = self.models.spec(model, "embed")
         prefix = self.models.prefix(spec.name, input_type)
         task = EmbedTask(texts=[prefix + t for t in texts] if prefix else list(texts), model=spec.name, lane=lane,
                          normalize=normalize, dims=dims, truncate=truncate, deadline=deadline, keep_alive=keep_alive)
-        return _named(self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name)), label)
+        return self._submit(task, spec.name, label, counted)
 
     def rerank(self, query: str, documents: Sequence[str], model: str | None, *, lane: str = INTERACTIVE,
-               truncate: bool = False, deadline: float | None = None, keep_alive: float | None = None) -> Future:
-        """A future of a cross-encoder's raw scores of each (query, document) pair."""
+               truncate: bool = False, deadline: float | None = None, keep_alive: float | None = None,
+               counted: bool = False) -> Future:
+        """A future of a cross-encoder's raw scores of each (query, document) pair (``counted``: an ``Embedded``)."""
         spec = self.models.spec(model, "rerank")
         task = EmbedTask(texts=list(documents), query=query, model=spec.name, lane=lane, truncate=truncate,
                          deadline=deadline, keep_alive=keep_alive)
-        return _named(self.scheduler.submit(task, max_tokens=self.models.max_tokens(spec.name)), _label("documents"))
+        return self._submit(task, spec.name, _label("documents"), counted)
+
+    def _submit(self, task: EmbedTask, model: str, label: Label | None, counted: bool) -> Future:
+        out = _named(self.scheduler.submit(task, max_tokens=self.models.max_tokens(model)), label)
+        if counted:
+            return then(out, lambda values: Embedded(values, task.n_tokens, task.load_ms), what="usage")
+        return out
 
     def embed_wait(self, texts: Sequence[str], model: str | None, *, retry: bool = False, **kw: Any) -> np.ndarray:
         """``embed`` and wait, on a thread that needs the vectors to go on (writes, jobs, calibration).

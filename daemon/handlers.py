@@ -27,7 +27,7 @@ from pocketembed.ipc import ops
 from pocketembed.ipc import protocol as P
 
 from . import store
-from .embedding import Embedder
+from .embedding import Embedded, Embedder
 from .engine import scale_scores
 from .executors import Executor, StorageError, then
 from .index import IndexService
@@ -98,6 +98,9 @@ class Handlers:
              "imported": s.imported, "loaded": s.name in loaded,
              "prepared": s.name in data["models"] and manifest.model_path(self.config.home, s).exists(),
              "default": s.name == DEFAULT_MODEL, "max_tokens": self.models.max_tokens(s.name),
+             "matryoshka": s.matryoshka,
+             **({"file_bytes": data["models"][s.name].get("size"), "sha256": data["models"][s.name].get("sha256")}
+                if s.name in data["models"] else {}),
              **({"score": s.score} if s.kind == "rerank" else {}),
              **({"memory_bytes": loaded[s.name]["bytes"], "keep_alive_s": loaded[s.name]["keep_alive_s"],
                  "expires_in_s": loaded[s.name]["expires_in_s"]} if s.name in loaded else {})}
@@ -109,16 +112,18 @@ class Handlers:
     def embed(self, a: ops.EmbedArgs) -> Future:
         vectors = self.embedder.embed(a.texts, a.model, input_type=a.input_type, lane=a.priority or INTERACTIVE,
                                       dims=a.dims, normalize=a.normalize, truncate=a.truncate,
-                                      deadline=_deadline(a.timeout_ms), keep_alive=_keep_alive(a.keep_alive))
+                                      deadline=_deadline(a.timeout_ms), keep_alive=_keep_alive(a.keep_alive),
+                                      counted=True)
         model = self.models.spec(a.model, "embed").name
-        return then(vectors, lambda vecs: {**P.encode_vectors(vecs, a.dtype), "model": model}, what="embed")
+        return then(vectors, lambda e: {**P.encode_vectors(e.values, a.dtype), "model": model, **_usage(e)},
+                    what="embed")
 
     def rerank(self, a: ops.RerankArgs) -> Future:
         spec = self.models.spec(a.model, "rerank")
         logits = self.embedder.rerank(a.query, a.documents, spec.name, lane=a.priority or INTERACTIVE,
                                       truncate=a.truncate, deadline=_deadline(a.timeout_ms),
-                                      keep_alive=_keep_alive(a.keep_alive))
-        return then(logits, lambda raw: rerank_result(raw, spec.score, spec.name), what="rerank")
+                                      keep_alive=_keep_alive(a.keep_alive), counted=True)
+        return then(logits, lambda e: {**rerank_result(e.values, spec.score, spec.name), **_usage(e)}, what="rerank")
 
     # -- control --------------------------------------------------------------------------
 
@@ -235,6 +240,10 @@ def rerank_result(logits: np.ndarray, scale: str, model: str) -> dict[str, Any]:
     """A rerank reply: the scores in the model's own scale, and the raw logits."""
     return {"model": model, "scores": scale_scores(logits, scale).tolist(),
             "logits": scale_scores(logits, "raw").tolist(), "scale": scale}
+
+
+def _usage(e: Embedded) -> dict[str, Any]:
+    return {"tokens": e.tokens, "load_ms": round(e.load_ms, 3)}
 
 
 def _keep_alive(value: Any) -> float | None:

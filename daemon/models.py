@@ -24,7 +24,7 @@ from pocketembed.errors import ModelNotLoaded, ModelUnloading, OverBudget, Wrong
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import ModelSpec, get
 
-from . import llama_runtime
+from . import faults, llama_runtime
 from .engine import Engine, EngineConfig
 
 log = logging.getLogger("pocketembed.models")
@@ -252,6 +252,7 @@ class ModelRegistry:
             spec = self.spec(name)
             need = self.estimate_bytes(spec)
             cfg = self.settings.get(name, ModelSettings())
+            faults.check("models", "load")
             t = time.perf_counter()
             path = manifest.verify(self.home, spec)  # a corrupt file fails here, before anything is evicted
             self._make_room(name, need)

@@ -115,6 +115,10 @@ class EmbedTask:
     """Completed by a decode worker: the vectors (rerank: the raw scores), or the request's error."""
     est_tokens: int = 0
     tokens: list[list[int]] | None = None
+    n_tokens: int = 0
+    """Tokens of all its texts, special tokens included (what the decode costs): the reply's usage."""
+    load_ms: float = 0.0
+    """Time its tokenizer waited for the model (a load on demand, or ~0 when loaded): Ollama's load_duration."""
     state: str = "new"  # new → tokenizing → ready → done
     taken: int = 0
     finished: int = 0
@@ -312,7 +316,9 @@ class Scheduler:
         name = tasks[0].model
         try:
             faults.check("scheduler", "tokenize")
+            asked = time.perf_counter()
             engine = self.engines.acquire(name)
+            load_ms = (time.perf_counter() - asked) * 1000
         except Exception as e:  # e.g. an OSError loading the model on demand: these requests fail, the worker goes on
             for t in tasks:
                 self._fail(lane, t, as_error(e, f"loading {name}"))
@@ -325,6 +331,8 @@ class Scheduler:
                         t.tokens = [self._tok(engine, i, s, t.truncate) for i, s in enumerate(t.texts)]
                     else:
                         t.tokens = [self._pair(engine, i, t.query, s, t.truncate) for i, s in enumerate(t.texts)]
+                    t.n_tokens = sum(map(len, t.tokens))
+                    t.load_ms = load_ms
                     t.pooled = np.empty((len(t.texts), engine.dims), dtype=np.float32)
                     t.limits = (engine.batch_tokens, engine.max_seqs)
                 except Exception as e:

@@ -25,9 +25,11 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pocketembed.clients import ClientStore
 from pocketembed.errors import PocketEmbedError
+from pocketembed.ipc import ops
 
 from . import store
 from .auth import Authenticator
@@ -43,6 +45,9 @@ from .power import PowerMonitor, sources
 from .scheduler import Scheduler
 from .settings import ServeConfig
 from .transport import DaemonRunning, Transport
+
+if TYPE_CHECKING:
+    from .http_server import HttpTransport
 
 log = logging.getLogger("pocketembed.server")
 
@@ -111,11 +116,21 @@ class Server:
                           for name, size in EXECUTOR_QUEUES.items()}
         self.storage = self._open_storage()
         self.handlers = Handlers(config, self.models, self.scheduler, self.embedder, self.power, self.metrics,
-                                 self.storage, self.executors, transport_stats=lambda: self.transport.stats())
+                                 self.storage, self.executors, transport_stats=self._transport_stats)
         self.auth = Authenticator(ClientStore(config.home), self.metrics, require_auth_unix=config.require_auth_unix)
         self.dispatcher = Dispatcher(self.handlers, self.executors, self.models, self.auth)
         self.transport = Transport(config.socket_path, config.tcp, config.allow_remote, self.auth,
                                    self.dispatcher.dispatch, self.metrics)
+        self.http: HttpTransport | None = None
+        if config.http:
+            from .http_server import HttpTransport  # h11: the `http` extra, imported only when asked for
+
+            self.http = HttpTransport(config.http, config.allow_remote, self.auth, self.dispatcher.dispatch,
+                                      self.metrics, spec=self.models.spec,
+                                      model_list=lambda: self.handlers.models_list(ops.NoArgs()), on_death=self._died)
+
+    def _transport_stats(self) -> dict:
+        return {**self.transport.stats(), **(self.http.stats() if self.http is not None else {})}
 
     def _open_storage(self) -> Storage:
         """The index store, its job queue, runner and index service; or, if index.db cannot be opened, why not."""
@@ -151,9 +166,14 @@ class Server:
         self.lock.acquire()
         try:
             self.transport.bind()
+            if self.http is not None:
+                self.http.bind()
         except BaseException:
+            self.transport.close()
             self.lock.release()
             raise
+        if self.http is not None:
+            self.http.start()  # /health answers 503 while the start-up models load
 
     def load_preloaded(self) -> None:
         """Load the start-up models; one that cannot load is logged, not fatal."""
@@ -171,6 +191,8 @@ class Server:
             ex.start()
         if self.storage.runner is not None:
             self.storage.runner.start()
+        if self.http is not None:
+            self.http.set_ready()
         if not self.transport.serve():
             self.transport.die()  # a thread died: does not return
         self.shutdown()
@@ -181,6 +203,8 @@ class Server:
             log.info("stopping: finishing %d in-flight request(s)", self.transport.held)
         self.stopping.set()
         self.transport.request_stop()
+        if self.http is not None:
+            self.http.request_stop()
 
     def _died(self, name: str) -> None:
         self.transport.thread_died(name)
@@ -195,6 +219,8 @@ class Server:
             self.storage.index.close()  # after the search executor: it hands source reads over until it stops
         self.scheduler.stop()
         self.transport.drain_replies()
+        if self.http is not None:
+            self.http.close()  # its requests' futures are done: their replies go out
         self.models.close()
         self.handlers.close()
         if self.storage.main is not None:

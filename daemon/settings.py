@@ -26,6 +26,8 @@ class ServeConfig:
     socket_path: Path
     home: Path
     tcp: str | None = None
+    http: str | None = None
+    """HOST:PORT of the HTTP endpoints (http_server.py), or None."""
     allow_remote: bool = False
     preload: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     threads: int | None = None
@@ -58,6 +60,7 @@ class ServeConfig:
             socket_path=paths.socket_path(s.socket),
             home=home,
             tcp=s.tcp,
+            http=s.http,
             allow_remote=s.allow_remote,
             preload=[m for m in (s.models if s.models is not None else [DEFAULT_MODEL]) if m != "none"],
             threads=s.threads,

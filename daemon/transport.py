@@ -169,7 +169,7 @@ class Transport:
 
     def bind(self) -> None:
         """Bind the Unix socket (and TCP, if asked); on failure nothing is left behind."""
-        tcp_host, tcp_port = _check_tcp(self.tcp, self.allow_remote) if self.tcp else (None, None)
+        tcp_host, tcp_port = check_address(self.tcp, self.allow_remote) if self.tcp else (None, None)
         try:
             self._bind(tcp_host, tcp_port)
         except BaseException:
@@ -532,12 +532,15 @@ def _pending(sock: zmq.Socket, copy: bool = True) -> Iterator[list[Any]]:
             return
 
 
-def _check_tcp(tcp: str, allow_remote: bool) -> tuple[str, str]:
-    host, sep, port = tcp.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise PocketEmbedError(f"--tcp must be HOST:PORT, got {tcp!r}", code="invalid_config")
+def check_address(address: str, allow_remote: bool, flag: str = "--tcp") -> tuple[str, str]:
+    """HOST:PORT of a listener (``[::1]:PORT`` for IPv6), refused off loopback unless ``allow_remote``."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise PocketEmbedError(f"{flag} must be HOST:PORT, got {address!r}", code="invalid_config")
     if host not in ("127.0.0.1", "localhost", "::1") and not allow_remote:
-        raise PocketEmbedError(f"refusing to listen on {host}: TCP is loopback-only unless --allow-remote", code="invalid_config")
+        raise PocketEmbedError(f"refusing to listen on {host}: {flag} is loopback-only unless --allow-remote",
+                               code="invalid_config")
     return host, port
 
 

@@ -67,6 +67,9 @@ class ModelSpec:
     """Added by ``models import`` (lives in the manifest) rather than built from the catalog."""
     score: str = "raw"
     """A reranker's score scale: ``raw`` logits, or ``sigmoid`` of them."""
+    matryoshka: bool | None = None
+    """Whether the model was trained for Matryoshka truncation (None: not known). The HTTP endpoints'
+    ``dimensions`` is refused for a model known not to be; the ``embed`` op's ``dims`` truncates anyway."""
 
     @property
     def quantized(self) -> bool:
@@ -127,7 +130,8 @@ MINILM_Q4_OVERRIDES: tuple[TensorRule, ...] = (
     TensorRule(r"^blk\.[45]\.", "q8_0"),
 )
 
-_MINILM = dict(family="all-minilm-l6-v2", dims=384, pooling="mean", max_tokens=256, source=MINILM_SOURCE, license="Apache-2.0")
+_MINILM = dict(family="all-minilm-l6-v2", dims=384, pooling="mean", max_tokens=256, source=MINILM_SOURCE, license="Apache-2.0",
+               matryoshka=False)
 
 MODELS: dict[str, ModelSpec] = {
     m.name: m

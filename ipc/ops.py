@@ -563,9 +563,9 @@ def op_table() -> str:
 
 def error_table() -> str:
     """The table of every error code of the registry (protocol.ERRORS): what it means, whether a retry can help."""
-    rows = ["| code | meaning | retry |", "| --- | --- | --- |"]
+    rows = ["| code | meaning | retry | HTTP |", "| --- | --- | --- | --- |"]
     for e in P.ERRORS.values():
-        rows.append(f"| `{e.code}` | {e.meaning} | {e.retry} |")
+        rows.append(f"| `{e.code}` | {e.meaning} | {e.retry} | {e.http} |")
     return "\n".join(rows)
 
 

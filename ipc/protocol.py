@@ -37,6 +37,8 @@ class ErrorCode:
     """When the daemon answers it (markdown, as PROTOCOL.md shows it)."""
     retry: str
     """Whether, and when, the same request may succeed if sent again."""
+    http: int
+    """The HTTP status the HTTP endpoints answer it with (daemon/http_api.py)."""
 
 
 KINDS = {
@@ -54,67 +56,69 @@ ERRORS: dict[str, ErrorCode] = {}
 """Every error code of protocol v1, in PROTOCOL.md's order."""
 
 
-def _error(code: str, kind: str, meaning: str, retry: str) -> str:
+def _error(code: str, kind: str, meaning: str, retry: str, http: int) -> str:
     assert kind in KINDS and code not in ERRORS, code
-    ERRORS[code] = ErrorCode(code, kind, meaning, retry)
+    ERRORS[code] = ErrorCode(code, kind, meaning, retry, http)
     return code
 
 
 NO = "no: fix the request"
-BAD_FRAME = _error("bad_frame", "request", "not msgpack, not a map, bad `id` type, or wrong number of frames", NO)
-BAD_VERSION = _error("bad_version", "request", "`v` is not 1", NO)
-UNKNOWN_OP = _error("unknown_op", "request", "no such op", NO)
-INVALID_ARGS = _error("invalid_input", "request", "an argument is missing, of the wrong type or out of range", NO)
+BAD_FRAME = _error("bad_frame", "request", "not msgpack, not a map, bad `id` type, or wrong number of frames", NO, http=400)
+BAD_VERSION = _error("bad_version", "request", "`v` is not 1", NO, http=400)
+UNKNOWN_OP = _error("unknown_op", "request", "no such op", NO, http=404)
+INVALID_ARGS = _error("invalid_input", "request", "an argument is missing, of the wrong type or out of range", NO, http=400)
 TOO_LARGE = _error("too_large", "request", "a frame, text, list, string, map or reply over its limit",
-                   "no: split the request (or ask for less)")
-EMPTY_TEXT = _error("empty_text", "request", "a text is empty or whitespace only, or has no tokens", NO)
+                   "no: split the request (or ask for less)", http=413)
+EMPTY_TEXT = _error("empty_text", "request", "a text is empty or whitespace only, or has no tokens", NO, http=400)
 TEXT_TOO_LONG = _error("text_too_long", "request", "a text is over the model's token limit and `truncate` is false",
-                       "with `truncate` (or `chunk`)")
-UNKNOWN_MODEL = _error("unknown_model", "model", "the model name is neither in the catalog nor imported", NO)
+                       "with `truncate` (or `chunk`)", http=400)
+UNKNOWN_MODEL = _error("unknown_model", "model", "the model name is neither in the catalog nor imported", NO, http=404)
 WRONG_MODEL_KIND = _error("wrong_model_kind", "model", "a reranker where vectors are needed (`embed`, `index.*`, "
-                          "jobs), or an embedding model given to `rerank` / search's `rerank`", NO)
+                          "jobs), or an embedding model given to `rerank` / search's `rerank`", NO, http=400)
 MODEL_NOT_PREPARED = _error("model_not_prepared", "model",
-                            "the model's file is missing: run `pocketembed models prepare NAME`", "once it is prepared")
+                            "the model's file is missing: run `pocketembed models prepare NAME`", "once it is prepared", http=404)
 MODEL_CORRUPT = _error("model_corrupt", "model",
                        "the file fails its sha256 / is not GGUF / is not an embedding model",
-                       "once it is prepared again (`models prepare --force`)")
+                       "once it is prepared again (`models prepare --force`)", http=503)
 MODEL_NOT_LOADED = _error("model_not_loaded", "model", "`models.unload` of a model that is not loaded; or the model "
-                          "is not loaded and on-demand loading is off", "after `models.load`")
+                          "is not loaded and on-demand loading is off", "after `models.load`", http=409)
 MODEL_UNLOADING = _error("model_unloading", "model",
-                         "the model is being unloaded on purpose; load it again or retry later", "yes, later")
+                         "the model is being unloaded on purpose; load it again or retry later", "yes, later", http=503)
 MEMORY_BUDGET = _error("memory_budget", "model", "loading the model would exceed the daemon's memory budget even "
-                       "after evicting idle models", "once another model is unloaded or idle")
+                       "after evicting idle models", "once another model is unloaded or idle", http=503)
 UNSUPPORTED_BUILD = _error("unsupported_build", "model",
                            "the daemon's llama.cpp build is known to crash with this model",
-                           "no: another model, or another llama.cpp build")
+                           "no: another model, or another llama.cpp build", http=501)
 BUSY = _error("busy", "busy", "the lane's queue is full; the error map has `retry_after_ms`",
-              "yes, after `retry_after_ms`")
+              "yes, after `retry_after_ms`", http=429)
 TIMEOUT = _error("timeout", "timeout", "the request's `timeout_ms` passed before it ran (not computed)",
-                 "yes (a longer `timeout_ms`, or when the daemon is less loaded)")
+                 "yes (a longer `timeout_ms`, or when the daemon is less loaded)", http=504)
+LOADING = _error("loading", "unavailable", "the daemon is still loading its start-up models (HTTP only: the "
+                 "ZeroMQ sockets take requests once they are loaded)", "yes, after `Retry-After`", http=503)
 SHUTTING_DOWN = _error("shutting_down", "unavailable", "the daemon received SIGTERM and takes no new work",
-                       "yes, once the daemon is started again")
-UNKNOWN_JOB = _error("unknown_job", "request", "no job with that id (that this client may read)", NO)
+                       "yes, once the daemon is started again", http=503)
+UNKNOWN_JOB = _error("unknown_job", "request", "no job with that id (that this client may read)", NO, http=404)
 INVALID_STATE = _error("invalid_state", "request",
                        "the job's state does not allow that action (e.g. resume a running job)",
-                       "once the job is in a state that allows it")
+                       "once the job is in a state that allows it", http=409)
 BAD_SOURCE = _error("bad_source", "request",
                     "an index job's database, table, columns or `where` cannot be read as asked",
-                    "no: fix the source or the request")
-UNKNOWN_COLLECTION = _error("unknown_collection", "request", "no collection with that name", NO)
-COLLECTION_MISMATCH = _error("collection_mismatch", "request", "the collection is bound to another model or dims", NO)
+                    "no: fix the source or the request", http=400)
+UNKNOWN_COLLECTION = _error("unknown_collection", "request", "no collection with that name", NO, http=404)
+COLLECTION_MISMATCH = _error("collection_mismatch", "request", "the collection is bound to another model or dims", NO, http=409)
 STORAGE_FULL = _error("storage_full", "storage", "the daemon's index store cannot be written because the disk is "
-                      "full; nothing of the request was stored", "once disk space is freed")
+                      "full; nothing of the request was stored", "once disk space is freed", http=507)
 STORAGE_ERROR = _error("storage_error", "storage", "the index store failed (I/O error, read-only, corrupt, or "
                        "unavailable since start: see `stats.store`); nothing of the request was stored",
-                       "once the store's cause is fixed (often a daemon restart)")
+                       "once the store's cause is fixed (often a daemon restart)", http=503)
 UNAUTHORIZED = _error("unauthorized", "access", "no client token, or an unknown or revoked one, where one is needed "
                       "(TCP); or a connection blocked for bad tokens (with `retry_after_ms`)",
-                      "with a valid token (a blocked connection: after `retry_after_ms`)")
+                      "with a valid token (a blocked connection: after `retry_after_ms`)", http=401)
 FORBIDDEN = _error("forbidden", "access", "the token's permissions do not cover the op or its collection; or a "
-                   "job's `db` outside the configured `job_sources`", "no: a token that allows it")
+                   "job's `db` outside the configured `job_sources`", "no: a token that allows it", http=403)
 INTERNAL = _error("internal", "internal", "a bug in the daemon; the message says what failed. The daemon goes on; if "
                   "one of its threads died, every request it held gets `internal` and the daemon exits with status 70 "
-                  "for its supervisor to restart it", "perhaps, after the restart")
+                  "for its supervisor to restart it", "perhaps, after the restart", http=500)
 del NO
 
 DTYPES = ("float32", "int8", "binary")

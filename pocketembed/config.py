@@ -121,7 +121,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tcp: Annotated[str | None, _about(
         "also listen on TCP at HOST:PORT (loopback only unless allow_remote); clients there need tokens",
         metavar="HOST:PORT", unset="no TCP")] = None
-    allow_remote: Annotated[bool, _about("allow a non-loopback tcp address")] = False
+    http: Annotated[str | None, _about(
+        "also serve HTTP at HOST:PORT: OpenAI-, Ollama- and TEI-compatible endpoints and /v1/search "
+        "(loopback only unless allow_remote); the same client tokens as TCP, as Bearer tokens",
+        metavar="HOST:PORT", unset="no HTTP")] = None
+    allow_remote: Annotated[bool, _about("allow a non-loopback tcp or http address")] = False
     models: Annotated[list[str] | None, _about(
         "models to load at start; 'none' for none", flag="--model", metavar="NAME",
         unset="the catalog default")] = None

@@ -187,7 +187,7 @@ if ! "$VENV/bin/pip" install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
 fi
 install_llama
 say "installing pocketembed with its extras"
-"$VENV/bin/pip" install -q -e ".[daemon,prepare,reference,test]"
+"$VENV/bin/pip" install -q -e ".[daemon,http,prepare,reference,test]"
 
 say "preparing models into ${POCKETEMBED_HOME:-the default data directory}"
 "$VENV/bin/pocketembed" models prepare

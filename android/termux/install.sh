@@ -70,7 +70,7 @@ else
     python -m pip install --no-cache-dir "$sdist_dir/$LLAMA_SDIST"
     rm -rf "$sdist_dir"
 fi
-python -m pip install "${SRC}[daemon]"
+python -m pip install "${SRC}[daemon,http]"
 if ! pocketembed models list >/dev/null 2>&1 || ! pocketembed models prepare all-minilm-l6-v2:q8_0; then
     say "model preparation needs pip's 'prepare' extra (torch); prepare the models on a computer with"
     say "'pocketembed models prepare' and copy \$POCKETEMBED_HOME/models to the phone instead"

@@ -24,6 +24,7 @@ public class DaemonException extends IOException {
     public static final String UNSUPPORTED_BUILD = "unsupported_build";
     public static final String BUSY = "busy";
     public static final String TIMEOUT = "timeout";
+    public static final String LOADING = "loading";
     public static final String SHUTTING_DOWN = "shutting_down";
     public static final String UNKNOWN_JOB = "unknown_job";
     public static final String INVALID_STATE = "invalid_state";
@@ -110,6 +111,7 @@ public class DaemonException extends IOException {
             case "unauthorized":
             case "forbidden":
                 return new AccessDenied(code, message, details);
+            case "loading":
             case "shutting_down":
                 return new Unavailable(code, message, details);
             case "storage_full":
