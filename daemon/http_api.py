@@ -387,10 +387,12 @@ def peek_collection(body: bytes) -> Any:
 
 
 def default_reranker(models: list[dict[str, Any]]) -> str:
-    """The reranker for a request that names none: the one loaded, else the one prepared (if just one)."""
-    rerankers = [m for m in models if m["kind"] == "rerank" and m["prepared"]]
-    loaded = [m for m in rerankers if m["loaded"]]
-    pick = loaded if len(loaded) == 1 else rerankers
+    """The reranker for a request that names none: the only one prepared.
+
+    Not "the one loaded": which that is depends on the last caller, and the same
+    request must not score with one model now and another after an unload.
+    """
+    pick = [m for m in models if m["kind"] == "rerank" and m["prepared"]]
     if len(pick) == 1:
         return pick[0]["name"]
     raise UnknownModel("this request names no reranker (`model`) and the daemon has "
@@ -448,4 +450,4 @@ if __name__ == "__main__":  # python -m pocketembed.daemon.http_api [docs/openap
     print(f"wrote {out}")
 
 
-__all__ = ["ENDPOINTS", "ROUTES", "Context", "Endpoint", "PocketEmbedError", "decode_body", "error_reply"]
+__all__ = ["ENDPOINTS", "ROUTES", "Context", "Endpoint", "decode_body", "error_reply", "openapi"]

@@ -95,6 +95,8 @@ class HttpTransport:
         self._thread: threading.Thread | None = None
         self._closed: asyncio.Event | None = None
         self._conns: set[asyncio.Task] = set()
+        self._answering: set[asyncio.Task] = set()
+        """Connections with a request read and its reply not yet written: the ones a stop waits for."""
         self._ids = itertools.count(1)
         self._counts = {"requests": 0, "connections_refused": 0, "timeouts": 0, "too_large": 0}
 
@@ -151,8 +153,10 @@ class HttpTransport:
         async with server:
             await self._closed.wait()
             server.close()
-            if self._conns:
-                await asyncio.wait(list(self._conns), timeout=5.0)
+            for task in self._conns - self._answering:  # idle keep-alive connections: nothing to finish
+                task.cancel()
+            if self._answering:
+                await asyncio.wait(list(self._answering), timeout=5.0)
             for task in list(self._conns):
                 task.cancel()
 
@@ -163,9 +167,10 @@ class HttpTransport:
             self.metrics.count("connections_refused")
             conn = h11.Connection(h11.SERVER)
             code = P.SHUTTING_DOWN if self._stopping else P.BUSY
-            await self._close_with(conn, writer, *self._error("openai", code, "too many HTTP connections are open; "
-                                                              "retry shortly" if code == P.BUSY else
-                                                              "the daemon is shutting down", retry_after_ms=1000))
+            message = ("too many HTTP connections are open; retry shortly" if code == P.BUSY
+                       else "the daemon is shutting down")
+            # 503, not busy's 429: the whole server is full, not this client over a quota
+            await self._close_with(conn, writer, *self._error("openai", code, message, retry_after_ms=1000, status=503))
             return
         self._conns.add(task)
         key = b"http:%d" % next(self._ids)
@@ -176,11 +181,13 @@ class HttpTransport:
                 if got is None:
                     break
                 request, body, received = got
+                self._answering.add(task)
                 status, headers, payload = await self._answer(request, body, key, received)
                 last = served + 1 == self.limits.max_requests or self._stopping
                 if last:
                     headers.append((b"connection", b"close"))
                 await self._write(conn, writer, status, headers, payload)
+                self._answering.discard(task)
                 if last or conn.our_state is h11.MUST_CLOSE:
                     break
                 conn.start_next_cycle()
@@ -189,6 +196,7 @@ class HttpTransport:
         finally:
             self.auth.forget(key)
             self._conns.discard(task)
+            self._answering.discard(task)
             writer.close()
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -227,9 +235,12 @@ class HttpTransport:
                 continue
             if isinstance(event, h11.Request):
                 request = event
-                if len(event.headers) > self.limits.max_headers:
+                # h11's own cap only sees headers that arrive in pieces; one read can bring them all
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if len(event.headers) > self.limits.max_headers or size > self.limits.max_header_bytes:
                     await self._close_with(conn, writer, 431, [], _json(api.error_reply(
-                        "openai", P.TOO_LARGE, f"more than {self.limits.max_headers} request headers")[1]))
+                        "openai", P.TOO_LARGE, f"request headers over {self.limits.max_headers} fields or "
+                                               f"{self.limits.max_header_bytes:,} bytes")[1]))
                     return None
                 length = _header(event.headers, b"content-length")
                 if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:

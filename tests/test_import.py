@@ -84,9 +84,10 @@ def daemon(imported_home, tmp_path_factory):
 
     sock = tmp_path_factory.mktemp("sock") / "pe.sock"
     token = add_client(imported_home, "smsapp", "embed", "search:sms")
-    port = free_port()
-    d = DaemonProcess(imported_home, sock, "--model", "none", "--tcp", f"127.0.0.1:{port}").wait_ready()
-    d.tcp, d.token = f"tcp://127.0.0.1:{port}", token
+    port, http = free_port(), free_port()
+    d = DaemonProcess(imported_home, sock, "--model", "none", "--tcp", f"127.0.0.1:{port}",
+                      "--http", f"127.0.0.1:{http}").wait_ready()
+    d.tcp, d.token, d.http = f"tcp://127.0.0.1:{port}", token, f"http://127.0.0.1:{http}"
     yield d
     assert d.stop() == 0
 
@@ -326,6 +327,37 @@ def test_pair_template_and_its_limits(engines):
         e.tokenize_pair("word " * 300, "short")
     with pytest.raises(EmptyText):
         e.tokenize_pair("dinner", "   ")
+
+
+def test_http_rerank_scores_equal_the_rerank_op(daemon):
+    """Jina's /v1/rerank and TEI's /rerank over HTTP: the rerank op's scores, in relevance order."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {daemon.token}"}
+    docs = TEXTS[:8]
+    with daemon.client() as c:
+        want = c.rerank_full(QUERY, docs, "tiny-reranker:f16")
+    jina = httpx.post(f"{daemon.http}/v1/rerank", headers=h, timeout=60, json={
+        "model": "tiny-reranker:f16", "query": QUERY, "documents": docs, "top_n": 3, "return_documents": True})
+    assert jina.status_code == 200, jina.text
+    results = jina.json()["results"]
+    order = list(np.argsort(-np.array(want["scores"]), kind="stable")[:3])
+    assert [r["index"] for r in results] == order
+    assert [r["relevance_score"] for r in results] == [want["scores"][i] for i in order]
+    assert [r["document"]["text"] for r in results] == [docs[i] for i in order]
+    assert jina.json()["usage"]["total_tokens"] > len(docs)
+    tei = httpx.post(f"{daemon.http}/rerank", headers=h, timeout=60, json={
+        "model": "tiny-reranker:f16", "query": QUERY, "texts": docs, "raw_scores": True, "return_text": True})
+    assert tei.status_code == 200, tei.text
+    by_index = {r["index"]: r for r in tei.json()}
+    assert [by_index[i]["score"] for i in range(len(docs))] == want["logits"]
+    assert by_index[0]["text"] == docs[0]
+    # Several rerankers are prepared here: a request that names none is told which.
+    r = httpx.post(f"{daemon.http}/v1/rerank", headers=h, json={"query": QUERY, "documents": docs})
+    assert r.status_code == 404 and "tiny-reranker:f16" in r.json()["error"]["message"]
+    r = httpx.post(f"{daemon.http}/v1/rerank", headers=h, json={"model": "tiny-bge:f16", "query": QUERY,
+                                                                  "documents": docs})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
 
 
 def test_rerank_limits_through_the_daemon(daemon):
