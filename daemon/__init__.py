@@ -4,6 +4,8 @@ A request flows one way, and each file owns one step (tests/test_op_table.py
 keeps the table and the handlers in step)::
 
     transport.py   ROUTER sockets, the I/O thread, reply backlogs; a future per request back to its caller
+    http_server.py HTTP on loopback (h11 on an asyncio thread, its limits); http_api.py each endpoint's
+                   body → one op's arguments, the op's result → its family's reply (OpenAI, Ollama, TEI)
     auth.py        client tokens → permissions; the bad-token block
     dispatch.py    the op table (ipc/ops.py), bound: each op's handler on the executor it names
     handlers.py    one handler per op: arguments in, a result or a future of it out
