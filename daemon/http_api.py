@@ -381,9 +381,10 @@ _PEEK = msgspec.json.Decoder(_Peek)
 def peek_collection(body: bytes) -> Any:
     """A body's ``collection``, read leniently, to check a per-collection permission before the arguments."""
     try:
-        return _PEEK.decode(body).collection
+        value = _PEEK.decode(body).collection
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
+    return value if isinstance(value, str) else None  # e.g. an int past msgpack's range: the args check refuses it
 
 
 def default_reranker(models: list[dict[str, Any]]) -> str:

@@ -297,7 +297,10 @@ class HttpTransport:
             parsed = api.decode_body(endpoint, body)
             ctx = api.Context(spec=self.spec, reranker=lambda: api.default_reranker(self.model_list()),
                               received=received)
-            req.raw_args = msgspec.msgpack.encode(endpoint.args(parsed, ctx))
+            try:
+                req.raw_args = msgspec.msgpack.encode(endpoint.args(parsed, ctx))
+            except OverflowError:  # JSON integers are unbounded; the ops' are 64-bit
+                raise P.ProtocolError(P.INVALID_ARGS, "a number in the body is out of range") from None
             ops.decode_args(req)
             if not op.by_stored_state and not allows(granted, op.needs(req.args)):
                 raise self.auth.forbidden(op)

@@ -9,7 +9,11 @@ Rows (same all-MiniLM-L6-v2 weights, 2 threads each, the first ``--texts`` SMS):
   (torch.onnx.export, opset 17; onnxruntime.quantization.quantize_dynamic, QInt8) and
   cached in ~/.cache/pocketembed/bench;
 * sentence-transformers fp32 (torch, batch 32, its own length sorting);
-* llama-cpp-python's own server with the same q8_0 GGUF and build, over HTTP.
+* llama-cpp-python's own server with the same q8_0 GGUF and build, over HTTP;
+* the pocketembed daemon q8_0 over its HTTP endpoint (`serve --http`, OpenAI's
+  `/v1/embeddings` with a token), with the same client code as the llama-cpp-python
+  server's row (one keep-alive connection per client thread, JSON floats); its single-SMS
+  p50 through the `openai` SDK (base64, what the SDK asks for) is printed below the table.
 
 Each system runs in a process of its own, so its peak RSS (VmHWM) is its own; for the
 daemon and the server it is the serving process's. Columns: bulk texts/s (median of
@@ -63,11 +67,13 @@ THREADS = 2
 BATCH = 32
 MAX_TOKENS = 256
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocketembed" / "bench"
-SYSTEMS = ["daemon-q8_0", "daemon-q4_0", "daemon-bf16", "ort-fp32", "ort-int8", "st-fp32", "llama-server"]
+SYSTEMS = ["daemon-q8_0", "daemon-q4_0", "daemon-bf16", "daemon-http", "ort-fp32", "ort-int8", "st-fp32",
+           "llama-server"]
 TITLES = {
     "daemon-q8_0": "pocketembed daemon q8_0, 8 clients x 64 texts",
     "daemon-q4_0": "pocketembed daemon q4_0, 8 clients x 64 texts",
     "daemon-bf16": "pocketembed daemon bf16, 8 clients x 64 texts",
+    "daemon-http": "pocketembed daemon q8_0 over HTTP /v1/embeddings, 8 clients x 64",
     "ort-fp32": "ONNX Runtime fp32, in-process, sorted batches of 32",
     "ort-int8": "ONNX Runtime dynamic int8, same",
     "st-fp32": "sentence-transformers fp32, batch 32",
@@ -319,27 +325,86 @@ def worker_daemon(quant: str, texts: list[str], picks: list[str], rounds: int) -
     return {"rates": rates, "lat": lat, "lat_idle": lat_idle, "vecs": vecs, "peak_kb": peak}
 
 
-def worker_server(texts: list[str], picks: list[str], rounds: int) -> dict:
+def free_port() -> int:
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def http_embedder(port: int, headers: dict[str, str] | None = None) -> Callable[[Sequence[str]], np.ndarray]:
+    """POST /v1/embeddings on one keep-alive connection per calling thread (as the SDKs keep one)."""
+    import http.client
+
+    local = threading.local()
+    headers = {"Content-Type": "application/json", **(headers or {})}
+
+    def embed_chunk(chunk: Sequence[str]) -> np.ndarray:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        body = json.dumps({"input": list(chunk)}).encode()
+        try:
+            local.conn.request("POST", "/v1/embeddings", body, headers)
+            r = local.conn.getresponse()
+        except (http.client.HTTPException, OSError):  # the server closed the keep-alive connection
+            local.conn.close()
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            local.conn.request("POST", "/v1/embeddings", body, headers)
+            r = local.conn.getresponse()
+        payload = r.read()
+        if r.status != 200:
+            raise OSError(f"HTTP {r.status}: {payload[:200]!r}")
+        data = json.loads(payload)["data"]
+        v = np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    return embed_chunk
+
+
+def worker_daemon_http(texts: list[str], picks: list[str], rounds: int) -> dict:
+    from pocketembed.paths import ENV_HOME
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        env = dict(os.environ, **{ENV_HOME: str(home)})
+        proc, _ = start_daemon(home, "q8_0", "--http", f"127.0.0.1:{port}")
+        try:
+            added = subprocess.run([sys.executable, "-m", "pocketembed.cli", "clients", "add", "bench", "--allow",
+                                    "embed"], env=env, capture_output=True, text=True, check=True)
+            token = added.stdout.strip().splitlines()[-1]
+            embed_chunk = http_embedder(port, {"Authorization": f"Bearer {token}"})
+            deadline = time.monotonic() + 60
+            while True:  # the daemon reads a new client's token file on its next request
+                try:
+                    embed_chunk(["ready?"])
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            rates, vecs = bulk_rounds(lambda: concurrent(embed_chunk, texts), rounds, len(texts))
+            lat = latencies(lambda t: embed_chunk([t]), picks)
+            lat_idle = latencies(lambda t: embed_chunk([t]), picks[:100], IDLE_GAP_S)
+            import openai
+
+            sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token)
+            lat_sdk = latencies(lambda t: sdk.embeddings.create(model="all-minilm-l6-v2:q8_0", input=[t]), picks)
+            peak = vm_kb(proc.pid, "VmHWM")
+        finally:
+            stop(proc)
+    return {"rates": rates, "lat": lat, "lat_idle": lat_idle, "lat_sdk": lat_sdk, "vecs": vecs, "peak_kb": peak}
+
+
+def worker_server(texts: list[str], picks: list[str], rounds: int) -> dict:
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path("q8_0")), "--embedding", "true",
          "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", "2048", "--n_batch", "512",
          "--n_ubatch", "512", "--host", "127.0.0.1", "--port", str(port), "--verbose", "false"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-
-    def embed_chunk(chunk: Sequence[str]) -> np.ndarray:
-        body = json.dumps({"input": list(chunk)}).encode()
-        req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            data = json.load(r)["data"]
-        v = np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    embed_chunk = http_embedder(port)
 
     try:
         deadline = time.monotonic() + 120
@@ -398,7 +463,7 @@ def worker_interleaved(picks: list[str], passes: int = 2) -> dict:
     return took
 
 
-def start_daemon(home: Path, quant: str) -> tuple[subprocess.Popen, Path]:
+def start_daemon(home: Path, quant: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     from pocketembed.ipc import Client, DaemonError
     from pocketembed.paths import ENV_HOME, home as default_home, models_dir
 
@@ -407,7 +472,7 @@ def start_daemon(home: Path, quant: str) -> tuple[subprocess.Popen, Path]:
     sock = home / "pe.sock"
     env = dict(os.environ, **{ENV_HOME: str(home)})
     proc = subprocess.Popen([sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(sock),
-                             "--model", f"all-minilm-l6-v2:{quant}"],
+                             "--model", f"all-minilm-l6-v2:{quant}", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -460,7 +525,9 @@ def run_worker(name: str, args: argparse.Namespace, out: Path) -> None:
     texts = load_sms()[: args.texts]
     rng = np.random.default_rng(1)
     picks = [texts[i] for i in rng.integers(0, len(texts), args.samples)]
-    if name.startswith("daemon-"):
+    if name == "daemon-http":
+        res = worker_daemon_http(texts, picks, args.rounds)
+    elif name.startswith("daemon-"):
         res = worker_daemon(name.split("-", 1)[1], texts, picks, args.rounds)
     elif name.startswith("ort-"):
         res = worker_ort(name, texts, picks, args.rounds)
@@ -535,6 +602,20 @@ def main() -> None:
                       f"p50 {np.percentile(d['lat'], 50) / np.percentile(o['lat'], 50):.2f}x (goal <= 1), "
                       f"p99 {np.percentile(d['lat'], 99) / np.percentile(o['lat'], 99):.2f}x (goal <= 2); "
                       f"p50 after idle {np.percentile(d['lat_idle'], 50) / np.percentile(o['lat_idle'], 50):.2f}x")
+    if "daemon-http" in results:
+        h = results["daemon-http"]
+        line = (f"\ndaemon q8_0 over HTTP: single SMS p50 {np.percentile(h['lat'], 50):.2f} ms, "
+                f"through the openai SDK {np.percentile(h['lat_sdk'], 50):.2f} ms")
+        if "daemon-q8_0" in results:
+            z = results["daemon-q8_0"]
+            line += (f"; / ZeroMQ: p50 {np.percentile(h['lat'], 50) / np.percentile(z['lat'], 50):.2f}x "
+                     f"(+{np.percentile(h['lat'], 50) - np.percentile(z['lat'], 50):.2f} ms), "
+                     f"bulk {statistics.median(h['rates']) / statistics.median(z['rates']):.2f}x")
+        if "llama-server" in results:
+            ls = results["llama-server"]
+            line += (f"; / llama-cpp-python server: p50 {np.percentile(h['lat'], 50) / np.percentile(ls['lat'], 50):.2f}x, "
+                     f"bulk {statistics.median(h['rates']) / statistics.median(ls['rates']):.2f}x")
+        print(line)
     if "interleaved" in results:
         took = results["interleaved"]
         o = took["ort-fp32"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,16 +20,25 @@ class DaemonProcess:
         self.endpoint = f"ipc://{socket_path}"
         env = dict(os.environ, POCKETEMBED_HOME=str(home), **(env or {}))
         env.pop("POCKETEMBED_SOCKET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, preexec_fn=preexec_fn,
-        )
+        # Its output goes to a file, not a pipe: a pipe nobody reads fills at 64 KiB and then
+        # blocks the daemon's next log line, wedging it mid-test.
+        fd, log = tempfile.mkstemp(prefix="pe-daemon-", suffix=".log")
+        self.log_path = Path(log)
+        with os.fdopen(fd, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=env, text=True, preexec_fn=preexec_fn,
+            )
+
+    def log(self) -> str:
+        """What the daemon has written to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> DaemonProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
             if self.socket_path.exists():
                 try:
                     with Client(self.endpoint, timeout=2) as c:

@@ -203,7 +203,7 @@ def test_tokens_never_reach_the_log(served):  # last of the module's tests: it s
         with pytest.raises(AccessDenied):
             c.embed(["hello"])
     d.stop()
-    log = d.proc.stderr.read()
+    log = d.log()
     assert "serving on" in log and token not in log and token[3:20] not in log
 
 

@@ -195,10 +195,10 @@ def test_cli_embed_through_daemon(daemon, engines):
 def test_second_daemon_refuses_and_stale_socket_is_taken_over(home, daemon, tmp_path):
     second = DaemonProcess(fresh_home(home), daemon.socket_path)  # another data directory, the same socket
     assert second.proc.wait(60) == 1
-    assert "another pocketembed daemon is serving" in second.proc.stderr.read()
+    assert "another pocketembed daemon is serving" in second.log()
     same_home = DaemonProcess(daemon.home, tmp_path / "other" / "pe.sock")  # the same data directory, another socket
     assert same_home.proc.wait(60) == 1
-    err = same_home.proc.stderr.read()
+    err = same_home.log()
     assert "error[daemon_running]" in err and f"is using the data directory {daemon.home}" in err, err
     with daemon.client() as c:
         assert c.ping()["pong"]  # the first one is untouched
@@ -262,10 +262,10 @@ def test_sigterm_answers_everything_sent_before_it(gated_daemon):
 def test_tcp_is_loopback_only(home, tmp_path):
     bad = DaemonProcess(fresh_home(home), tmp_path / "x" / "pe.sock", "--tcp", "0.0.0.0:45831")
     assert bad.proc.wait(60) == 1
-    assert "loopback-only" in bad.proc.stderr.read()
+    assert "loopback-only" in bad.log()
     assert not bad.socket_path.exists()  # nothing left behind by the refused start
     malformed = DaemonProcess(fresh_home(home), tmp_path / "z" / "pe.sock", "--tcp", "45833")
-    assert malformed.proc.wait(60) == 1 and "HOST:PORT" in malformed.proc.stderr.read()
+    assert malformed.proc.wait(60) == 1 and "HOST:PORT" in malformed.log()
     d = DaemonProcess(fresh_home(home), tmp_path / "y" / "pe.sock", "--tcp", "127.0.0.1:45832").wait_ready()
     with Client("tcp://127.0.0.1:45832") as c:
         assert c.ping()["pong"]

@@ -48,7 +48,7 @@ def queue_daemon(home: Path, tmp_path: Path, env: dict[str, str] | None = None) 
     try:
         yield d, sensors, root
     finally:
-        assert d.stop() == 0, d.proc.stderr.read()[-3000:]
+        assert d.stop() == 0, d.log()[-3000:]
 
 
 def stored_texts(root: Path, collection: str) -> dict:

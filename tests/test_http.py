@@ -273,6 +273,12 @@ def test_nesting_headers_and_junk_are_refused(served):
                  b'{"input": NaN}', b"\xff\xfe", b'{"input": {"a": "b"}}'):
         r = httpx.post(f"{served.url}/v1/embeddings", content=body, headers=h)
         assert r.status_code == 400, (body, r.text)
+    # integers past msgpack's 64 bits (found by tests/test_fuzz.py): 400, not a 500
+    for path, body in (("/v1/search", b'{"collection": -9223512774343131136, "query": "x"}'),
+                       ("/api/embed", b'{"model": "%s", "input": "a", "keep_alive": %d}' % (Q8.encode(), 2**70)),
+                       ("/v1/search", b'{"collection": "sms", "query": "x", "k": %d}' % 2**70)):
+        r = httpx.post(f"{served.url}{path}", content=body, headers=bearer(served.sms_token))
+        assert r.status_code == 400, (body, r.text)
     many = "".join(f"X-H{i}: v\r\n" for i in range(100)).encode()
     assert status(raw(served.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")) == 431
     huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"

@@ -414,7 +414,7 @@ def test_deleted_means_gone_through_the_daemon(home, tmp_path):
         leaked_vectors = [k for k, v in enumerate(vectors) if v in data]
         assert not leaked_vectors, leaked_vectors
     finally:
-        assert d.stop() == 0, d.proc.stderr.read()[-3000:]
+        assert d.stop() == 0, d.log()[-3000:]
 
 
 def test_sigkill_during_a_job_leaves_the_lexical_index_and_the_vectors_in_step(home, tmp_path):
