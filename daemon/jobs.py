@@ -469,6 +469,9 @@ class JobRunner:
         job_id, collection, model = job["id"], job["collection"], job["model"]
         conn = queue.conn
         dims = store.info(collection, conn).dims  # index.enqueue made the collection, maybe with Matryoshka dims
+        # The policy first: a new model's calibration embeds 256 texts, work that must wait for the charger too.
+        if not self._wait_for_power(queue, job_id):
+            return
         ranges = self.embedder.ranges(model, dims)  # measured now if new, not inside a chunk's transaction
         last_seq = 0
         inflight: deque[tuple[_Chunk, list[tuple], list[Any], dict[Any, str | None], int]] = deque()

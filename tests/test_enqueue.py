@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import fresh_home
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, scheduler_stats
 from pocketembed.ipc import InvalidRequest
 from pocketembed.sms import load_sms
 
@@ -83,6 +83,31 @@ def test_enqueued_sms_wait_for_the_charger_survive_kill_9_and_land_once(home, tm
             with pytest.raises(InvalidRequest) as e:
                 c.call("index.enqueue", {"collection": "sms"})
             assert e.value.code == "invalid_input"
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_queue_job_on_battery_costs_no_decode_not_even_the_models_calibration(home, tmp_path):
+    """A new collection's int8 ranges embed 256 calibration texts: the job must wait for the charger first.
+
+    Found under qemu-aarch64 (tests/test_arm_daemon.py), where those 256 texts took two minutes
+    before the job even said it was waiting; on a phone they are seconds of CPU on battery.
+    """
+    root = fresh_home(home, tmp_path / "home")
+    sensors = tmp_path / "battery.json"
+    battery(sensors, 40, plugged=False)
+    env = {"POCKETEMBED_POWER_POLL_S": "0.2", "POCKETEMBED_POWER_SETTLE_S": "0.2"}
+    d = DaemonProcess(root, tmp_path / "pe.sock", "--model", Q8, "--power-source", f"file:{sensors}", env=env).wait_ready()
+    try:
+        with d.client() as c:
+            before = scheduler_stats(c)["decodes"]
+            job = c.index_enqueue("sms", [{"id": i + 1, "text": t} for i, t in enumerate(load_sms()[:50])])
+            waiting = wait(c, job["id"], lambda j: j["state"] == "waiting")
+            assert "on battery at 40%" in waiting["reason"]
+            assert scheduler_stats(c)["decodes"] == before  # nothing embedded on battery, calibration included
+            battery(sensors, 40, plugged=True)
+            assert wait(c, job["id"], lambda j: j["state"] == "done")["embedded"] == 50
+            assert scheduler_stats(c)["decodes"] > before
     finally:
         assert d.stop() == 0
 
