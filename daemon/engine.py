@@ -23,6 +23,7 @@ llama.cpp): a 24-token SMS in 3.2-3.5 ms on 2 threads back to back; bulk
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -100,6 +101,8 @@ class Engine:
         self.config = config or EngineConfig()
         self._model = None
         self._contexts: list[_Context] = []
+        self.output_growth = threading.Lock()
+        """Held by a context whose decode grows llama.cpp's output buffer (see _Context.run)."""
         self._pool: ThreadPoolExecutor | None = None
         rt.ensure_backend()
         rt.check_build_supports_quantized(quantized)
@@ -519,25 +522,36 @@ class _Context:
             mem = llama.llama_get_memory(self.ctx)
             if mem:
                 llama.llama_memory_clear(mem, True)
-            decode = llama.llama_encode if engine._use_encode else llama.llama_decode
-            pinned = threads > 1 and self.pool is not None and self.pool.pin_caller()
-            try:
-                rc = decode(self.ctx, self.buffers.batch)
-            finally:
-                if pinned:
-                    self.pool.unpin_caller()
-            if rc != 0:
-                raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
-            out = np.empty((n, engine.dims), dtype=np.float32)
-            for i in range(n):
-                ptr = llama.llama_get_embeddings_seq(self.ctx, i)
-                if not ptr:
-                    raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
-                out[i] = np.ctypeslib.as_array(ptr, shape=(engine.dims,))
+            # A decode of more tokens than this context has seen grows llama.cpp's output buffer and
+            # zero-fills its logits (31 MB at 256 tokens), which the pages dropped below give back.
+            # One context grows at a time, so the contexts' growths never add up in the peak RSS.
+            grows = total > self.output_high_water
+            growth = engine.output_growth if grows else contextlib.nullcontext()
+            with growth:
+                out = self._decode(engine, n, threads)
+                if grows:
+                    self.output_high_water = total
+                    self._drop_logits_pages()
             engine.tokens_since_release += total  # a heuristic's count: a race between contexts may lose one
-            if total > self.output_high_water:
-                self.output_high_water = total
-                self._drop_logits_pages()
+        return out
+
+    def _decode(self, engine: Engine, n: int, threads: int) -> np.ndarray:
+        llama = rt.llama
+        decode = llama.llama_encode if engine._use_encode else llama.llama_decode
+        pinned = threads > 1 and self.pool is not None and self.pool.pin_caller()
+        try:
+            rc = decode(self.ctx, self.buffers.batch)
+        finally:
+            if pinned:
+                self.pool.unpin_caller()
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp failed to embed the batch (code {rc})")
+        out = np.empty((n, engine.dims), dtype=np.float32)
+        for i in range(n):
+            ptr = llama.llama_get_embeddings_seq(self.ctx, i)
+            if not ptr:
+                raise RuntimeError(f"llama.cpp returned no embedding for sequence {i}")
+            out[i] = np.ctypeslib.as_array(ptr, shape=(engine.dims,))
         return out
 
     def _drop_logits_pages(self) -> None:

@@ -82,18 +82,37 @@ class Calibration:
 def calibrate(x: np.ndarray, seed: int = 0) -> Calibration:
     """Ranges, mean and (with enough vectors) an ITQ rotation from the vectors ``x``."""
     x = np.asarray(x, np.float32)
-    n, d = x.shape
+    n = len(x)
     mean = x.mean(axis=0)
     rotation = None
     if n >= ITQ_MIN:
-        rng = np.random.default_rng(seed)
-        sample = x[rng.choice(n, min(n, ITQ_SAMPLE), replace=False)] - mean
-        rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
-        for _ in range(ITQ_ITERATIONS):
-            b = np.where(sample @ rotation > 0, 1.0, -1.0).astype(np.float32)
-            u, _, vt = np.linalg.svd(b.T @ sample)
-            rotation = (u @ vt).T.astype(np.float32)
+        rng, picks = itq_sample(n, seed)
+        sample = x[picks]
+        sample -= mean
+        rotation = itq_rotation(rng, sample)
     return Calibration(x.min(axis=0), x.max(axis=0), mean, rotation, n)
+
+
+def itq_sample(n: int, seed: int = 0) -> tuple[np.random.Generator, np.ndarray]:
+    """The generator and the positions (of ``n`` vectors) an ITQ fit samples.
+
+    Apart from ``itq_rotation`` so that a caller reading its vectors a slice at
+    a time (the store's refit) can gather just these rows.
+    """
+    rng = np.random.default_rng(seed)
+    return rng, rng.choice(n, min(n, ITQ_SAMPLE), replace=False)
+
+
+def itq_rotation(rng: np.random.Generator, sample: np.ndarray) -> np.ndarray:
+    """The ITQ rotation of ``sample`` (float32, already centred), continuing ``rng`` from ``itq_sample``."""
+    d = sample.shape[1]
+    rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+    one, minus_one = np.float32(1.0), np.float32(-1.0)  # the signs in float32: no n x d float64 temporaries
+    for _ in range(ITQ_ITERATIONS):
+        b = np.where(sample @ rotation > 0, one, minus_one)
+        u, _, vt = np.linalg.svd(b.T @ sample)
+        rotation = (u @ vt).T.astype(np.float32)
+    return rotation
 
 
 def words(packed: np.ndarray) -> np.ndarray:

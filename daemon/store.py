@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -72,10 +72,23 @@ from pocketembed.errors import CollectionMismatch, InvalidInput, UnknownCollecti
 from pocketembed.ipc.ops import MAX_CANDIDATES
 
 from . import lexical, migrations
-from .quantize import Calibration, calibrate, nearest, words
+from .quantize import ITQ_MIN, Calibration, itq_rotation, itq_sample, nearest, words
 
 RECALIBRATE_UNTIL = 65_536
 """The binary code's centring and rotation are refitted each time a collection doubles, up to this size."""
+_REFIT_SLICE = 1024
+"""Rows decoded and re-encoded at a time by a refit."""
+
+
+class _Slice(NamedTuple):
+    rowids: list[int]
+    vectors: np.ndarray
+
+
+def _gather(sample: np.ndarray, picks: np.ndarray, start: int, vectors: np.ndarray) -> None:
+    """Copy into ``sample`` the picked positions that fall in ``vectors`` (positions start, start + 1, ...)."""
+    hit = np.nonzero((picks >= start) & (picks < start + len(vectors)))[0]
+    sample[hit] = vectors[picks[hit] - start]
 RANGE_MARGIN = 0.5
 """Without a model's ranges (a store used on its own), the first batch's ranges widened by this share a side."""
 Ranges = tuple[np.ndarray, np.ndarray]
@@ -607,9 +620,11 @@ class Store:
         model's, see calibration.py), so int8 codes never change and the vectors
         the fit reads back from them are as good as the first time: no error of
         an early, small fit is baked in, whatever the order and batch size of
-        the writes.
+        the writes. The stored vectors are read a slice at a time, twice (the
+        mean and the fit's sample, then the new binary codes), so a refit holds
+        the ITQ sample and one slice, not the collection: it runs each time a
+        collection doubles, up to 65,536 items.
         """
-        rows = conn.execute("SELECT rowid, i8, f32 FROM items WHERE collection = ?", (info.name,)).fetchall()
         if info.calibration is not None:
             lo, hi = info.calibration.lo, info.calibration.hi
         elif ranges is not None:
@@ -617,23 +632,54 @@ class Store:
         else:
             lo, hi = new.min(axis=0), new.max(axis=0)
             lo, hi = lo - (hi - lo) * RANGE_MARGIN, hi + (hi - lo) * RANGE_MARGIN
-        old = np.zeros((0, info.dims), np.float32)
-        if rows:
-            if info.float_vectors:
-                old = np.stack([np.frombuffer(r[2], "<f4") for r in rows])
-            else:
-                old = info.calibration.dequantize(np.stack([np.frombuffer(r[1], np.int8) for r in rows]))
-        fit = calibrate(np.vstack([old, new]))
-        cal = Calibration(np.asarray(lo, np.float32), np.asarray(hi, np.float32), fit.mean, fit.rotation, fit.count)
-        if rows:
-            _, bits = cal.encode(old)  # int8 codes are unchanged: the ranges are
+        n_old = conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (info.name,)).fetchone()[0]
+        n = n_old + len(new)
+        rng, picks = itq_sample(n) if n >= ITQ_MIN else (None, np.zeros(0, np.int64))
+        sample = np.empty((len(picks), info.dims), np.float32)
+        total = np.zeros(info.dims, np.float64)
+        position = 0
+        for part in self._stored_slices(conn, info):
+            total += part.vectors.sum(axis=0, dtype=np.float64)
+            _gather(sample, picks, position, part.vectors)
+            position += len(part.vectors)
+        total += new.sum(axis=0, dtype=np.float64)
+        _gather(sample, picks, position, np.asarray(new, np.float32))
+        mean = (total / n).astype(np.float32)
+        rotation = None
+        if rng is not None:
+            sample -= mean
+            rotation = itq_rotation(rng, sample)
+        cal = Calibration(np.asarray(lo, np.float32), np.asarray(hi, np.float32), mean, rotation, n)
+        for part in self._stored_slices(conn, info):
+            _, bits = cal.encode(part.vectors)  # int8 codes are unchanged: the ranges are
             conn.executemany("UPDATE items SET bin = ?, ver = ? WHERE rowid = ?",
-                             [(bits[k].tobytes(), version, r[0]) for k, r in enumerate(rows)])
+                             [(bits[k].tobytes(), version, rowid) for k, rowid in enumerate(part.rowids)])
         blobs = cal.to_blobs()
         conn.execute("UPDATE collections SET lo = ?, hi = ?, mean = ?, rotation = ?, calib_count = ?, "
                      "calib_version = calib_version + 1 WHERE name = ?",
                      (blobs["lo"], blobs["hi"], blobs["mean"], blobs["rotation"], blobs["calib_count"], info.name))
         return cal
+
+    def _stored_slices(self, conn: sqlite3.Connection, info: _Info) -> Iterator[_Slice]:
+        """A collection's stored vectors, ``_REFIT_SLICE`` rows at a time in key order (keyset paging
+        on the primary key, so updating a slice's codes does not move the next)."""
+        after: tuple[Any, int] | None = None
+        while True:
+            if after is None:
+                rows = conn.execute("SELECT rowid, i8, f32, id, chunk FROM items WHERE collection = ? "
+                                    "ORDER BY id, chunk LIMIT ?", (info.name, _REFIT_SLICE)).fetchall()
+            else:
+                rows = conn.execute("SELECT rowid, i8, f32, id, chunk FROM items WHERE collection = ? "
+                                    "AND (id, chunk) > (?, ?) ORDER BY id, chunk LIMIT ?",
+                                    (info.name, *after, _REFIT_SLICE)).fetchall()
+            if not rows:
+                return
+            after = (rows[-1][3], rows[-1][4])
+            if info.float_vectors:
+                vectors = np.stack([np.frombuffer(r[2], "<f4") for r in rows]).astype(np.float32)
+            else:
+                vectors = info.calibration.dequantize(np.stack([np.frombuffer(r[1], np.int8) for r in rows]))
+            yield _Slice([r[0] for r in rows], vectors)
 
     def delete(self, conn: sqlite3.Connection, collection: str, ids: Sequence[Any]) -> int:
         self.info(collection, conn)

@@ -63,3 +63,35 @@ def test_nearest_fast_path_equals_the_full_scan():
     ref = qz.hamming_numpy(ws, query)
     idx, dist = qz.nearest(ws, query, 100)
     assert np.array_equal(dist, np.sort(ref)[:100]) and np.array_equal(idx, np.lexsort((np.arange(len(ref)), ref))[:100])
+
+
+def test_a_refit_reads_the_collection_a_slice_at_a_time_and_rewrites_every_code(tmp_path, monkeypatch):
+    """The store's refit (each time a collection doubles) pages through the stored vectors, so it
+    never holds the collection; it must still see every row: the fit's mean is the mean of the
+    stored vectors and the new ones, and every row's binary code is the new calibration's code of
+    its vector."""
+    import sqlite3
+
+    from pocketembed.daemon import store as st
+
+    monkeypatch.setattr(st, "_REFIT_SLICE", 100)  # many slices, one ending exactly on a boundary
+    conn = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+    store = st.Store(conn)
+    store.ensure_collection(conn, "c", "m", 32)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2400, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids: list[object] = [*range(1200), *(f"s{i}" for i in range(1200))]  # ints and texts: both key orders
+    for start, end in ((0, 600), (600, 1200), (1200, 2400)):  # a refit at each doubling
+        conn.execute("BEGIN IMMEDIATE")  # as the daemon's writes: one transaction a request
+        store.put(conn, "c", [st.Item(ids[i], f"h{i}", x[i]) for i in range(start, end)])
+        conn.execute("COMMIT")
+    cal = store.info("c", conn).calibration
+    assert cal.count == 2400 and cal.rotation is not None
+    stored_first = cal.dequantize(cal.int8(x[:1200]))  # what the refit read back of the first 1,200
+    assert np.allclose(cal.mean, np.vstack([stored_first, x[1200:]]).mean(axis=0), atol=1e-6)
+    rows = conn.execute("SELECT i8, bin FROM items WHERE collection = 'c'").fetchall()
+    assert len(rows) == 2400
+    stored = cal.dequantize(np.stack([np.frombuffer(r[0], np.int8) for r in rows]))
+    bits = np.stack([np.frombuffer(r[1], np.uint8) for r in rows])
+    assert np.array_equal(bits, cal.bits(stored))
