@@ -14,7 +14,8 @@ from pocketembed.ipc import Client, DaemonError
 
 class DaemonProcess:
     def __init__(self, home: Path, socket_path: Path, *extra: str, env: dict[str, str] | None = None,
-                 preexec_fn=None) -> None:
+                 preexec_fn=None, python: list[str] | None = None) -> None:
+        """``python``: the interpreter's command line (default this one; an emulated aarch64 one in test_arm_daemon)."""
         self.home = home
         self.socket_path = socket_path
         self.endpoint = f"ipc://{socket_path}"
@@ -26,7 +27,7 @@ class DaemonProcess:
         self.log_path = Path(log)
         with os.fdopen(fd, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
+                [*(python or [sys.executable]), "-m", "pocketembed.cli", "serve", "--socket", str(socket_path), *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, text=True, preexec_fn=preexec_fn,
             )
 
