@@ -621,7 +621,9 @@ def excl_waits(r: Row, mode: str) -> float | None:
 
 def table(rows: list[Row]) -> str:
     """The markdown table: M instructions per SMS, ratios to ONNX Runtime on the same -cpu, cosine."""
-    ort = {(r.engine, r.cpu): r for r in rows if r.engine.startswith("ort") and r.bulk is not None}
+    # Per mode, the last ONNX Runtime row on that -cpu with a figure for it (a rerun of one mode wins).
+    ort = {(r.engine, r.cpu, mode): excl_waits(r, mode) for mode in ("single", "probe", "bulk")
+           for r in rows if r.engine.startswith("ort") and not r.skipped and excl_waits(r, mode) is not None}
     lines = ["| engine | build (-march) | qemu -cpu | single M/SMS | of which waits | single excl. waits | "
              f"{PROBE_TOKENS}-token SMS excl. waits | bulk M/SMS | single excl. waits × ORT fp32 / int8 | "
              f"{PROBE_TOKENS}-token × ORT fp32 / int8 | bulk × ORT fp32 / int8 | cos vs ST fp32 mean / min |",
@@ -637,8 +639,7 @@ def table(rows: list[Row]) -> str:
         for mode in ("single", "probe", "bulk"):
             pair = []
             for peer in ORTS:
-                p = ort.get((peer, r.cpu))
-                mine, theirs = excl_waits(r, mode), (excl_waits(p, mode) if p else None)
+                mine, theirs = excl_waits(r, mode), ort.get((peer, r.cpu, mode))
                 pair.append(f"{mine / theirs:.2f}×" if mine and theirs and not r.engine.startswith("ort") else "—")
             ratios.append(" / ".join(pair))
         sp = {k: f" (±{v * 50:.2f}%)" for k, v in (r.spread or {}).items()}
