@@ -69,6 +69,13 @@ if [ ! -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]; then
     tar -xzf "$sdist" -C "$WORK"
 fi
 
+# The phone's ARM flags and -march per CPU class (android/termux/install.sh builds with the same).
+lock() { sed -n "s/^$1=//p" "$REPO/scripts/llama.lock" | head -n1; }
+read -r -a ARM_ARGS <<<"$(lock LLAMA_ARM_CMAKE_ARGS)"
+MARCH_DOTPROD=$(lock LLAMA_ARM_MARCH_DOTPROD)
+MARCH_I8MM=$(lock LLAMA_ARM_MARCH_I8MM)
+MARCH_BASE=$(lock LLAMA_ARM_MARCH_BASE)
+
 build() {  # build NAME MARCH [EXTRA CMAKE ARGS...]; fails (status 1) leaving the logs, without exiting
     local name=$1 march=$2 out="$WORK/lib-$1"
     shift 2
@@ -78,18 +85,18 @@ build() {  # build NAME MARCH [EXTRA CMAKE ARGS...]; fails (status 1) leaving th
         -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
         -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH="$march" -DGGML_CPU_REPACK=ON -DGGML_OPENMP=OFF \
+        "${ARM_ARGS[@]}" -DGGML_CPU_ARM_ARCH="$march" \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF "$@" >"$WORK/cmake-$name.log" 2>&1 || return 1
     cmake --build "$WORK/build-$name" --target llama -j "$(nproc)" >"$WORK/build-$name.log" 2>&1 || return 1
     mkdir -p "$out"
     find "$WORK/build-$name" -name '*.so*' -exec cp -a {} "$out/" \;
 }
-build dotprod armv8.2-a+dotprod || { say "build failed: see $WORK/cmake-dotprod.log, $WORK/build-dotprod.log"; exit 1; }
-build i8mm armv8.2-a+dotprod+i8mm || { say "build failed: see $WORK/cmake-i8mm.log, $WORK/build-i8mm.log"; exit 1; }
+build dotprod "$MARCH_DOTPROD" || { say "build failed: see $WORK/cmake-dotprod.log, $WORK/build-dotprod.log"; exit 1; }
+build i8mm "$MARCH_I8MM" || { say "build failed: see $WORK/cmake-i8mm.log, $WORK/build-i8mm.log"; exit 1; }
 
 if [ "$BENCH_BUILDS" = 1 ]; then
-    build armv8a armv8-a || { say "build failed: see $WORK/cmake-armv8a.log, $WORK/build-armv8a.log"; exit 1; }
+    build armv8a "$MARCH_BASE" || { say "build failed: see $WORK/cmake-armv8a.log, $WORK/build-armv8a.log"; exit 1; }
     kleidiai=()
     if [ -n "${POCKETEMBED_KLEIDIAI_SRC:-}" ]; then
         # FetchContent takes this tree instead of downloading (and checks no MD5 of it).
@@ -106,7 +113,7 @@ if [ "$BENCH_BUILDS" = 1 ]; then
         echo 'string(APPEND CMAKE_C_FLAGS " -fno-tree-loop-vectorize")' >"$WORK/kleidiai-gcc12.cmake"
         kleidiai+=("-DCMAKE_PROJECT_KleidiAI_INCLUDE=$WORK/kleidiai-gcc12.cmake")
     fi
-    for variant in dotprod:armv8.2-a+dotprod i8mm:armv8.2-a+dotprod+i8mm; do
+    for variant in "dotprod:$MARCH_DOTPROD" "i8mm:$MARCH_I8MM"; do
         name="${variant%%:*}-kleidiai" march="${variant#*:}"
         [ -f "$WORK/lib-$name/libllama.so" ] && continue
         rm -f "$WORK/lib-$name.unavailable"

@@ -233,3 +233,25 @@ def test_stats_shows_each_loaded_models_kernels_and_status_prints_them(daemon):
     assert f"llama-cpp-python {llama_cpp.__version__}" in line and "weights " in line and "CPU " in line, line
     as_json = json.loads(run_cli("status", "--json", "--socket", str(daemon.socket_path), home=daemon.home).stdout)
     assert as_json["models"][Q8]["kernels"]["weights"] == weights
+
+
+def test_the_phone_builds_what_the_arm_benchmark_measured(tmp_path):
+    """install.sh and arm_verify.sh take the ARM flags and each CPU class's -march from the lock."""
+    pin = read_lock()
+    assert "-DGGML_CPU_REPACK=ON" in pin["LLAMA_ARM_CMAKE_ARGS"] and "KLEIDIAI" not in pin["LLAMA_ARM_CMAKE_ARGS"]
+    for script in ("android/termux/install.sh", "scripts/arm_verify.sh"):
+        text = (REPO / script).read_text()
+        assert "LLAMA_ARM_CMAKE_ARGS" in text and "armv8.2-a" not in text.split("set -euo pipefail", 1)[1], script
+    install = (REPO / "android/termux/install.sh").read_text()
+    march = install[install.index("march_flags() {"):install.index("\n}\n", install.index("march_flags() {")) + 3]
+    cases = {"fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid": "LLAMA_ARM_MARCH_BASE",  # Cortex-A72
+             "fp asimd atomics fphp asimdhp asimdrdm lrcpc dcpop asimddp": "LLAMA_ARM_MARCH_DOTPROD",
+             "fp asimd asimdhp asimddp sha512 sve i8mm bf16 sve2": "LLAMA_ARM_MARCH_I8MM",
+             "fp asimd i8mm bf16 asimddp": "LLAMA_ARM_MARCH_I8MM"}
+    for features, key in cases.items():
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nFeatures\t: {features}\n")
+        script = (f'LLAMA_LOCK={REPO / "scripts/llama.lock"}\n'
+                  'lock() { sed -n "s/^$1=//p" "$LLAMA_LOCK" | head -n1; }\n' + march + "march_flags\n")
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**os.environ, "POCKETEMBED_CPUINFO": str(cpuinfo)})
+        assert r.returncode == 0 and r.stdout.strip() == pin[key], (features, r.stdout, r.stderr)

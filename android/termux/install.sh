@@ -7,8 +7,9 @@
 #   1. installs Termux packages: python and its numpy, a C/C++ toolchain, cmake, ZeroMQ, termux-api
 #      (battery readings) and termux-services (runit);
 #   2. builds llama-cpp-python from source for this phone's CPU, the version scripts/llama.lock pins
-#      (the sdist's sha256 checked; the x86 patches of scripts/patches are not applied): GGML_NATIVE=OFF with an explicit
-#      -march that has the ARM features /proc/cpuinfo reports (asimddp → dotprod, i8mm → i8mm),
+#      (the sdist's sha256 checked; the x86 patches of scripts/patches are not applied) with the
+#      flags the lock names for ARM, the ones docs/arm.md measured: GGML_NATIVE=OFF with the -march
+#      of the ARM features /proc/cpuinfo reports (asimddp → dotprod, + i8mm; else armv8-a),
 #      keeping llama.cpp's load-time repacking of q4_0/q8_0 weights (GGML_CPU_REPACK) that lets the
 #      dotprod/i8mm kernels run on interleaved blocks;
 #   3. installs pocketembed, prepares the default model, and installs the service and boot scripts.
@@ -34,20 +35,22 @@ if [ "${POCKETEMBED_SKIP_PKG:-0}" != 1 ]; then
 fi
 
 march_flags() {
-    # ARM features this CPU has, as llama.cpp's GGML_CPU_ARM_ARCH wants them.
-    local feats arch="armv8.2-a"
-    feats=$(grep -m1 -i '^Features' /proc/cpuinfo || true)
-    case " $feats " in *" asimddp "*) arch="$arch+dotprod" ;; esac
-    case " $feats " in *" i8mm "*) arch="$arch+i8mm" ;; esac
-    case " $feats " in *" asimdhp "*) arch="$arch+fp16" ;; esac
-    printf '%s' "$arch"
+    # The -march of the build docs/arm.md measured for this CPU's ARM features (scripts/llama.lock).
+    local feats
+    feats=$(grep -m1 -i '^Features' "${POCKETEMBED_CPUINFO:-/proc/cpuinfo}" || true)
+    case " $feats " in
+        *" asimddp "*" i8mm "*|*" i8mm "*" asimddp "*) lock LLAMA_ARM_MARCH_I8MM ;;
+        *" asimddp "*) lock LLAMA_ARM_MARCH_DOTPROD ;;
+        *) lock LLAMA_ARM_MARCH_BASE ;;
+    esac
 }
 
 ARCH=$(uname -m)
 if [ "$ARCH" = aarch64 ]; then
     MARCH=$(march_flags)
     say "building llama.cpp for $MARCH"
-    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$MARCH -DGGML_CPU_REPACK=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF"
+    CMAKE_ARGS="$(lock LLAMA_ARM_CMAKE_ARGS) -DGGML_CPU_ARM_ARCH=$MARCH -DLLAVA_BUILD=OFF"
+    export CMAKE_ARGS
 else
     say "not an aarch64 phone ($ARCH): letting llama.cpp detect the CPU"
     export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
