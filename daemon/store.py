@@ -79,16 +79,6 @@ RECALIBRATE_UNTIL = 65_536
 _REFIT_SLICE = 1024
 """Rows decoded and re-encoded at a time by a refit."""
 
-
-class _Slice(NamedTuple):
-    rowids: list[int]
-    vectors: np.ndarray
-
-
-def _gather(sample: np.ndarray, picks: np.ndarray, start: int, vectors: np.ndarray) -> None:
-    """Copy into ``sample`` the picked positions that fall in ``vectors`` (positions start, start + 1, ...)."""
-    hit = np.nonzero((picks >= start) & (picks < start + len(vectors)))[0]
-    sample[hit] = vectors[picks[hit] - start]
 RANGE_MARGIN = 0.5
 """Without a model's ranges (a store used on its own), the first batch's ranges widened by this share a side."""
 Ranges = tuple[np.ndarray, np.ndarray]
@@ -299,6 +289,17 @@ def _word_rows(blobs: list[bytes], dims: int) -> np.ndarray:
     return words(packed)
 
 
+class _Slice(NamedTuple):
+    rowids: list[int]
+    vectors: np.ndarray
+
+
+def _gather(sample: np.ndarray, picks: np.ndarray, start: int, vectors: np.ndarray) -> None:
+    """Copy into ``sample`` the picked positions that fall in ``vectors`` (positions start, start + 1, ...)."""
+    hit = np.nonzero((picks >= start) & (picks < start + len(vectors)))[0]
+    sample[hit] = vectors[picks[hit] - start]
+
+
 class Store:
     """Collections bound to a model and dims; items keyed by (collection, id, chunk)."""
 
@@ -459,7 +460,7 @@ class Store:
         if cal is None or cal.count < RECALIBRATE_UNTIL:
             count = conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (collection,)).fetchone()[0]
             if cal is None or count + len(items) >= 2 * cal.count:
-                cal = self._recalibrate(conn, info, vecs, version, ranges)
+                cal = self._recalibrate(conn, info, vecs, version, ranges, count)
         codes, bits = cal.encode(vecs)
         last_chunk: dict[Any, int] = {}
         for it in items:
@@ -613,7 +614,7 @@ class Store:
         return hits
 
     def _recalibrate(self, conn: sqlite3.Connection, info: _Info, new: np.ndarray, version: int,
-                     ranges: Ranges | None) -> Calibration:
+                     ranges: Ranges | None, n_old: int) -> Calibration:
         """The binary code's mean and rotation refitted to every vector so far; binary codes rewritten.
 
         The int8 ranges are fixed when a collection is first calibrated (the
@@ -632,8 +633,7 @@ class Store:
         else:
             lo, hi = new.min(axis=0), new.max(axis=0)
             lo, hi = lo - (hi - lo) * RANGE_MARGIN, hi + (hi - lo) * RANGE_MARGIN
-        n_old = conn.execute("SELECT COUNT(*) FROM items WHERE collection = ?", (info.name,)).fetchone()[0]
-        n = n_old + len(new)
+        n = n_old + len(new)  # n_old: the collection's stored rows, which the caller has counted
         rng, picks = itq_sample(n) if n >= ITQ_MIN else (None, np.zeros(0, np.int64))
         sample = np.empty((len(picks), info.dims), np.float32)
         total = np.zeros(info.dims, np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,6 +110,13 @@ def wait_until(predicate, what: str, timeout: float = 120, interval: float = 0.0
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not reached within {timeout} s")
         time.sleep(interval)
+
+
+def write_battery(path: Path, percent: float, plugged: bool) -> None:
+    """The sensor file that ``--power-source file:PATH`` reads, replaced whole (the daemon never sees half)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"battery": {"percent": percent, "plugged": plugged}, "cpu_percent": 3}))
+    tmp.replace(path)
 
 
 def scheduler_stats(client) -> dict:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from conftest import fresh_home
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, write_battery
 from pocketembed.sms import load_sms
 from test_java import JARS, compile_java, free_port
 
@@ -116,9 +116,7 @@ def test_the_phone_flow_against_the_daemon_running_on_aarch64(home, tmp_path, re
     sensors = tmp_path / "battery.json"
 
     def battery(percent: int, plugged: bool) -> None:
-        tmp = sensors.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"battery": {"percent": percent, "plugged": plugged}, "cpu_percent": 3}))
-        tmp.replace(sensors)
+        write_battery(sensors, percent, plugged)
 
     battery(40, plugged=False)
     port = free_port()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import fresh_home, run_cli
+from daemon_proc import write_battery
 from pocketembed.gguf_models import manifest
 from pocketembed.gguf_models.catalog import get
 
@@ -181,9 +182,7 @@ def test_status_and_jobs_list_an_apps_queue_job(home, tmp_path):
     sensors = tmp_path / "battery.json"
 
     def battery(plugged: bool) -> None:
-        tmp = sensors.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"battery": {"percent": 40, "plugged": plugged}, "cpu_percent": 3}))
-        tmp.replace(sensors)
+        write_battery(sensors, 40, plugged)
 
     battery(plugged=False)
     sock = tmp_path / "pe.sock"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import time
@@ -10,17 +9,11 @@ import time
 import pytest
 
 from conftest import fresh_home
-from daemon_proc import DaemonProcess, scheduler_stats
+from daemon_proc import DaemonProcess, scheduler_stats, write_battery as battery
 from pocketembed.ipc import InvalidRequest
 from pocketembed.sms import load_sms
 
 Q8 = "all-minilm-l6-v2:q8_0"
-
-
-def battery(path, percent: float, plugged: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"battery": {"percent": percent, "plugged": plugged}, "cpu_percent": 3}))
-    tmp.replace(path)
 
 
 def stored(home, collection: str) -> list:

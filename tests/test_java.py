@@ -1,6 +1,5 @@
 """The Android-side Java client (JeroMQ + msgpack-java) against a live daemon."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import fresh_home, run_cli
-from daemon_proc import DaemonProcess, DecodeGate, step_until
+from daemon_proc import DaemonProcess, DecodeGate, step_until, write_battery
 from pocketembed.sms import BUNDLED, load_sms
 from sms_db import make_sms_db
 
@@ -127,9 +126,7 @@ def test_as_the_phone_runs_it_enqueue_on_battery_embed_on_the_charger_through_a_
     sensors = tmp_path / "battery.json"
 
     def battery(percent: int, plugged: bool) -> None:
-        tmp = sensors.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"battery": {"percent": percent, "plugged": plugged}, "cpu_percent": 3}))
-        tmp.replace(sensors)
+        write_battery(sensors, percent, plugged)
 
     battery(40, plugged=False)
     port = free_port()
